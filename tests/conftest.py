@@ -16,3 +16,29 @@ def shared_data() -> Path:
     if not SHARED_DATA.is_dir():
         pytest.skip(f"real test data not found at {SHARED_DATA} (clone with ../shared beside it)")
     return SHARED_DATA
+
+
+# ---------------------------------------------------------------------------------------------
+# Real servers on 127.0.0.1 (helpers in tests/servers.py). Each is stopped at teardown, pass or fail.
+# ---------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="session")
+def s3_server():
+    """A real ``moto_server`` subprocess on 127.0.0.1 for the whole session.
+
+    Yields an :class:`servers.S3Server` with ``.endpoint_url`` ("http://127.0.0.1:PORT"), ``.host_port``
+    ("127.0.0.1:PORT"), ``.client`` (boto3), ``.make_bucket(name)``, ``.upload(path, bucket, key)`` and
+    ``.upload_dir(dir, bucket, prefix)``. While active, ``os.environ`` holds dummy AWS keys,
+    AWS_DEFAULT_REGION=us-east-1, AWS_S3_ENDPOINT, AWS_HTTPS=NO, AWS_VIRTUAL_HOSTING=FALSE,
+    CPL_VSIL_USE_TEMP_FILE_FOR_RANDOM_WRITE=YES and AWS_ENDPOINT_URL, so GDAL ``/vsis3/``, boto3 and s3fs
+    all reach it; the previous environment is restored afterwards.
+    """
+    from servers import S3Server, start_moto
+
+    srv = S3Server(start_moto())
+    try:
+        with srv.activate():
+            yield srv
+    finally:
+        srv.stop()

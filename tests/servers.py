@@ -1,0 +1,343 @@
+"""Real servers on 127.0.0.1 for the tests: helpers that start them as subprocesses and stop them.
+
+Imported from tests as ``from servers import ...`` (tests/ has no ``__init__.py``; pytest's default
+``prepend`` import mode puts tests/ on ``sys.path``). The fixtures that wrap these live in conftest.py.
+
+Every server here is a child process started in its own session (process group), with stdout+stderr
+captured to a log file, so that:
+
+* a start that fails or times out raises :class:`ServerStartError` carrying the captured log;
+* :meth:`Server.stop` terminates the whole process tree (children found with psutil, plus the process
+  group), first with SIGTERM, then SIGKILL after a grace period, even when the tests failed.
+
+No mocks: moto_server, rustac, dask and dask-gateway-server are the real executables from the venv.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Callable, Iterator, Mapping
+from pathlib import Path
+from typing import Any
+
+import psutil
+
+HOST = "127.0.0.1"
+#: Directory of the running interpreter's executables (the venv's bin/): moto_server, rustac, dask, ...
+BIN = Path(sys.executable).parent
+
+
+def venv_exe(name: str) -> str:
+    """Absolute path of executable ``name`` next to ``sys.executable`` (the venv), else from PATH."""
+    p = BIN / name
+    if p.exists():
+        return str(p)
+    found = shutil.which(name)
+    if found is None:
+        raise FileNotFoundError(f"executable {name!r} not found in {BIN} nor on PATH")
+    return found
+
+
+def free_port(host: str = HOST) -> int:
+    """A currently free TCP port on ``host``, found by binding port 0 (the OS picks)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind((host, 0))
+        return s.getsockname()[1]
+
+
+class ServerStartError(RuntimeError):
+    """A server process did not become ready; the message includes its captured stdout/stderr."""
+
+
+def port_open(host: str, port: int, timeout: float = 0.2) -> bool:
+    """Whether a TCP connection to (host, port) succeeds."""
+    try:
+        with socket.create_connection((host, port), timeout=timeout):
+            return True
+    except OSError:
+        return False
+
+
+def http_ok(url: str, timeout: float = 1.0) -> bool:
+    """Whether GET ``url`` answers with any HTTP status below 500."""
+    try:
+        with urllib.request.urlopen(url, timeout=timeout) as r:
+            return r.status < 500
+    except urllib.error.HTTPError as e:
+        return e.code < 500
+    except (OSError, ValueError):
+        return False
+
+
+def kill_tree(pid: int, sig: int = signal.SIGTERM, timeout: float = 5.0) -> None:
+    """Send ``sig`` to process ``pid`` and all its descendants; SIGKILL whatever is left after ``timeout``."""
+    try:
+        root = psutil.Process(pid)
+    except psutil.NoSuchProcess:
+        return
+    try:
+        procs = [root, *root.children(recursive=True)]
+    except psutil.NoSuchProcess:
+        procs = [root]
+    for p in procs:
+        with contextlib.suppress(psutil.NoSuchProcess, psutil.AccessDenied):
+            p.send_signal(sig)
+    _, alive = psutil.wait_procs(procs, timeout=timeout)
+    for p in alive:
+        with contextlib.suppress(psutil.NoSuchProcess, psutil.AccessDenied):
+            p.kill()
+    psutil.wait_procs(alive, timeout=timeout)
+
+
+class Server:
+    """One server subprocess: its command, url, log file, and how to stop it.
+
+    Start it with :meth:`start` (or the ``start_*`` helpers below); use it as a context manager or call
+    :meth:`stop` (idempotent) to terminate the process and every descendant.
+    """
+
+    def __init__(
+        self,
+        name: str,
+        cmd: list[str],
+        *,
+        url: str = "",
+        env: Mapping[str, str] | None = None,
+        cwd: str | os.PathLike[str] | None = None,
+        log_dir: str | os.PathLike[str] | None = None,
+    ) -> None:
+        self.name = name
+        self.cmd = [str(c) for c in cmd]
+        self.url = url
+        self.env = dict(os.environ if env is None else env)
+        self.cwd = cwd
+        self._own_log_dir = log_dir is None
+        self.log_dir = Path(tempfile.mkdtemp(prefix=f"pxr-{name}-")) if log_dir is None else Path(log_dir)
+        self.log_path = self.log_dir / f"{name}.log"
+        self.proc: subprocess.Popen[bytes] | None = None
+        self._cleanups: list[Callable[[], None]] = []
+
+    # -- lifecycle -------------------------------------------------------------------------------
+    def start(self, ready: Callable[[], bool], timeout: float = 30.0, interval: float = 0.05) -> Server:
+        """Launch the process and poll ``ready()`` until true; raise ServerStartError (with log) if not."""
+        log = open(self.log_path, "ab")  # noqa: SIM115 - the child holds it; closed right after Popen
+        try:
+            self.proc = subprocess.Popen(
+                self.cmd,
+                stdin=subprocess.DEVNULL,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                env=self.env,
+                cwd=self.cwd,
+                start_new_session=True,  # own process group: stop() can signal the whole group
+            )
+        finally:
+            log.close()
+        deadline = time.monotonic() + timeout
+        while True:
+            if self.proc.poll() is not None:
+                self._fail(f"exited with code {self.proc.returncode} before becoming ready")
+            try:
+                if ready():
+                    return self
+            except Exception:  # a readiness probe that raises just means "not yet"
+                pass
+            if time.monotonic() > deadline:
+                self._fail(f"not ready after {timeout:.0f} s")
+            time.sleep(interval)
+            interval = min(interval * 1.5, 0.5)
+
+    def _fail(self, why: str) -> None:
+        log = self.log()
+        self.stop()
+        raise ServerStartError(
+            f"{self.name} {why}\ncommand: {' '.join(self.cmd)}\n--- captured output ({self.log_path}) ---\n"
+            f"{log[-8000:]}"
+        )
+
+    def log(self) -> str:
+        """The captured stdout+stderr so far."""
+        try:
+            return self.log_path.read_text(errors="replace")
+        except OSError:
+            return ""
+
+    @property
+    def pid(self) -> int | None:
+        return None if self.proc is None else self.proc.pid
+
+    def alive(self) -> bool:
+        return self.proc is not None and self.proc.poll() is None
+
+    def on_stop(self, fn: Callable[[], None]) -> None:
+        """Register ``fn`` to run after the process is stopped (e.g. remove a temp dir)."""
+        self._cleanups.append(fn)
+
+    def stop(self, timeout: float = 5.0) -> None:
+        """Terminate the process and all its descendants (SIGTERM, then SIGKILL). Idempotent."""
+        proc = self.proc
+        if proc is not None:
+            if proc.poll() is None:
+                kill_tree(proc.pid, signal.SIGTERM, timeout)
+            # Anything still in the group (e.g. orphans re-parented away from the tree).
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.killpg(proc.pid, signal.SIGKILL)
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                proc.wait(timeout)
+        while self._cleanups:
+            with contextlib.suppress(Exception):
+                self._cleanups.pop()()
+        if self._own_log_dir:
+            shutil.rmtree(self.log_dir, ignore_errors=True)
+            self._own_log_dir = False
+
+    def kill(self) -> None:
+        """SIGKILL the process tree at once (a crash, for fault tests); cleanups are not run."""
+        if self.proc is not None and self.proc.poll() is None:
+            kill_tree(self.proc.pid, signal.SIGKILL, timeout=5.0)
+            self.proc.wait(5.0)
+
+    def __enter__(self) -> Server:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+    def __repr__(self) -> str:
+        state = "alive" if self.alive() else "stopped"
+        return f"<Server {self.name} {self.url or ''} pid={self.pid} {state}>"
+
+
+# =============================================================================================
+# S3: moto_server as a subprocess
+# =============================================================================================
+
+#: Dummy credentials for moto (rasterio refuses them inside rasterio.Env, so they go in os.environ).
+S3_ACCESS_KEY = "testing"
+S3_SECRET_KEY = "testing"
+S3_REGION = "us-east-1"
+#: Variables that could point clients at a real AWS account; removed while the S3 env is active.
+_AWS_UNSET = ("AWS_SESSION_TOKEN", "AWS_SECURITY_TOKEN", "AWS_PROFILE", "AWS_DEFAULT_PROFILE",
+              "AWS_NO_SIGN_REQUEST", "AWS_REQUEST_PAYER", "AWS_CONFIG_FILE", "AWS_SHARED_CREDENTIALS_FILE")
+
+
+def start_moto(timeout: float = 30.0) -> Server:
+    """Start ``moto_server -H 127.0.0.1 -p PORT`` (a subprocess: the in-process threaded server deadlocks
+    on GDAL writes). ``server.url`` is ``http://127.0.0.1:PORT``."""
+    port = free_port()
+    url = f"http://{HOST}:{port}"
+    env = dict(os.environ)
+    # moto itself must not try to reach anything; keep its own env free of real-AWS settings.
+    for k in _AWS_UNSET:
+        env.pop(k, None)
+    srv = Server("moto", [venv_exe("moto_server"), "-H", HOST, "-p", str(port)], url=url, env=env)
+    return srv.start(lambda: http_ok(f"{url}/moto-api/"), timeout=timeout)
+
+
+def s3_env(host_port: str) -> dict[str, str]:
+    """Environment for GDAL (/vsis3/), boto3 and s3fs to talk to the S3 server at ``host_port``."""
+    return {
+        "AWS_ACCESS_KEY_ID": S3_ACCESS_KEY,
+        "AWS_SECRET_ACCESS_KEY": S3_SECRET_KEY,
+        "AWS_DEFAULT_REGION": S3_REGION,
+        "AWS_REGION": S3_REGION,
+        # GDAL
+        "AWS_S3_ENDPOINT": host_port,
+        "AWS_HTTPS": "NO",
+        "AWS_VIRTUAL_HOSTING": "FALSE",
+        "CPL_VSIL_USE_TEMP_FILE_FOR_RANDOM_WRITE": "YES",
+        # boto3 / botocore / aiobotocore (s3fs)
+        "AWS_ENDPOINT_URL": f"http://{host_port}",
+        "AWS_ENDPOINT_URL_S3": f"http://{host_port}",
+    }
+
+
+@contextlib.contextmanager
+def patched_environ(set_vars: Mapping[str, str], unset: tuple[str, ...] = ()) -> Iterator[None]:
+    """Set/unset variables in ``os.environ`` and restore the previous values exactly on exit."""
+    keys = set(set_vars) | set(unset)
+    saved = {k: os.environ.get(k) for k in keys}
+    try:
+        for k in unset:
+            os.environ.pop(k, None)
+        os.environ.update(set_vars)
+        yield
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
+class S3Server:
+    """A running moto_server plus conveniences. Attributes: ``endpoint_url`` ("http://127.0.0.1:PORT"),
+    ``host_port`` ("127.0.0.1:PORT"), ``client`` (boto3 S3 client), ``server`` (the :class:`Server`)."""
+
+    def __init__(self, server: Server) -> None:
+        import boto3
+
+        self.server = server
+        self.endpoint_url = server.url
+        self.host_port = server.url.removeprefix("http://")
+        self.env = s3_env(self.host_port)
+        self.client = boto3.client(
+            "s3",
+            endpoint_url=self.endpoint_url,
+            aws_access_key_id=S3_ACCESS_KEY,
+            aws_secret_access_key=S3_SECRET_KEY,
+            region_name=S3_REGION,
+        )
+
+    def make_bucket(self, name: str) -> str:
+        """Create bucket ``name`` (≥3 characters) if absent; return the name."""
+        if len(name) < 3:
+            raise ValueError(f"S3 bucket names need at least 3 characters: {name!r}")
+        try:
+            self.client.create_bucket(Bucket=name)
+        except self.client.exceptions.BucketAlreadyOwnedByYou:
+            pass
+        return name
+
+    def upload(self, local_path: str | os.PathLike[str], bucket: str, key: str) -> str:
+        """Upload one file (creating the bucket if needed); return its ``s3://bucket/key`` URL."""
+        self.make_bucket(bucket)
+        self.client.upload_file(str(local_path), bucket, key)
+        return f"s3://{bucket}/{key}"
+
+    def upload_dir(self, local_dir: str | os.PathLike[str], bucket: str, prefix: str = "") -> list[str]:
+        """Upload every file under ``local_dir`` to ``bucket`` at ``prefix/<relative path>``; return keys."""
+        self.make_bucket(bucket)
+        root = Path(local_dir)
+        prefix = prefix.strip("/")
+        keys = []
+        for p in sorted(root.rglob("*")):
+            if p.is_file():
+                rel = p.relative_to(root).as_posix()
+                key = f"{prefix}/{rel}" if prefix else rel
+                self.client.upload_file(str(p), bucket, key)
+                keys.append(key)
+        return keys
+
+    def url(self, bucket: str, key: str = "") -> str:
+        return f"s3://{bucket}/{key}"
+
+    @contextlib.contextmanager
+    def activate(self) -> Iterator[S3Server]:
+        """Set :func:`s3_env` in ``os.environ`` (removing real-AWS variables) and restore it on exit."""
+        with patched_environ(self.env, unset=_AWS_UNSET):
+            yield self
+
+    def stop(self) -> None:
+        self.server.stop()

@@ -42,3 +42,30 @@ def s3_server():
             yield srv
     finally:
         srv.stop()
+
+
+@pytest.fixture
+def stac_api():
+    """Factory for real STAC APIs (``rustac serve``, in memory) on 127.0.0.1, stopped after the test.
+
+    ``url = stac_api(items, collections=None)`` serves the given item dicts (a minimal collection is
+    generated per collection id when ``collections`` is None) and returns the API root URL
+    ("http://127.0.0.1:PORT"). ``stac_api.servers`` lists the :class:`servers.Server` objects started.
+    rustac supports bbox/datetime/collections/ids/intersects/paging; a ``query`` or ``filter`` makes it
+    return NO items (see tests/servers.py), so filter on the client.
+    """
+    from servers import start_stac_api
+
+    started = []
+
+    def factory(items, collections=None) -> str:
+        srv = start_stac_api(items, collections)
+        started.append(srv)
+        return srv.url
+
+    factory.servers = started
+    try:
+        yield factory
+    finally:
+        for srv in started:
+            srv.stop()

@@ -57,3 +57,124 @@ def test_s3_rasterio_roundtrip_and_s3fs(s3_server, tmp_path):
     assert fs.size(f"{bucket}/written.tif") > 0
     objs = s3_server.client.list_objects_v2(Bucket=bucket)["Contents"]
     assert len(objs) == 3
+
+
+# ---------------------------------------------------------------------------------------------- STAC
+def _dt(s):
+    from datetime import datetime
+
+    return datetime.fromisoformat(s.replace("Z", "+00:00"))
+
+
+@pytest.fixture(scope="module")
+def real_items(shared_data):
+    """All items of the .json/.geojson files in shared/data/stac (the .parquet files duplicate some)."""
+    from servers import load_stac_items
+
+    items = []
+    for p in sorted((shared_data / "stac").iterdir()):
+        if p.suffix in (".json", ".geojson") and not p.name.endswith(".collection.json"):
+            items += load_stac_items(p)
+    return items
+
+
+def _expected(items, geom=None, start=None, end=None, collections=None):
+    import shapely.geometry
+
+    out = set()
+    for it in items:
+        if collections and it.get("collection") not in collections:
+            continue
+        if geom is not None and not shapely.geometry.shape(it["geometry"]).intersects(geom):
+            continue
+        t = _dt(it["properties"]["datetime"])
+        if (start and t < start) or (end and t > end):
+            continue
+        out.add(it["id"])
+    return out
+
+
+def test_stac_api_real_items_search(stac_api, real_items):
+    import pystac_client
+    import shapely.geometry
+    from datetime import datetime, timezone
+
+    ids = [i["id"] for i in real_items]
+    assert len(ids) == len(set(ids))
+    no_bbox = {i["id"] for i in real_items if "bbox" not in i}
+    assert len(no_bbox) == 5  # pc_landsat-8-c2-l2_legacy: accepted by rustac, searched by geometry
+
+    url = stac_api(real_items)
+    client = pystac_client.Client.open(url)
+    assert {c.id for c in client.get_collections()} == {i["collection"] for i in real_items}
+
+    # Everything, in pages of 50 (GET and POST).
+    for method in ("GET", "POST"):
+        search = client.search(limit=50, method=method)
+        pages = list(search.pages_as_dicts())
+        assert len(pages) >= len(real_items) // 50
+        assert sorted(f["id"] for p in pages for f in p["features"]) == sorted(ids)
+
+    # bbox over the landsat-8 legacy footprint (includes the bbox-less items) and one far away.
+    bbox = (-122.5, 37.0, -122.0, 37.5)
+    want = _expected(real_items, geom=shapely.geometry.box(*bbox))
+    assert no_bbox <= want
+    got = {i.id for i in client.search(bbox=bbox, limit=40).items()}
+    assert got == want
+    assert list(client.search(bbox=(0.1, 0.1, 0.2, 0.2)).items()) == []
+
+    # intersects (a point in Colorado, the T13TDE tile) + collections.
+    pt = shapely.geometry.Point(-105.0, 40.0)
+    got = {i.id for i in client.search(intersects=pt.__geo_interface__, limit=30).items()}
+    assert got == _expected(real_items, geom=pt) and got
+    got = {i.id for i in client.search(intersects=pt.__geo_interface__, collections=["sentinel-2-l2a"]).items()}
+    assert got == _expected(real_items, geom=pt, collections={"sentinel-2-l2a"}) and got
+
+    # datetime range.
+    start, end = datetime(2021, 1, 1, tzinfo=timezone.utc), datetime(2022, 12, 31, 23, 59, 59, tzinfo=timezone.utc)
+    got = {i.id for i in client.search(datetime="2021-01-01/2022-12-31", limit=25).items()}
+    assert got == _expected(real_items, start=start, end=end) and got
+
+
+def _post_search(url, body):
+    import json
+    import urllib.request
+
+    req = urllib.request.Request(f"{url}/search", data=json.dumps(body).encode(),
+                                 headers={"Content-Type": "application/json"})
+    with urllib.request.urlopen(req, timeout=10) as r:
+        return json.load(r)
+
+
+def test_stac_api_query_and_filter_return_nothing(stac_api, real_items):
+    """rustac's memory backend does not ignore `query`/`filter`: any of them yields zero items."""
+    url = stac_api(real_items)
+    assert len(_post_search(url, {"limit": 500})["features"]) == min(500, len(real_items))
+    assert _post_search(url, {"limit": 500, "query": {"eo:cloud_cover": {"gte": 0}}})["features"] == []
+    assert _post_search(url, {"limit": 500, "filter-lang": "cql2-json",
+                              "filter": {"op": ">=", "args": [{"property": "eo:cloud_cover"}, 0]}})["features"] == []
+
+
+def test_stac_api_parquet_and_explicit_collection(stac_api, shared_data):
+    import json
+
+    import pystac_client
+    from servers import load_stac_items
+
+    items = load_stac_items(shared_data / "stac" / "pc_sentinel-2-l2a_T13TDE_100items.stac-geoparquet.parquet")
+    assert len(items) == 100
+    collection = json.loads((shared_data / "stac" / "pc_sentinel-2-l2a.collection.json").read_text())
+    url = stac_api(items, collections=[collection])
+    client = pystac_client.Client.open(url)
+    assert client.get_collection("sentinel-2-l2a").title == collection["title"]
+    assert len(list(client.search(collections=["sentinel-2-l2a"], limit=30).items())) == 100
+
+
+def test_stac_api_stops(stac_api, real_items):
+    from servers import http_ok
+
+    url = stac_api(real_items[:3])
+    assert http_ok(url + "/")
+    srv = stac_api.servers[0]
+    srv.stop()
+    assert not srv.alive() and not http_ok(url + "/")

@@ -1,0 +1,342 @@
+"""The pixels configuration: pydantic models, loading and validation; the only place defaults live."""
+
+from __future__ import annotations
+
+import datetime as dt
+import difflib
+import json
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from pixels_xr.errors import ConfigError
+from pixels_xr.features import Feature
+from pixels_xr.platforms import (
+    PROVIDERS,
+    MaskSpec,
+    Platform,
+    canonical_band,
+    collection_for,
+    default_mask,
+    resolve_platform,
+)
+from pixels_xr.timeslices import Interval, TimeBin, dynamic_range, time_bins
+
+Mode = Literal["all", "latest_pixel", "cloud_sorted_pixel", "composite"]
+CompositeMethod = Literal["median", "first_clear", "quality", "qa_pixel"]
+Resampling = Literal["nearest", "bilinear", "cubic", "average", "mode", "min", "max", "med", "q1", "q3"]
+
+#: Refuse output grids larger than this many pixels per feature and time slice unless ``force`` is set.
+DEFAULT_MAX_PIXELS = 100_000_000
+
+_LEVEL_DEFAULT = {"sentinel-2": "L2A"}
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True, str_strip_whitespace=True)
+
+
+class MaskRule(_Strict):
+    """A user clear-sky rule on one asset: clear unless a value is listed or a bit is set.
+
+    Give either ``clear_values`` (whitelist, e.g. Fmask ``[0, 1]``) or ``not_clear_values`` and/or
+    ``not_clear_bits`` (blacklists, e.g. SCL classes or QA_PIXEL bits).
+    """
+
+    asset: str = Field(min_length=1)
+    clear_values: list[int] | None = None
+    not_clear_values: list[int] | None = None
+    not_clear_bits: list[int] | None = None
+    nodata: int | None = None
+
+    @field_validator("not_clear_bits")
+    @classmethod
+    def _bits(cls, v: list[int] | None) -> list[int] | None:
+        if v is not None and any(b < 0 or b > 63 for b in v):
+            raise ValueError("bits must be within 0..63")
+        return v
+
+    @model_validator(mode="after")
+    def _one_rule(self) -> MaskRule:
+        if self.clear_values is None and self.not_clear_values is None and self.not_clear_bits is None:
+            raise ValueError("give clear_values, not_clear_values or not_clear_bits")
+        if self.clear_values is not None and (self.not_clear_values or self.not_clear_bits):
+            raise ValueError("clear_values cannot be combined with not_clear_values/not_clear_bits")
+        return self
+
+
+class MaskCleanup(_Strict):
+    """Morphological cleanup of the not-clear mask: opening then dilation (pixels; 0 = off)."""
+
+    opening: int = Field(0, ge=0, le=50)
+    dilation: int = Field(0, ge=0, le=100)
+
+
+class PixelsConfig(_Strict):
+    """A validated pixels configuration (see README for every field)."""
+
+    start: dt.date | None = None
+    end: dt.date | None = None
+    dynamic_dates_interval: Interval | None = None
+    dynamic_dates_step: int | None = Field(None, ge=1)
+    mode: Mode
+    interval: Interval | None = None
+    interval_step: int | None = Field(None, ge=1)
+    composite_method: CompositeMethod | None = None
+    platforms: str
+    level: str | None = None
+    bands: list[str] = Field(min_length=1)
+    scale: float | None = Field(None, gt=0)
+    maxcloud: float = Field(100.0, ge=0, le=100)
+    clip: bool = False
+    pool_size: int = Field(8, ge=1, le=256)
+    limit: int | None = Field(None, ge=1)
+    catalog: str = "earth-search"
+    collection: str | None = None
+    mask: MaskRule | Literal["none"] | None = None
+    mask_cleanup: MaskCleanup = MaskCleanup()
+    crs: str | None = None
+    resampling: Resampling = "nearest"
+    output: Literal["reflectance", "raw"] = "reflectance"
+    on_asset_error: Literal["skip", "fail"] = "skip"
+    chunksize: int = Field(1024, ge=64, le=8192)
+    max_pixels: int = Field(DEFAULT_MAX_PIXELS, ge=1)
+    force: bool = False
+
+    @field_validator("platforms", mode="before")
+    @classmethod
+    def _one_platform(cls, v: Any) -> Any:
+        if isinstance(v, list):
+            if len(v) != 1:
+                raise ValueError("exactly one platform is supported per configuration")
+            v = v[0]
+        if not isinstance(v, str):
+            raise ValueError("must be a platform name such as 'sentinel-2' or 'LANDSAT_8'")
+        return resolve_platform(v).name
+
+    @field_validator("crs")
+    @classmethod
+    def _crs(cls, v: str | None) -> str | None:
+        if v is not None:
+            from pyproj import CRS
+
+            try:
+                if not CRS.from_user_input(v).is_projected:
+                    raise ValueError(f"output CRS {v!r} must be projected (metres)")
+            except ValueError:
+                raise
+            except Exception:
+                raise ValueError(f"unknown CRS {v!r}") from None
+        return v
+
+    @model_validator(mode="after")
+    def _semantics(self) -> PixelsConfig:
+        fixed = self.start is not None or self.end is not None
+        dynamic = self.dynamic_dates_interval is not None or self.dynamic_dates_step is not None
+        if fixed and dynamic:
+            raise ConfigError("give either start/end or dynamic_dates_interval/dynamic_dates_step, not both",
+                              "dynamic_dates_interval")
+        if not fixed and not dynamic:
+            raise ConfigError("a date range is required: start and end, or dynamic_dates_interval and "
+                              "dynamic_dates_step", "start")
+        if fixed:
+            if self.start is None or self.end is None:
+                raise ConfigError("start and end are both required for a fixed range",
+                                  "start" if self.start is None else "end")
+            if self.end < self.start:
+                raise ConfigError(f"end {self.end} is before start {self.start}", "end")
+        elif self.dynamic_dates_interval is None or self.dynamic_dates_step is None:
+            raise ConfigError("dynamic dates need both dynamic_dates_interval and dynamic_dates_step",
+                              "dynamic_dates_step" if self.dynamic_dates_step is None
+                              else "dynamic_dates_interval")
+        if self.mode == "all":
+            for name in ("interval", "interval_step"):
+                if getattr(self, name) is not None:
+                    raise ConfigError(f"{name} is meaningless with mode 'all' (one slice per acquisition); "
+                                      "remove it or choose latest_pixel/composite", name)
+        elif self.interval is None:
+            raise ConfigError(f"interval (days, weeks or months) is required with mode {self.mode!r}",
+                              "interval")
+        if self.composite_method is not None and self.mode != "composite":
+            raise ConfigError(f"composite_method only applies to mode 'composite', not {self.mode!r}",
+                              "composite_method")
+        platform = self.platform
+        level = self.resolved_level
+        if level not in platform.levels:
+            raise ConfigError(f"level {self.level!r} is not offered by {platform.name}; allowed: "
+                              f"{', '.join(platform.levels)}", "level")
+        for i, b in enumerate(self.bands):
+            try:
+                canonical_band(platform, level, b)
+            except ConfigError as exc:
+                raise ConfigError(exc.message, f"bands[{i}]") from None
+        names = [canonical_band(platform, level, b).name for b in self.bands]
+        if len(set(names)) != len(names):
+            raise ConfigError(f"bands repeat the same band under two names: {self.bands}", "bands")
+        if self.mode == "composite":
+            method = self.resolved_composite_method
+            allowed = platform.composite_methods.get(level, ())
+            if method not in allowed:
+                raise ConfigError(f"composite_method {method!r} is not available for {platform.name} {level}; "
+                                  f"allowed: {', '.join(allowed) or 'none'}", "composite_method")
+            if method in {"first_clear", "quality", "qa_pixel"} and self.mask == "none":
+                raise ConfigError(f"composite_method {method!r} needs a cloud mask; mask 'none' disables it",
+                                  "mask")
+            if method == "quality" and not {"red", "nir"} <= set(names):
+                raise ConfigError("composite_method 'quality' ranks by NDVI and needs bands red and nir",
+                                  "bands")
+        if self.mode in {"latest_pixel", "cloud_sorted_pixel", "composite"} and self.mask is None:
+            if default_mask(platform, level) is None and self.mode != "latest_pixel":
+                raise ConfigError(f"{platform.name} {level} has no cloud mask band; give `mask` (or 'none')",
+                                  "mask")
+        if self.catalog not in PROVIDERS and self.collection is None and not self.catalog.startswith("http"):
+            pass  # local catalogs: any collection is accepted
+        elif self.catalog in PROVIDERS and self.collection is None:
+            collection_for(self.catalog, platform, level)
+        return self
+
+    # ----- derived values (no defaults elsewhere) -----
+    @property
+    def platform(self) -> Platform:
+        return resolve_platform(self.platforms)
+
+    @property
+    def resolved_level(self) -> str:
+        lvl = (self.level or _LEVEL_DEFAULT.get(self.platforms, "L2")).upper()
+        return lvl
+
+    @property
+    def resolved_composite_method(self) -> str:
+        return self.composite_method or "median"
+
+    @property
+    def resolved_interval_step(self) -> int:
+        return self.interval_step or 1
+
+    @property
+    def band_names(self) -> list[str]:
+        """Requested bands in their common names (``B04`` → ``red``), in the order given."""
+        return [canonical_band(self.platform, self.resolved_level, b).name for b in self.bands]
+
+    @property
+    def resolved_scale(self) -> float:
+        """Output pixel size: ``scale`` or the finest native resolution of the requested bands."""
+        if self.scale is not None:
+            return float(self.scale)
+        return min(canonical_band(self.platform, self.resolved_level, b).resolution for b in self.bands)
+
+    @property
+    def mask_spec(self) -> MaskSpec | None:
+        """The clear-sky rule in force: the user's, none, or the platform default."""
+        if self.mask == "none":
+            return None
+        if isinstance(self.mask, MaskRule):
+            m = self.mask
+            return MaskSpec(m.asset, tuple(m.not_clear_values or ()), tuple(m.not_clear_bits or ()), m.nodata,
+                            None if m.clear_values is None else tuple(m.clear_values))
+        return default_mask(self.platform, self.resolved_level)
+
+    @property
+    def collection_id(self) -> str | None:
+        """Collection to search: ``collection`` or the registry's for provider + platform + level."""
+        if self.collection:
+            return self.collection
+        if self.catalog in PROVIDERS:
+            return collection_for(self.catalog, self.platform, self.resolved_level)
+        if self.catalog.startswith("http"):
+            return collection_for("earth-search", self.platform, self.resolved_level)
+        return None
+
+    def date_range(self, feature: Feature) -> tuple[dt.date, dt.date]:
+        """Inclusive [start, end] for a feature (fixed, or dynamic from the feature's date)."""
+        if self.start is not None and self.end is not None:
+            return self.start, self.end
+        if feature.date is None:
+            raise ConfigError("feature has no date but the config uses dynamic dates; add properties.date",
+                              f"feature {feature.id!r}")
+        assert self.dynamic_dates_interval is not None and self.dynamic_dates_step is not None
+        return dynamic_range(feature.date, self.dynamic_dates_interval, self.dynamic_dates_step)
+
+    def bins(self, feature: Feature) -> list[TimeBin]:
+        """Time bins for a feature (empty for mode ``all``, which slices by acquisition)."""
+        if self.mode == "all":
+            return []
+        start, end = self.date_range(feature)
+        assert self.interval is not None
+        return time_bins(start, end, self.interval, self.resolved_interval_step)
+
+
+def _suggest(key: str, allowed: list[str]) -> str:
+    close = difflib.get_close_matches(key, allowed, n=1, cutoff=0.5)
+    return f"; did you mean {close[0]!r}?" if close else ""
+
+
+def _loc(loc: tuple[Any, ...]) -> str:
+    out = ""
+    for part in loc:
+        if isinstance(part, int):
+            out += f"[{part}]"
+        elif part in {"MaskRule", "MaskCleanup"} or "[" in str(part):
+            continue  # pydantic's union/validator branch names, not user fields
+        else:
+            out += ("." if out else "") + str(part)
+    return out or "config"
+
+
+def _model_fields(loc: tuple[Any, ...]) -> list[str]:
+    if loc and loc[0] == "mask":
+        return list(MaskRule.model_fields)
+    if loc and loc[0] == "mask_cleanup":
+        return list(MaskCleanup.model_fields)
+    return list(PixelsConfig.model_fields)
+
+
+def _read_source(source: str | Path | dict) -> tuple[dict, str]:
+    if isinstance(source, dict):
+        return source, "config"
+    if isinstance(source, Path) or not str(source).lstrip().startswith("{"):
+        path = Path(source)
+        try:
+            text = path.read_text()
+        except FileNotFoundError:
+            raise ConfigError("config file not found", str(path)) from None
+        except (OSError, UnicodeDecodeError) as exc:
+            raise ConfigError(f"cannot read config: {exc}", str(path)) from None
+        where = str(path)
+    else:
+        text, where = str(source), "config"
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise ConfigError(f"not valid JSON: {exc.msg} at line {exc.lineno} column {exc.colno}", where) from None
+    if not isinstance(data, dict):
+        raise ConfigError("the configuration must be a JSON object", where)
+    return data, where
+
+
+def load_config(source: str | Path | dict) -> PixelsConfig:
+    """Load and validate a pixels configuration from a JSON file path, JSON string or dict.
+
+    Raises ``ConfigError`` naming the field at fault (unknown keys get the nearest known key suggested).
+    """
+    data, where = _read_source(source)
+    try:
+        return PixelsConfig.model_validate(data)
+    except ValidationError as exc:
+        err = exc.errors()[0]
+        loc = tuple(err.get("loc", ()))
+        field = _loc(loc)
+        if err["type"] == "extra_forbidden":
+            key = str(loc[-1])
+            raise ConfigError(f"unknown key {key!r}{_suggest(key, _model_fields(loc))}", field) from None
+        if err["type"] == "missing":
+            raise ConfigError("required field is missing", field) from None
+        ctx_err = (err.get("ctx") or {}).get("error")
+        if isinstance(ctx_err, ConfigError):
+            raise ConfigError(ctx_err.message, ctx_err.where) from None
+        msg = str(err.get("msg", "invalid value")).removeprefix("Value error, ")
+        raise ConfigError(f"{msg} (got {err.get('input')!r})" if "input" in err and not isinstance(
+            err.get("input"), dict) else msg, field) from None
+    except ConfigError:
+        raise

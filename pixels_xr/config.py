@@ -295,7 +295,7 @@ def _model_fields(loc: tuple[Any, ...]) -> list[str]:
 def _read_source(source: str | Path | dict) -> tuple[dict, str]:
     if isinstance(source, dict):
         return source, "config"
-    if isinstance(source, Path) or not str(source).lstrip().startswith("{"):
+    if isinstance(source, Path) or not str(source).lstrip().startswith(("{", "[")):
         path = Path(source)
         try:
             text = path.read_text()

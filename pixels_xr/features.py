@@ -14,10 +14,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import shapely
 from pyproj import CRS, Transformer
 from shapely.geometry import shape
-from shapely.ops import transform as shapely_transform
 
 from pixels_xr.errors import ConfigError
 
@@ -44,12 +44,22 @@ class Feature:
         src, dst = CRS.from_user_input(self.crs), CRS.from_user_input(crs)
         if src == dst:
             return self.geometry
-        tr = Transformer.from_crs(src, dst, always_xy=True)
-        return shapely_transform(tr.transform, self.geometry)
+        return reproject_geometry(self.geometry, src, dst)
 
     def lonlat_geometry(self) -> shapely.Geometry:
         """The geometry in EPSG:4326 (for STAC searches)."""
         return self.geometry_in("EPSG:4326")
+
+
+def reproject_geometry(geometry: shapely.Geometry, src: CRS, dst: CRS) -> shapely.Geometry:
+    """A geometry's coordinates transformed from ``src`` to ``dst`` (x/y order)."""
+    tr = Transformer.from_crs(src, dst, always_xy=True)
+
+    def _xy(coords: np.ndarray) -> np.ndarray:
+        x, y = tr.transform(coords[:, 0], coords[:, 1])
+        return np.column_stack([x, y])
+
+    return shapely.transform(geometry, _xy)
 
 
 def utm_crs(lon: float, lat: float) -> CRS:
@@ -66,7 +76,7 @@ def output_crs_for(geometry: shapely.Geometry, crs: str) -> CRS:
     if src.is_geographic:
         c = geometry.centroid
         if not src.equals(CRS.from_epsg(4326)):
-            c = shapely_transform(Transformer.from_crs(src, 4326, always_xy=True).transform, c)
+            c = reproject_geometry(c, src, CRS.from_epsg(4326))
         return utm_crs(c.x, c.y)
     raise ConfigError(f"CRS {crs!r} is neither projected nor geographic", "crs")
 
@@ -103,7 +113,7 @@ def load_features(source: str | Path | dict, default_crs: str = "EPSG:4326") -> 
     is the feature's date for dynamic ranges.
     """
     where = "features"
-    if isinstance(source, Path) or (isinstance(source, str) and not source.lstrip().startswith("{")):
+    if isinstance(source, Path) or (isinstance(source, str) and not source.lstrip().startswith(("{", "["))):
         path = Path(source)
         where = str(path)
         try:

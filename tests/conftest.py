@@ -69,3 +69,32 @@ def stac_api():
     finally:
         for srv in started:
             srv.stop()
+
+
+def pytest_collection_finish(session: pytest.Session) -> None:
+    """Refuse a run that collected fewer tests than CI expects: 'no tests' must never look like success."""
+    import os
+
+    minimum = int(os.environ.get("PIXELS_XR_MIN_TESTS", "0"))
+    if minimum and len(session.items) < minimum and not session.config.option.collectonly:
+        raise pytest.UsageError(f"only {len(session.items)} tests collected, CI expects at least {minimum}")
+
+
+@pytest.fixture(scope="session")
+def dask_scheduler(s3_server):
+    """A real ``dask scheduler`` + 2 ``dask worker --no-nanny --nthreads 1 --memory-limit 2GiB`` processes.
+
+    Yields a :class:`servers.DaskCluster`: ``.address`` ("tcp://127.0.0.1:PORT"), ``.kill_worker(i)``
+    (SIGKILL worker i), ``.restart_worker(i)`` (start it again, wait until registered),
+    ``.wait_for_workers()``, ``.workers`` / ``.scheduler`` (:class:`servers.Server`). Depends on
+    ``s3_server`` so that the workers inherit the S3 environment (they can read ``/vsis3/`` and ``s3://``);
+    tests/ and the repo are on the workers' PYTHONPATH. A test that kills a worker must restart it.
+    """
+    from servers import DaskCluster
+
+    cluster = DaskCluster(n_workers=2, nthreads=1, memory_limit="2GiB")
+    cluster.start()
+    try:
+        yield cluster
+    finally:
+        cluster.stop()

@@ -486,3 +486,143 @@ def start_stac_api(
     # Ready when the landing page answers AND the items are loaded (rustac binds after loading, but
     # check /search too so a half-started server never reaches a test).
     return srv.start(lambda: http_ok(f"{url}/") and http_ok(f"{url}/search?limit=1"), timeout=timeout)
+
+
+# =============================================================================================
+# Dask distributed: `dask scheduler` + `dask worker` subprocesses
+# =============================================================================================
+
+TESTS_DIR = Path(__file__).resolve().parent
+REPO_DIR = TESTS_DIR.parent
+
+
+def child_env(extra: Mapping[str, str] | None = None) -> dict[str, str]:
+    """Environment for dask/gateway children: the current os.environ (so S3 settings set by the
+    s3_server fixture reach the workers), plus the repo and tests/ on PYTHONPATH so that functions
+    defined in test modules (pickled by reference) and pixels_xr import on the workers."""
+    env = dict(os.environ)
+    paths = [str(REPO_DIR), str(TESTS_DIR)]
+    if env.get("PYTHONPATH"):
+        paths.append(env["PYTHONPATH"])
+    env["PYTHONPATH"] = os.pathsep.join(paths)
+    env.setdefault("PYTHONUNBUFFERED", "1")
+    env.update(extra or {})
+    return env
+
+
+def scheduler_worker_names(address: str, timeout: float = 5.0) -> set[str]:
+    """Names of the workers currently registered with the scheduler at ``address``."""
+    from distributed import Client
+
+    with Client(address, timeout=timeout, set_as_default=False) as c:
+        return {str(w.get("name")) for w in c.scheduler_info(n_workers=-1)["workers"].values()}
+
+
+class DaskCluster:
+    """A real ``dask scheduler`` and N ``dask worker --no-nanny`` processes on 127.0.0.1.
+
+    ``address`` is "tcp://127.0.0.1:PORT". Workers are named ``w0``, ``w1``, ...; ``kill_worker(i)``
+    SIGKILLs worker i (its process is the worker itself: no nanny, so nothing restarts it) and
+    ``restart_worker(i)`` starts it again and waits until the scheduler sees it.
+    """
+
+    def __init__(
+        self,
+        n_workers: int = 2,
+        nthreads: int = 1,
+        memory_limit: str = "2GiB",
+        timeout: float = 60.0,
+    ) -> None:
+        self.n_workers = n_workers
+        self.nthreads = nthreads
+        self.memory_limit = memory_limit
+        self.timeout = timeout
+        self.dir = Path(tempfile.mkdtemp(prefix="pxr-dask-"))
+        self.env = child_env()
+        self.port = free_port()
+        self.address = f"tcp://{HOST}:{self.port}"
+        self.workers: list[Server | None] = [None] * n_workers
+        self.scheduler = Server(
+            "dask-scheduler",
+            [venv_exe("dask"), "scheduler", "--host", HOST, "--port", str(self.port), "--no-dashboard"],
+            url=self.address, env=self.env, cwd=self.dir, log_dir=self.dir,
+        )
+
+    def start(self) -> DaskCluster:
+        try:
+            self.scheduler.start(lambda: port_open(HOST, self.port), timeout=self.timeout)
+            for i in range(self.n_workers):
+                self._launch_worker(i)
+            self.wait_for_workers()
+        except BaseException:
+            self.stop()
+            raise
+        return self
+
+    def _worker_cmd(self, i: int) -> list[str]:
+        return [
+            venv_exe("dask"), "worker", self.address, "--name", f"w{i}", "--host", HOST,
+            "--nthreads", str(self.nthreads), "--memory-limit", self.memory_limit, "--no-nanny",
+            "--no-dashboard", "--local-directory", str(self.dir / f"w{i}"), "--death-timeout", "60",
+        ]
+
+    def _launch_worker(self, i: int) -> Server:
+        srv = Server(f"dask-worker-{i}", self._worker_cmd(i), env=self.env, cwd=self.dir, log_dir=self.dir)
+        self.workers[i] = srv
+        # "Ready" here means only "process is up"; registration is awaited by wait_for_workers().
+        return srv.start(lambda: True, timeout=self.timeout)
+
+    def wait_for_workers(self, names: set[str] | None = None, timeout: float | None = None) -> None:
+        """Wait until the scheduler lists all ``names`` (default: every live worker)."""
+        want = names if names is not None else {f"w{i}" for i, w in enumerate(self.workers) if w and w.alive()}
+        deadline = time.monotonic() + (timeout or self.timeout)
+        seen: set[str] = set()
+        while True:
+            for i, w in enumerate(self.workers):
+                if w is not None and f"w{i}" in want and not w.alive():
+                    raise ServerStartError(f"dask worker w{i} exited\n--- captured output ---\n{w.log()[-8000:]}")
+            with contextlib.suppress(Exception):
+                seen = scheduler_worker_names(self.address)
+                if want <= seen:
+                    return
+            if time.monotonic() > deadline:
+                logs = "\n".join(f"--- {w.name} ---\n{w.log()[-3000:]}" for w in self.workers if w)
+                raise ServerStartError(
+                    f"dask workers {sorted(want - seen)} not registered after {timeout or self.timeout:.0f} s\n"
+                    f"--- scheduler ---\n{self.scheduler.log()[-3000:]}\n{logs}"
+                )
+            time.sleep(0.2)
+
+    def kill_worker(self, i: int) -> None:
+        """SIGKILL worker ``i`` (a crash: the scheduler sees its connection drop)."""
+        w = self.workers[i]
+        if w is not None:
+            w.kill()
+
+    def restart_worker(self, i: int) -> None:
+        """(Re)start worker ``i`` (stopping it first if alive) and wait until it is registered."""
+        w = self.workers[i]
+        if w is not None and w.alive():
+            w.stop()
+        # Wait for the scheduler to drop the old worker of that name, so the new one can register.
+        deadline = time.monotonic() + self.timeout
+        while f"w{i}" in scheduler_worker_names(self.address) and time.monotonic() < deadline:
+            time.sleep(0.2)
+        self._launch_worker(i)
+        self.wait_for_workers({f"w{i}"})
+
+    def logs(self) -> str:
+        return "\n".join(f"--- {s.name} ---\n{s.log()}" for s in (self.scheduler, *self.workers) if s)
+
+    def stop(self) -> None:
+        for w in self.workers:
+            if w is not None:
+                w.stop()
+        self.scheduler.stop()
+        shutil.rmtree(self.dir, ignore_errors=True)
+
+    def __enter__(self) -> DaskCluster:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()

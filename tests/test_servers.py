@@ -178,3 +178,30 @@ def test_stac_api_stops(stac_api, real_items):
     srv = stac_api.servers[0]
     srv.stop()
     assert not srv.alive() and not http_ok(url + "/")
+
+
+# ---------------------------------------------------------------------------------------------- Dask
+def _where_am_i(x):
+    import os
+
+    return x * 2, os.environ.get("AWS_S3_ENDPOINT")
+
+
+def test_dask_scheduler_computes_and_survives_worker_kill(dask_scheduler, s3_server):
+    import dask.array as da
+    from distributed import Client
+
+    with Client(dask_scheduler.address, timeout=30, set_as_default=False) as client:
+        assert len(client.scheduler_info()["workers"]) == 2
+        x = da.ones((400, 400), chunks=100)
+        assert client.compute(x.sum()).result(timeout=30) == 160000
+        # A function from this test module runs on the workers, which see the S3 environment.
+        assert client.submit(_where_am_i, 21, pure=False).result(timeout=30) == (42, s3_server.host_port)
+
+        dask_scheduler.kill_worker(0)
+        assert not dask_scheduler.workers[0].alive()
+        # The survivor still computes.
+        assert client.compute((x + 1).sum()).result(timeout=60) == 320000
+        dask_scheduler.restart_worker(0)
+        client.wait_for_workers(2, timeout=30)
+        assert {w["name"] for w in client.scheduler_info()["workers"].values()} == {"w0", "w1"}

@@ -1,0 +1,376 @@
+"""Search STAC APIs and local catalogs for a feature; normalise items into plain dicts the cube can trust.
+
+Normalised items keep the STAC Item shape but guarantee: a ``bbox``; an integer ``proj:epsg`` on the item and
+on every kept asset (from ``proj:epsg``, ``proj:code``, WKT2 or PROJJSON); assets renamed to the
+configuration's common band names (``B04`` → ``red``) plus the mask asset, each with exactly one
+``raster:bands`` entry holding ``scale``, ``offset``, ``nodata`` and ``data_type`` (from STAC 1.0
+``raster:bands``, STAC 1.1 ``bands`` or the platform's rule); and the original key as ``pixels_xr:key``.
+
+Same-day duplicates of one tile (reprocessings) keep one item: the highest processing baseline, then the
+latest ``updated``/``created``/processing time, then the greatest id.
+"""
+
+from __future__ import annotations
+
+import copy
+import datetime as dt
+import json
+import logging
+from collections.abc import Callable, Iterable
+from pathlib import Path
+from typing import Any
+
+import shapely
+from pyproj import CRS
+from shapely.geometry import mapping, shape
+
+from pixels_xr.config import PixelsConfig
+from pixels_xr.errors import CatalogError
+from pixels_xr.features import Feature
+from pixels_xr.platforms import PROVIDERS, Band, Platform, asset_candidates, canonical_band, \
+    reflectance_scale_offset
+
+log = logging.getLogger(__name__)
+
+#: HTTP statuses retried with exponential backoff by STAC API searches.
+RETRY_STATUSES = (429, 500, 502, 503, 504)
+#: Total retries per request (backoff 0.5 s × 2^n, so a bounded ~30 s budget).
+RETRY_TOTAL = 5
+
+# ----------------------------------------------------------------------------------------------- signing
+Signer = Callable[[dict], dict]
+#: Provider name → function that returns an item with readable (signed) hrefs. Plug in your own.
+SIGNERS: dict[str, Signer] = {}
+
+
+def register_signer(provider: str, signer: Signer) -> None:
+    """Register ``signer`` for items from ``provider`` (called by the cube just before reading)."""
+    SIGNERS[provider] = signer
+
+
+# ----------------------------------------------------------------------------------------------- search
+def search(config: PixelsConfig, feature: Feature) -> list[dict]:
+    """Items for a feature over its whole date range: collection, datetime (end day inclusive), geometry,
+    ``maxcloud`` and platform filters, duplicates resolved, normalised, oldest first, at most ``limit``."""
+    start, end = config.date_range(feature)
+    geometry = feature.lonlat_geometry()
+    raw = _search_raw(config, geometry, start, end)
+    items = [i for i in raw if _keep(i, config, geometry, start, end)]
+    items = [normalize_item(i, config) for i in items]
+    items = deduplicate(items)
+    items.sort(key=lambda i: (item_datetime(i), i["id"]))
+    if config.limit is not None:
+        items = items[: config.limit]
+    return items
+
+
+def _search_raw(config: PixelsConfig, geometry: shapely.Geometry, start: dt.date, end: dt.date) -> list[dict]:
+    catalog = config.catalog
+    if catalog in PROVIDERS or catalog.startswith(("http://", "https://")):
+        url = PROVIDERS.get(catalog, catalog)
+        return search_api(url, config.collection_id, geometry, start, end, config.maxcloud, config.limit)
+    return list(read_local(catalog))
+
+
+def _datetime_range(start: dt.date, end: dt.date) -> str:
+    return f"{start.isoformat()}T00:00:00Z/{end.isoformat()}T23:59:59.999999Z"
+
+
+def search_api(url: str, collection: str | None, geometry: shapely.Geometry, start: dt.date, end: dt.date,
+               maxcloud: float = 100.0, limit: int | None = None, page_size: int = 100) -> list[dict]:
+    """Search a STAC API with pystac-client: intersects + datetime + collection (+ cloud filter the server
+    advertises: CQL2 ``filter`` or ``query``), following every page, retrying 429/5xx with backoff."""
+    from pystac_client import Client
+    from pystac_client.stac_api_io import StacApiIO
+    from urllib3.util.retry import Retry
+
+    retry = Retry(total=RETRY_TOTAL, backoff_factor=0.5, status_forcelist=RETRY_STATUSES,
+                  allowed_methods=None, raise_on_status=True)
+    try:
+        client = Client.open(url, stac_io=StacApiIO(max_retries=retry, timeout=60))
+        kwargs: dict[str, Any] = {}
+        if maxcloud < 100:
+            if _has_conformance(client, "FILTER"):
+                kwargs["filter"] = {"op": "<=", "args": [{"property": "eo:cloud_cover"}, maxcloud]}
+                kwargs["filter_lang"] = "cql2-json"
+            elif _has_conformance(client, "QUERY"):
+                kwargs["query"] = {"eo:cloud_cover": {"lte": maxcloud}}
+        result = client.search(collections=[collection] if collection else None,
+                               intersects=mapping(geometry), datetime=_datetime_range(start, end),
+                               limit=page_size, max_items=None, **kwargs)
+        return list(result.items_as_dicts())
+    except CatalogError:
+        raise
+    except Exception as exc:  # requests/urllib3/pystac-client raise many types; all mean "search failed"
+        raise CatalogError(f"STAC search failed: {type(exc).__name__}: {_first_line(exc)}", url) from None
+
+
+def _has_conformance(client: Any, name: str) -> bool:
+    from pystac_client.conformance import ConformanceClasses
+
+    try:
+        getattr(ConformanceClasses, name)
+    except AttributeError:
+        return False
+    try:
+        return bool(client.conforms_to(getattr(ConformanceClasses, name)))
+    except Exception:
+        return False
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    return text[0][:300] if text else ""
+
+
+def read_local(path: str | Path) -> Iterable[dict]:
+    """Items of a local catalog: static ``catalog.json``/collection, ItemCollection JSON, ndjson or
+    stac-geoparquet."""
+    p = Path(path)
+    if not p.exists():
+        raise CatalogError("local catalog not found", str(p))
+    try:
+        if p.suffix == ".parquet":
+            return _read_parquet(p)
+        if p.suffix == ".ndjson":
+            return [json.loads(line) for line in p.read_text().splitlines() if line.strip()]
+        data = json.loads(p.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise CatalogError(f"not valid JSON/ndjson: {exc}", str(p)) from None
+    except CatalogError:
+        raise
+    except Exception as exc:
+        raise CatalogError(f"cannot read catalog: {_first_line(exc)}", str(p)) from None
+    kind = data.get("type") if isinstance(data, dict) else None
+    if kind == "FeatureCollection":
+        return [_absolute_hrefs(f, p.parent) for f in data.get("features", [])]
+    if kind == "Feature":
+        return [_absolute_hrefs(data, p.parent)]
+    if kind in {"Catalog", "Collection"}:
+        return _walk_static(p)
+    raise CatalogError("not a STAC catalog, collection, item or item collection", str(p))
+
+
+def _read_parquet(p: Path) -> list[dict]:
+    import rustac
+
+    ic = rustac.read_sync(str(p))
+    return list(ic["features"])
+
+
+def _walk_static(root: Path) -> list[dict]:
+    import pystac
+
+    cat = pystac.read_file(str(root))
+    items = []
+    for item in cat.get_items(recursive=True):
+        item.make_asset_hrefs_absolute()
+        d = item.to_dict(transform_hrefs=False)
+        if item.collection_id:
+            d["collection"] = item.collection_id
+        items.append(d)
+    return items
+
+
+def _absolute_hrefs(item: dict, base: Path) -> dict:
+    for asset in (item.get("assets") or {}).values():
+        href = asset.get("href", "")
+        if href and "://" not in href and not href.startswith("/"):
+            asset["href"] = str((base / href).resolve())
+    return item
+
+
+# ----------------------------------------------------------------------------------------------- filters
+def item_datetime(item: dict) -> dt.datetime:
+    """Acquisition time of an item (``datetime`` or ``start_datetime``), timezone-aware UTC."""
+    props = item.get("properties", {})
+    value = props.get("datetime") or props.get("start_datetime")
+    if not value:
+        raise CatalogError("item has no datetime", f"item {item.get('id')!r}")
+    t = dt.datetime.fromisoformat(str(value).replace("Z", "+00:00"))
+    return t if t.tzinfo else t.replace(tzinfo=dt.timezone.utc)
+
+
+def _keep(item: dict, config: PixelsConfig, geometry: shapely.Geometry, start: dt.date, end: dt.date) -> bool:
+    props = item.get("properties", {})
+    collection = config.collection_id
+    if collection and item.get("collection") not in (None, collection):
+        return False
+    day = item_datetime(item).date()
+    if not start <= day <= end:
+        return False
+    cloud = props.get("eo:cloud_cover")
+    if cloud is not None and float(cloud) > config.maxcloud:
+        return False
+    platform = props.get("platform")
+    if platform and config.platform.stac_platform and not _platform_matches(platform, config.platform):
+        return False
+    geom = item.get("geometry")
+    footprint = shape(geom) if geom else (shapely.box(*item["bbox"]) if item.get("bbox") else None)
+    return footprint is None or footprint.intersects(geometry)
+
+
+def _platform_matches(value: str, platform: Platform) -> bool:
+    v = value.lower().replace("_", "-")
+    return any(v == p.lower().replace("_", "-") for p in platform.stac_platform)
+
+
+# ----------------------------------------------------------------------------------------------- normalise
+def item_epsg(item: dict, asset: dict | None = None) -> int:
+    """EPSG code of an item/asset from proj:epsg, proj:code, proj:wkt2 or proj:projjson."""
+    for src in (asset or {}, item.get("properties", {})):
+        if src.get("proj:epsg") is not None:
+            return int(src["proj:epsg"])
+        code = src.get("proj:code")
+        if code:
+            epsg = CRS.from_user_input(code).to_epsg()
+            if epsg:
+                return int(epsg)
+        for key in ("proj:wkt2", "proj:projjson"):
+            if src.get(key):
+                value = src[key]
+                epsg = CRS.from_user_input(json.dumps(value) if isinstance(value, dict) else value).to_epsg()
+                if epsg:
+                    return int(epsg)
+    raise CatalogError("item has no usable projection (proj:epsg, proj:code, proj:wkt2 or proj:projjson)",
+                       f"item {item.get('id')!r}")
+
+
+def _band_meta(asset: dict) -> dict:
+    """First band entry of an asset: STAC 1.0 ``raster:bands`` or STAC 1.1 ``bands``, unified keys."""
+    entry: dict[str, Any] = {}
+    if asset.get("raster:bands"):
+        entry = dict(asset["raster:bands"][0])
+    elif asset.get("bands"):
+        b = asset["bands"][0]
+        entry = {k.removeprefix("raster:"): v for k, v in b.items()}
+    for key in ("nodata", "data_type"):
+        if key not in entry and key in asset:
+            entry[key] = asset[key]
+    for key in ("raster:scale", "raster:offset"):
+        if key in asset and key.removeprefix("raster:") not in entry:
+            entry[key.removeprefix("raster:")] = asset[key]
+    return entry
+
+
+def _common_names(asset: dict) -> set[str]:
+    names = set()
+    for b in (asset.get("eo:bands") or []) + (asset.get("bands") or []):
+        for k in ("common_name", "eo:common_name", "name"):
+            if b.get(k):
+                names.add(str(b[k]).lower())
+    return names
+
+
+def find_asset(item: dict, band: Band | str) -> str | None:
+    """Key of the asset holding ``band`` in an item: by key (either naming) then by eo/STAC 1.1 common name."""
+    assets = item.get("assets", {})
+    if isinstance(band, str):
+        if band in assets:
+            return band
+        lower = {k.lower(): k for k in assets}
+        return lower.get(band.lower())
+    for key in asset_candidates(band):
+        if key in assets:
+            return key
+    wanted = {band.name.lower(), *(a.lower() for a in band.aliases)}
+    for key, asset in assets.items():
+        roles = set(asset.get("roles") or [])
+        if roles and "data" not in roles:
+            continue
+        if (_common_names(asset) & wanted) and len(asset.get("eo:bands") or asset.get("bands") or [1]) == 1:
+            return key
+    return None
+
+
+def normalize_item(item: dict, config: PixelsConfig) -> dict:
+    """Plain-dict item with requested bands + mask asset under canonical names (see module docstring)."""
+    out = copy.deepcopy(item)
+    iid = out.get("id", "?")
+    if not out.get("bbox"):
+        if not out.get("geometry"):
+            raise CatalogError("item has neither bbox nor geometry", f"item {iid!r}")
+        out["bbox"] = list(shape(out["geometry"]).bounds)
+    props = out.setdefault("properties", {})
+    epsg = item_epsg(out)
+    props["proj:epsg"] = epsg
+    props.pop("proj:code", None)
+    platform, level = config.platform, config.resolved_level
+    assets: dict[str, dict] = {}
+    wanted: list[tuple[str, Band | str]] = [(b, canonical_band(platform, level, b)) for b in config.band_names]
+    spec = config.mask_spec
+    if spec is not None and spec.asset not in config.band_names:
+        mask_band: Band | str
+        try:
+            mask_band = canonical_band(platform, level, spec.asset)
+        except Exception:
+            mask_band = spec.asset
+        wanted.append((spec.asset, mask_band))
+    fallback_scale, fallback_offset = reflectance_scale_offset(platform, props)
+    for name, band in wanted:
+        key = find_asset(out, band)
+        if key is None:
+            raise CatalogError(f"item has no asset for band {name!r} (looked for "
+                               f"{', '.join(asset_candidates(band)) if isinstance(band, Band) else name} "
+                               "and eo:bands common names)", f"item {iid!r}")
+        src = out["assets"][key]
+        meta = _band_meta(src)
+        is_reflectance = isinstance(band, Band) and band.reflectance
+        scale = meta.get("scale")
+        offset = meta.get("offset")
+        if scale is None and offset is None and is_reflectance:
+            scale, offset = fallback_scale, fallback_offset
+        asset = {k: v for k, v in src.items() if k not in {"raster:bands", "bands", "proj:code"}}
+        asset["proj:epsg"] = item_epsg(out, src)
+        asset["raster:bands"] = [{
+            "scale": float(1.0 if scale is None else scale),
+            "offset": float(0.0 if offset is None else offset),
+            "nodata": meta.get("nodata", 0 if is_reflectance else None),
+            "data_type": meta.get("data_type"),
+        }]
+        asset["pixels_xr:key"] = key
+        asset["pixels_xr:reflectance"] = is_reflectance
+        assets[name] = asset
+    out["assets"] = assets
+    out.setdefault("links", [])
+    out.setdefault("stac_version", "1.0.0")
+    out.setdefault("type", "Feature")
+    return out
+
+
+# ----------------------------------------------------------------------------------------------- duplicates
+def tile_key(item: dict) -> str:
+    """Identity of the tile/footprint an item covers (MGRS tile, WRS path/row, or EPSG + rounded bbox)."""
+    p = item.get("properties", {})
+    platform = str(p.get("platform", "")).lower()
+    if p.get("s2:mgrs_tile"):
+        return f"{platform}:{p['s2:mgrs_tile']}"
+    if p.get("mgrs:utm_zone") is not None and p.get("mgrs:grid_square"):
+        return f"{platform}:{p['mgrs:utm_zone']}{p.get('mgrs:latitude_band', '')}{p['mgrs:grid_square']}"
+    if p.get("grid:code"):
+        return f"{platform}:{p['grid:code']}"
+    if p.get("landsat:wrs_path") is not None:
+        return f"{platform}:{p['landsat:wrs_path']}/{p.get('landsat:wrs_row')}"
+    bbox = ",".join(f"{v:.2f}" for v in item.get("bbox", []))
+    return f"{platform}:{p.get('proj:epsg')}:{bbox}"
+
+
+def _freshness(item: dict) -> tuple:
+    p = item.get("properties", {})
+    try:
+        baseline = float(p.get("s2:processing_baseline") or 0)
+    except ValueError:
+        baseline = 0.0
+    stamp = str(p.get("updated") or p.get("s2:generation_time") or p.get("created") or "")
+    return baseline, stamp, item.get("id", "")
+
+
+def deduplicate(items: list[dict]) -> list[dict]:
+    """One item per (tile, day): the freshest reprocessing (see module docstring)."""
+    best: dict[tuple[str, dt.date], dict] = {}
+    for item in items:
+        key = (tile_key(item), item_datetime(item).date())
+        if key not in best or _freshness(item) > _freshness(best[key]):
+            best[key] = item
+    kept = {id(v) for v in best.values()}
+    return [i for i in items if id(i) in kept]

@@ -1,0 +1,33 @@
+"""PXM (Mapbox Pixelmonster) renderer wing: manifests, sources with their masks, and rio-color colour."""
+
+from __future__ import annotations
+
+from pixels_xr.pxm.color import FormulaError, Op, apply as apply_color, format_formula, parse_formula
+from pixels_xr.pxm.manifest import (
+    ColorRule,
+    Finding,
+    Manifest,
+    ManifestInfo,
+    check_sources,
+    validate_manifest,
+)
+from pixels_xr.pxm.sources import MaskKind, SourceHandle, gdal_path, open_source, read_source
+
+__all__ = [
+    "ColorRule",
+    "Finding",
+    "FormulaError",
+    "Manifest",
+    "ManifestInfo",
+    "MaskKind",
+    "Op",
+    "SourceHandle",
+    "apply_color",
+    "check_sources",
+    "format_formula",
+    "gdal_path",
+    "open_source",
+    "parse_formula",
+    "read_source",
+    "validate_manifest",
+]

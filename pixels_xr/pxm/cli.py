@@ -1,0 +1,61 @@
+"""``pixels-xr pxm …`` commands (a typer sub-app): validate a PXM manifest and, optionally, its sources."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from pixels_xr.errors import PixelsError
+
+pxm_app = typer.Typer(
+    name="pxm",
+    help="PXM (Mapbox Pixelmonster) manifests: validate them and check their source images.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+
+
+@pxm_app.command("validate")
+def validate(
+    manifest: Annotated[Path, typer.Argument(help="PXM manifest JSON file.")],
+    check_sources: Annotated[
+        bool, typer.Option("--check-sources", help="Also open every source on S3 and check it can be rendered.")
+    ] = False,
+) -> None:
+    """Validate MANIFEST: print the spec version read and a summary, or one error line per problem (exit 1)."""
+    from pixels_xr.pxm.manifest import check_sources as run_checks
+    from pixels_xr.pxm.manifest import validate_manifest
+
+    try:
+        m = validate_manifest(manifest)
+        typer.echo(f"{manifest}: valid PXM manifest, spec {m.version}"
+                   + (f" (version {m.version_string})" if m.version_string else " (0.4 draft, no version)"))
+        info = m.info
+        typer.echo(f"  {len(m.sources)} source(s); tilesets {', '.join(info.tilesets)}; account {info.account};"
+                   f" product {info.product}; date {info.date}")
+        extras = [f"crs {info.crs}" if info.crs else "", f"ndv {list(info.ndv)}" if info.ndv else "",
+                  f"bidx {list(info.bidx)}" if info.bidx else ""]
+        if any(extras):
+            typer.echo("  " + "; ".join(e for e in extras if e))
+        if info.color:
+            for uri in m.sources:
+                rule = m.color_rule(uri)
+                typer.echo(f"  colour {Path(uri).name}: " + (f"{rule.formula} (key {rule.key!r})" if rule else "none"))
+            unused = [r.key for r in info.color if not any(r.search(Path(u).name) is not None for u in m.sources)]
+            for key in unused:
+                typer.echo(f"  warning: colour key {key!r} matches no source")
+        if check_sources:
+            findings = run_checks(m)
+            for f in findings:
+                typer.echo(str(f), err=f.level == "error")
+            errors = sum(f.level == "error" for f in findings)
+            if errors:
+                typer.echo(f"error: {errors} source check(s) failed", err=True)
+                raise typer.Exit(1)
+            typer.echo(f"  sources: {len(m.sources)} checked, ok")
+    except PixelsError as exc:
+        typer.echo(f"error: {exc}", err=True)
+        raise typer.Exit(1) from None

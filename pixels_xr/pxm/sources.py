@@ -1,0 +1,273 @@
+"""PXM source images: open (S3 via GDAL /vsis3/), apply bidx and crs, and read RGB with one validity mask.
+
+One mask per source, chosen by this precedence (first that applies wins):
+
+1. ``alpha``  - an alpha band: the 4th ``bidx`` band, else the band whose colour interpretation is alpha;
+2. ``mask``   - a GDAL per-dataset mask (internal mask or external ``.msk`` sidecar);
+3. ``ndv``    - the manifest's ``ndv`` (overrides nodata metadata);
+4. ``nodata`` - the file's nodata metadata;
+5. ``none``   - every pixel is valid.
+
+With ``ndv``/``nodata`` a pixel is nodata only when *all three* RGB bands equal their nodata values (GDAL
+semantics), never band by band. Alpha and mask pixels are valid where non-zero. S3 credentials and endpoint
+come from the environment (``AWS_ACCESS_KEY_ID``, ``AWS_S3_ENDPOINT``, ``AWS_HTTPS``, ...), read by GDAL.
+"""
+
+from __future__ import annotations
+
+import warnings
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+import numpy as np
+import rasterio
+from rasterio.crs import CRS
+from rasterio.enums import ColorInterp, MaskFlags, Resampling
+from rasterio.errors import NotGeoreferencedWarning, RasterioIOError
+from rasterio.windows import Window
+
+from pixels_xr.errors import SourceError
+
+__all__ = ["MaskKind", "SourceHandle", "gdal_path", "open_source", "read_source", "LOSSY_COMPRESSIONS"]
+
+MaskKind = Literal["alpha", "mask", "ndv", "nodata", "none"]
+
+#: GTiff compressions that are lossy unless GDAL says otherwise (WEBP_LOSSLESS, JXL_LOSSLESS, LERC 0 error).
+LOSSY_COMPRESSIONS = frozenset({"JPEG", "YCBCR JPEG", "WEBP", "JXL", "LERC", "LERC_DEFLATE", "LERC_ZSTD"})
+
+
+def gdal_path(uri: str) -> str:
+    """GDAL path of a source: ``s3://bucket/key`` -> ``/vsis3/bucket/key``; other paths unchanged."""
+    if uri.startswith("s3://"):
+        return "/vsis3/" + uri[len("s3://") :]
+    return uri
+
+
+def _info_get(info: Any, name: str) -> Any:
+    if info is None:
+        return None
+    if isinstance(info, dict):
+        return info.get(name)
+    return getattr(info, name, None)
+
+
+def _compression(ds: rasterio.DatasetReader) -> tuple[str | None, bool]:
+    """(compression name, lossy?) from GDAL's IMAGE_STRUCTURE metadata."""
+    tags = {k.upper(): str(v).upper() for k, v in ds.tags(ns="IMAGE_STRUCTURE").items()}
+    if ds.driver.startswith("JP2"):
+        rev = tags.get("COMPRESSION_REVERSIBILITY", "")
+        return "JPEG2000 " + (rev or "unknown"), not rev.startswith("LOSSLESS")
+    comp = tags.get("COMPRESSION")
+    if comp is None:
+        return None, ds.driver == "JPEG"
+    lossy = comp in LOSSY_COMPRESSIONS
+    if comp == "WEBP" and tags.get("WEBP_LOSSLESS") == "TRUE":
+        lossy = False
+    if comp == "JXL" and tags.get("JXL_LOSSLESS", "YES") in ("YES", "TRUE"):
+        lossy = False
+    if comp.startswith("LERC") and float(tags.get("MAX_Z_ERROR", "0") or 0) == 0:
+        lossy = False
+    return comp, lossy
+
+
+@dataclass
+class SourceHandle:
+    """An open PXM source: the rasterio ``dataset``, the RGB band indexes, the mask in use and the CRS.
+
+    ``read()`` returns ``(rgb, valid)``: rgb (3, h, w) uint8 and valid (h, w) bool. Close it (or use it as
+    a context manager) when done.
+    """
+
+    uri: str
+    dataset: rasterio.DatasetReader
+    bidx: tuple[int, int, int]
+    alpha_band: int | None
+    mask_kind: MaskKind
+    ndv: tuple[int, int, int] | None
+    crs: CRS | None
+    compression: str | None
+    lossy: bool
+    mask_flags: tuple[tuple[MaskFlags, ...], ...] = field(repr=False)
+
+    @property
+    def path(self) -> str:
+        return gdal_path(self.uri)
+
+    @property
+    def width(self) -> int:
+        return self.dataset.width
+
+    @property
+    def height(self) -> int:
+        return self.dataset.height
+
+    @property
+    def transform(self) -> rasterio.Affine:
+        return self.dataset.transform
+
+    @property
+    def georeferenced(self) -> bool:
+        """Whether the file has a geotransform (not GDAL's identity default) or GCPs."""
+        return self.dataset.transform != rasterio.Affine.identity() or bool(self.dataset.gcps[0])
+
+    def read(
+        self,
+        window: Window | None = None,
+        out_shape: tuple[int, int] | None = None,
+        resampling: Resampling = Resampling.nearest,
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """Read ``(rgb (3,h,w) uint8, valid (h,w) bool)`` for a window (default whole image).
+
+        ``out_shape`` (h, w) resamples on read; keep ``nearest`` (the default) whenever the mask comes from
+        ``ndv``/``nodata``, which is decided on the values read.
+        """
+        ds = self.dataset
+        shape = None if out_shape is None else (3, *out_shape)
+        try:
+            rgb = ds.read(list(self.bidx), window=window, out_shape=shape, resampling=resampling)
+            mshape = None if out_shape is None else tuple(out_shape)
+            if self.mask_kind == "alpha":
+                valid = ds.read(self.alpha_band, window=window, out_shape=mshape, resampling=Resampling.nearest) > 0
+            elif self.mask_kind == "mask":
+                valid = ds.read_masks(self.bidx[0], window=window, out_shape=mshape,
+                                      resampling=Resampling.nearest) > 0
+            elif self.mask_kind in ("ndv", "nodata"):
+                assert self.ndv is not None
+                nd = np.asarray(self.ndv, dtype=np.uint8).reshape(3, 1, 1)
+                valid = ~np.all(rgb == nd, axis=0)
+            else:
+                valid = np.ones(rgb.shape[1:], dtype=bool)
+        except RasterioIOError as err:
+            raise SourceError(f"cannot read: {' '.join(str(err).split())}", where=self.uri) from err
+        return rgb.astype(np.uint8, copy=False), valid
+
+    def close(self) -> None:
+        self.dataset.close()
+
+    def __enter__(self) -> SourceHandle:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def _parse_triplet(value: Any) -> tuple[int, int, int] | None:
+    """ndv as given in a manifest ("[255, 255, 255]", a list, or an already-parsed tuple)."""
+    if value is None:
+        return None
+    if isinstance(value, str):
+        import json
+
+        value = json.loads(value)
+    return (int(value[0]), int(value[1]), int(value[2]))
+
+
+def _parse_bidx(value: Any) -> tuple[int, ...] | None:
+    if value is None:
+        return None
+    if isinstance(value, str):
+        return tuple(int(v) for v in value.split(","))
+    return tuple(int(v) for v in value)
+
+
+def open_source(
+    uri: str,
+    info: Any = None,
+    *,
+    bidx: Any = None,
+    crs: str | CRS | None = None,
+    ndv: Any = None,
+) -> SourceHandle:
+    """Open a source and decide its bands, mask and CRS.
+
+    ``info`` is the manifest's info (a :class:`~pixels_xr.pxm.manifest.ManifestInfo` or a dict) supplying
+    ``bidx``, ``crs`` and ``ndv``; the keyword arguments override it. Raises :class:`SourceError` (``where``
+    is the URI) when the file cannot be opened or the band indexes do not exist.
+    """
+    bidx_t = _parse_bidx(bidx if bidx is not None else _info_get(info, "bidx"))
+    ndv_t = _parse_triplet(ndv if ndv is not None else _info_get(info, "ndv"))
+    crs_in = crs if crs is not None else _info_get(info, "crs")
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", NotGeoreferencedWarning)
+            ds = rasterio.open(gdal_path(uri))
+    except (RasterioIOError, OSError) as err:
+        raise SourceError(f"cannot open: {' '.join(str(err).split())}", where=uri) from err
+    try:
+        return _handle(uri, ds, bidx_t, ndv_t, crs_in)
+    except BaseException:
+        ds.close()
+        raise
+
+
+def _handle(
+    uri: str,
+    ds: rasterio.DatasetReader,
+    bidx: tuple[int, ...] | None,
+    ndv: tuple[int, int, int] | None,
+    crs: str | CRS | None,
+) -> SourceHandle:
+    count = ds.count
+    if bidx is None:
+        if count < 3:
+            raise SourceError(f"has {count} band(s); RGB needs 3 (or give bidx)", where=uri)
+        rgb = (1, 2, 3)
+        alpha_candidates = [i for i in range(1, count + 1) if ds.colorinterp[i - 1] == ColorInterp.alpha]
+        alpha = next((i for i in alpha_candidates if i not in rgb), None)
+    else:
+        if len(bidx) not in (3, 4) or any(b < 1 or b > count for b in bidx):
+            raise SourceError(f"bidx {list(bidx)} does not fit a dataset with {count} band(s)", where=uri)
+        rgb = (bidx[0], bidx[1], bidx[2])
+        if len(bidx) == 4:
+            alpha = bidx[3]
+        else:
+            alpha = next(
+                (i for i in range(1, count + 1) if ds.colorinterp[i - 1] == ColorInterp.alpha and i not in rgb),
+                None,
+            )
+    flags = tuple(tuple(f) for f in ds.mask_flag_enums)
+    if alpha is not None:
+        kind: MaskKind = "alpha"
+    elif any(MaskFlags.per_dataset in flags[b - 1] and MaskFlags.alpha not in flags[b - 1] for b in rgb):
+        kind = "mask"
+    elif ndv is not None:
+        kind = "ndv"
+    else:
+        nodatavals = [ds.nodatavals[b - 1] for b in rgb]
+        if all(v is not None for v in nodatavals):
+            if not all(float(v).is_integer() and 0 <= v <= 255 for v in nodatavals):
+                raise SourceError(f"nodata metadata {nodatavals} is not an 8-bit value", where=uri)
+            ndv = (int(nodatavals[0]), int(nodatavals[1]), int(nodatavals[2]))
+            kind = "nodata"
+        else:
+            kind = "none"
+    if kind not in ("ndv", "nodata"):
+        ndv = None
+    try:
+        crs_out = CRS.from_user_input(crs) if crs is not None else ds.crs
+    except Exception as err:  # rasterio.errors.CRSError and friends
+        raise SourceError(f"crs {crs!r} does not resolve: {err}", where=uri) from err
+    comp, lossy = _compression(ds)
+    return SourceHandle(
+        uri=uri,
+        dataset=ds,
+        bidx=rgb,
+        alpha_band=alpha,
+        mask_kind=kind,
+        ndv=ndv,
+        crs=crs_out,
+        compression=comp,
+        lossy=lossy,
+        mask_flags=flags,
+    )
+
+
+def read_source(
+    uri: str,
+    info: Any = None,
+    window: Window | None = None,
+    out_shape: tuple[int, int] | None = None,
+) -> tuple[np.ndarray, np.ndarray]:
+    """Open, read ``(rgb, valid)`` for a window (default the whole image) and close."""
+    with open_source(uri, info) as src:
+        return src.read(window=window, out_shape=out_shape)

@@ -482,6 +482,18 @@ class Finding:
 
 
 MIN_SIZE, MAX_SIZE = 200, 31000
+_FRINGE_TOL, _FRINGE_MAX, _FRINGE_MIN_BORDER, _FRINGE_SIDE = 8, 0.5, 100, 2048
+
+
+def _fringe(src: Any) -> float | None:
+    """Fraction of the nodata border that is almost-nodata (read at <= 2048 px, nearest), if suspicious."""
+    from pixels_xr.pxm.sources import nodata_fringe
+
+    scale = max(src.width, src.height) / _FRINGE_SIDE
+    shape = None if scale <= 1 else (max(1, round(src.height / scale)), max(1, round(src.width / scale)))
+    rgb, _ = src.read(out_shape=shape)
+    n, frac = nodata_fringe(rgb, src.ndv, _FRINGE_TOL)
+    return frac if n >= _FRINGE_MIN_BORDER and frac >= _FRINGE_MAX else None
 _DRIVERS = ("GTiff", "JP2OpenJPEG")
 
 
@@ -516,6 +528,11 @@ def _check_one(manifest: Manifest, i: int, uri: str) -> list[Finding]:
             if ds.colorinterp[src.alpha_band - 1].name != "alpha":  # type: ignore[operator]
                 out.append(Finding("warning", where, f"bidx band {src.alpha_band} is used as alpha but is"
                                    f" {ds.colorinterp[src.alpha_band - 1].name}"))  # type: ignore[operator]
+        fringe = _fringe(src) if src.mask_kind in ("ndv", "nodata") and not src.lossy else None
+        if fringe is not None:
+            err(f"the edge of the {list(src.ndv or ())} nodata area looks lossy: {fringe:.0%} of the pixels"
+                f" bordering it are within +/-{_FRINGE_TOL} of the ndv (compression artefacts), so an ndv/nodata"
+                " mask is not deterministic (use an alpha band or internal mask made before lossy compression)")
         if src.lossy and src.mask_kind in ("ndv", "nodata"):
             src_of = "info.ndv" if src.mask_kind == "ndv" else "nodata metadata"
             err(f"lossy compression ({src.compression}) with a mask from {src_of} {list(src.ndv or ())}: lossy"

@@ -28,7 +28,15 @@ from rasterio.windows import Window
 
 from pixels_xr.errors import SourceError
 
-__all__ = ["MaskKind", "SourceHandle", "gdal_path", "open_source", "read_source", "LOSSY_COMPRESSIONS"]
+__all__ = [
+    "LOSSY_COMPRESSIONS",
+    "MaskKind",
+    "SourceHandle",
+    "gdal_path",
+    "nodata_fringe",
+    "open_source",
+    "read_source",
+]
 
 MaskKind = Literal["alpha", "mask", "ndv", "nodata", "none"]
 
@@ -271,3 +279,24 @@ def read_source(
     """Open, read ``(rgb, valid)`` for a window (default the whole image) and close."""
     with open_source(uri, info) as src:
         return src.read(window=window, out_shape=out_shape)
+
+
+def nodata_fringe(rgb: np.ndarray, ndv: tuple[int, int, int], tol: int = 8) -> tuple[int, float]:
+    """(border size, fraction of it that is *almost* nodata) around the ``ndv`` pixels of ``rgb`` (3, h, w).
+
+    The border is the valid pixels 4-adjacent to a nodata pixel. Where a lossy codec has blurred a nodata
+    edge, nearly every border pixel lies within ``tol`` of the ndv in all bands (a fringe that an exact
+    ndv mask leaves visible); clean edges score low.
+    """
+    nd = np.asarray(ndv, dtype=np.int16).reshape(3, 1, 1)
+    diff = np.abs(rgb.astype(np.int16) - nd)
+    isnd = np.all(diff == 0, axis=0)
+    near = np.all(diff <= tol, axis=0) & ~isnd
+    adj = np.zeros_like(isnd)
+    adj[1:] |= isnd[:-1]
+    adj[:-1] |= isnd[1:]
+    adj[:, 1:] |= isnd[:, :-1]
+    adj[:, :-1] |= isnd[:, 1:]
+    border = adj & ~isnd
+    n = int(border.sum())
+    return n, (float(near[border].mean()) if n else 0.0)

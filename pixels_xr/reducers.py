@@ -5,8 +5,8 @@ Pure array code: numpy arrays in, numpy arrays out; no xarray, no I/O. ``compose
 
 Conventions shared by every kernel
 ----------------------------------
-- ``data``: (t, band, y, x), any integer or float dtype (uint16, int16, float32, ... ), any strides
-  (non-contiguous views work, contiguous is fastest).
+- ``data``: (t, band, y, x), any integer or float dtype (uint16, int16, float32, ... ), any strides.
+  The pick kernels read strided views in place; median/percentile copy a non-C-contiguous input once.
 - ``clear``: (t, y, x) bool; True = a clear *and* valid observation. Fold data nodata (fill, saturation,
   ...) into ``clear`` before calling: the pick kernels trust it.
 - ``nodata``: scalar (cast to ``data.dtype``) written where a pixel has no clear observation; use NaN for
@@ -16,7 +16,8 @@ Conventions shared by every kernel
   Hence ``t <= 32767``.
 
 The public functions validate and normalise their arguments in Python, then call ``_*_kernel`` njit
-functions (``parallel=True``, ``prange`` over rows or tiles, ``cache=True``). Kernels never allocate per
+functions (``parallel=True``, ``prange`` over rows or tiles, ``cache=True``; the thread count is passed in
+because calling ``numba.get_num_threads()`` inside a kernel defeats the on-disk cache). Kernels never allocate per
 pixel: the pick kernels need no scratch at all, the median/percentile kernels allocate one (t, tile)
 buffer per parallel chunk.
 
@@ -146,13 +147,13 @@ def _pick_last_kernel(data, clear, seq, nodata, out, index, count):
 
 
 @njit(parallel=True, cache=True)
-def _pick_best_kernel(data, clear, score, nodata, out, index, count):
+def _pick_best_kernel(data, clear, score, nodata, nthreads, out, index, count):
     """For each pixel the clear observation with the highest score; ties -> the newest (largest t)."""
     nt = data.shape[0]
     nb = data.shape[1]
     ny = data.shape[2]
     nx = data.shape[3]
-    nchunks = min(ny, 4 * numba.get_num_threads())
+    nchunks = min(ny, 4 * nthreads)
     for ch in prange(nchunks):
         best = np.empty(nx, dtype=np.float64)  # per-chunk scratch
         for y in range(ch * ny // nchunks, (ch + 1) * ny // nchunks):
@@ -255,7 +256,7 @@ def quality_mosaic(
     if score.dtype.kind != "f":
         score = score.astype(np.float32)
     out, index, count = _pick_outputs(data)
-    _pick_best_kernel(data, clear, score, nd[()], out, index, count)
+    _pick_best_kernel(data, clear, score, nd[()], numba.get_num_threads(), out, index, count)
     return out, index, count
 
 
@@ -347,26 +348,36 @@ def _tile_width(nt: int, itemsize: int, nx: int) -> int:
     return max(1, w)
 
 
-@njit(inline="always")
+@njit(cache=True)
 def _fill_tile(data, clear, b, y, x0, w, hi, has_nd, nd, buf, nvalid):
-    """Copy data[:, b, y, x0:x0+w] into buf[:, :w]; non-clear (or NaN / nodata) values become ``hi``."""
+    """Copy data[:, b, y, x0:x0+w] into buf[:, :w]; non-clear (or NaN / nodata) values become ``hi``.
+
+    nvalid[:w] receives the number of values kept per pixel. Written over 0-based 1-d slices, with the
+    nodata test hoisted out of the loop: that form vectorises (6x faster than indexing with x0 + x).
+    """
     nt = data.shape[0]
+    cnt = nvalid[:w]
     for x in range(w):
-        nvalid[x] = 0
+        cnt[x] = 0
     for t in range(nt):
-        d = data[t, b, y]
-        c = clear[t, y]
-        row = buf[t]
-        for x in range(w):
-            v = d[x0 + x]
-            ok = (c[x0 + x] != 0) & (v == v)
-            if has_nd:
-                ok = ok & (v != nd)
-            row[x] = v if ok else hi
-            nvalid[x] += np.int64(ok)
+        d = data[t, b, y, x0:x0 + w]
+        c = clear[t, y, x0:x0 + w]
+        row = buf[t, :w]
+        if has_nd:
+            for x in range(w):
+                v = d[x]
+                ok = (c[x] != 0) & (v == v) & (v != nd)
+                row[x] = v if ok else hi
+                cnt[x] += np.uint16(ok)
+        else:
+            for x in range(w):
+                v = d[x]
+                ok = (c[x] != 0) & (v == v)
+                row[x] = v if ok else hi
+                cnt[x] += np.uint16(ok)
 
 
-@njit(inline="always")
+@njit(cache=True)
 def _sort_tile(buf, net, w):
     """Apply the comparator network to every column of buf[:, :w] (branch-free, SIMD over x)."""
     for k in range(net.shape[0]):
@@ -381,95 +392,99 @@ def _sort_tile(buf, net, w):
             rj[x] = hi
 
 
-@njit(inline="always")
+@njit(cache=True)
 def _count_tile(clear, y, x0, w, count):
     nt = clear.shape[0]
-    cnt = count[y]
+    cnt = count[y, x0:x0 + w]
     for x in range(w):
-        cnt[x0 + x] = 0
+        cnt[x] = 0
     for t in range(nt):
-        c = clear[t, y]
+        c = clear[t, y, x0:x0 + w]
         for x in range(w):
-            cnt[x0 + x] += np.uint16(c[x0 + x] != 0)
+            cnt[x] += np.uint16(c[x] != 0)
+
+
+@njit(cache=True)
+def _median_of_sorted(buf, n, x):
+    """np.median of the n smallest entries of sorted column x: middle value, or (a + b) / 2 in float64."""
+    if n % 2 == 1:
+        return np.float64(buf[n // 2, x])
+    return (np.float64(buf[n // 2 - 1, x]) + np.float64(buf[n // 2, x])) / 2.0
+
+
+@njit(cache=True)
+def _quantile_of_sorted(buf, n, x, q):
+    """np.quantile(method='linear') of the n smallest entries of sorted column x, term by term as numpy."""
+    vi = (n - 1) * q
+    if vi >= n - 1:
+        lo = n - 1
+        up = n - 1
+        g = vi + 1.0  # numpy's gamma once it has moved both indexes to -1 (irrelevant: a == b)
+    else:
+        f = np.floor(vi)
+        lo = np.int64(f)
+        up = lo + 1
+        g = vi - f
+    a = np.float64(buf[lo, x])
+    c = np.float64(buf[up, x])
+    diff = c - a
+    if g >= 0.5:
+        return c - diff * (1.0 - g)
+    return a + diff * g
 
 
 @njit(parallel=True, cache=True)
-def _median_kernel(data, clear, net, hi, has_nd, nd, tile, out, count):
-    nt, nb, ny, nx = data.shape
-    ntx = (nx + tile - 1) // tile
-    ntiles = ny * ntx
-    nchunks = min(ntiles, 8 * numba.get_num_threads())
-    for ch in prange(nchunks):
-        buf = np.empty((max(nt, 1), tile), dtype=data.dtype)  # per-chunk scratch
-        nvalid = np.empty(tile, dtype=np.int64)
-        for it in range(ch * ntiles // nchunks, (ch + 1) * ntiles // nchunks):
-            y = it // ntx
-            x0 = (it % ntx) * tile
-            w = min(tile, nx - x0)
-            _count_tile(clear, y, x0, w, count)
-            for b in range(nb):
-                _fill_tile(data, clear, b, y, x0, w, hi, has_nd, nd, buf, nvalid)
-                _sort_tile(buf, net, w)
-                o = out[b, y]
-                for x in range(w):
-                    n = nvalid[x]
-                    if n == 0:
-                        o[x0 + x] = np.nan
-                    elif n % 2 == 1:
-                        o[x0 + x] = np.float32(np.float64(buf[n // 2, x]))
-                    else:
-                        # numpy: mean of the two middle values, in float64
-                        s = np.float64(buf[n // 2 - 1, x]) + np.float64(buf[n // 2, x])
-                        o[x0 + x] = np.float32(s / 2.0)
+def _order_stat_kernel(data, clear, net, hi, has_nd, nd, tile, nthreads, q, median, out, count):
+    """Median (``median=True``, into out[0]) or quantiles q (fractions, into out[iq]) per band.
 
-
-@njit(parallel=True, cache=True)
-def _percentile_kernel(data, clear, net, hi, has_nd, nd, tile, q, out, count):
+    Work is split in chunks of consecutive tiles (a tile = up to ``tile`` pixels of one row). Within a
+    chunk the band loop is outermost, so the reads stream through t rows of one band plane at a time:
+    t concurrent sequential streams, few enough for the hardware prefetcher to follow.
+    """
     nt, nb, ny, nx = data.shape
     nq = q.shape[0]
     ntx = (nx + tile - 1) // tile
     ntiles = ny * ntx
-    nchunks = min(ntiles, 8 * numba.get_num_threads())
+    nchunks = min(ntiles, 8 * nthreads)
     for ch in prange(nchunks):
         buf = np.empty((max(nt, 1), tile), dtype=data.dtype)  # per-chunk scratch
-        nvalid = np.empty(tile, dtype=np.int64)
-        for it in range(ch * ntiles // nchunks, (ch + 1) * ntiles // nchunks):
+        nvalid = np.empty(tile, dtype=np.uint16)
+        t0 = ch * ntiles // nchunks
+        t1 = (ch + 1) * ntiles // nchunks
+        for it in range(t0, t1):
             y = it // ntx
             x0 = (it % ntx) * tile
-            w = min(tile, nx - x0)
-            _count_tile(clear, y, x0, w, count)
-            for b in range(nb):
+            _count_tile(clear, y, x0, min(tile, nx - x0), count)
+        for b in range(nb):
+            for it in range(t0, t1):
+                y = it // ntx
+                x0 = (it % ntx) * tile
+                w = min(tile, nx - x0)
                 _fill_tile(data, clear, b, y, x0, w, hi, has_nd, nd, buf, nvalid)
                 _sort_tile(buf, net, w)
-                for x in range(w):
-                    n = nvalid[x]
+                if median:
+                    o = out[0, b, y]
+                    for x in range(w):
+                        n = nvalid[x]
+                        o[x0 + x] = np.float32(_median_of_sorted(buf, n, x)) if n > 0 else np.nan
+                else:
                     for iq in range(nq):
-                        if n == 0:
-                            out[iq, b, y, x0 + x] = np.nan
-                            continue
-                        # numpy 'linear' (Hyndman & Fan 7), term by term as numpy computes it
-                        vi = (n - 1) * q[iq]
-                        if vi >= n - 1:
-                            lo = n - 1
-                            up = n - 1
-                            g = vi + 1.0  # numpy's gamma after it moves both indexes to -1
-                        else:
-                            f = np.floor(vi)
-                            lo = np.int64(f)
-                            up = lo + 1
-                            g = vi - f
-                        a = np.float64(buf[lo, x])
-                        c = np.float64(buf[up, x])
-                        diff = c - a
-                        if g >= 0.5:
-                            r = c - diff * (1.0 - g)
-                        else:
-                            r = a + diff * g
-                        out[iq, b, y, x0 + x] = np.float32(r)
+                        o = out[iq, b, y]
+                        qq = q[iq]
+                        for x in range(w):
+                            n = nvalid[x]
+                            if n > 0:
+                                o[x0 + x] = np.float32(_quantile_of_sorted(buf, n, x, qq))
+                            else:
+                                o[x0 + x] = np.nan
 
 
 def _reduce_args(data, clear, nodata):
     data, clear = _check_stack(data, clear)
+    # The sort kernels vectorise only over C-contiguous input; on strided views they run ~6x slower,
+    # while one contiguous copy costs about half of the kernel's own time. So copy such views once.
+    data = np.ascontiguousarray(data)
+    clear = np.ascontiguousarray(clear)
     has_nd = nodata is not None and not (data.dtype.kind == "f" and np.isnan(nodata))
     nd = _nodata_value(data, nodata if has_nd else 0)
     hi = _high_sentinel(data.dtype)
@@ -493,10 +508,12 @@ def clear_median(
     """
     data, clear, net, hi, has_nd, nd, tile = _reduce_args(data, clear, nodata)
     _, nb, ny, nx = data.shape
-    out = np.empty((nb, ny, nx), dtype=np.float32)
+    out = np.empty((1, nb, ny, nx), dtype=np.float32)
     count = np.empty((ny, nx), dtype=np.uint16)
-    _median_kernel(data, clear, net, hi, has_nd, nd, tile, out, count)
-    return out, count
+    nthreads = numba.get_num_threads()
+    q = np.zeros(0, dtype=np.float64)
+    _order_stat_kernel(data, clear, net, hi, has_nd, nd, tile, nthreads, q, True, out, count)
+    return out[0], count
 
 
 def clear_percentile(
@@ -518,5 +535,6 @@ def clear_percentile(
     _, nb, ny, nx = data.shape
     out = np.empty((qa.shape[0], nb, ny, nx), dtype=np.float32)
     count = np.empty((ny, nx), dtype=np.uint16)
-    _percentile_kernel(data, clear, net, hi, has_nd, nd, tile, qa / 100, out, count)
+    nthreads = numba.get_num_threads()
+    _order_stat_kernel(data, clear, net, hi, has_nd, nd, tile, nthreads, qa / 100, False, out, count)
     return out, count

@@ -98,3 +98,21 @@ def dask_scheduler(s3_server):
         yield cluster
     finally:
         cluster.stop()
+
+
+@pytest.fixture(scope="session")
+def gateway_server(s3_server):
+    """A real ``dask-gateway-server`` (UnsafeLocalBackend, SimpleAuthenticator) on 127.0.0.1 free ports.
+
+    Yields a :class:`servers.GatewayServer`: ``.address`` ("http://127.0.0.1:P"), ``.proxy_address``
+    ("gateway://127.0.0.1:Q"), ``.auth`` (``dask_gateway.BasicAuth``), ``.password``, ``.username`` and
+    ``.gateway()`` (a connected ``dask_gateway.Gateway``). Clusters run ``<venv>/bin/dask scheduler|worker``
+    with 1 core / 2 GiB workers (max 4) and inherit the S3 environment (hence the ``s3_server`` dependency).
+    """
+    from servers import start_gateway
+
+    gw = start_gateway()
+    try:
+        yield gw
+    finally:
+        gw.stop()

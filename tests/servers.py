@@ -15,6 +15,7 @@ No mocks: moto_server, rustac, dask and dask-gateway-server are the real executa
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import json
 import os
@@ -100,6 +101,18 @@ def kill_tree(pid: int, sig: int = signal.SIGTERM, timeout: float = 5.0) -> None
     psutil.wait_procs(alive, timeout=timeout)
 
 
+#: Every Server started in this process and not yet stopped; an atexit hook stops them, so that even an
+#: interrupted pytest run (Ctrl-C, a crashing fixture) leaves no server behind.
+_RUNNING: set[Server] = set()
+
+
+@atexit.register
+def _stop_all() -> None:
+    for srv in list(_RUNNING):
+        with contextlib.suppress(Exception):
+            srv.stop(timeout=3.0)
+
+
 class Server:
     """One server subprocess: its command, url, log file, and how to stop it.
 
@@ -144,6 +157,7 @@ class Server:
             )
         finally:
             log.close()
+        _RUNNING.add(self)
         deadline = time.monotonic() + timeout
         while True:
             if self.proc.poll() is not None:
@@ -195,6 +209,7 @@ class Server:
                 os.killpg(proc.pid, signal.SIGKILL)
             with contextlib.suppress(subprocess.TimeoutExpired):
                 proc.wait(timeout)
+        _RUNNING.discard(self)
         while self._cleanups:
             with contextlib.suppress(Exception):
                 self._cleanups.pop()()
@@ -626,3 +641,144 @@ class DaskCluster:
 
     def __exit__(self, *exc: object) -> None:
         self.stop()
+
+
+# =============================================================================================
+# Dask Gateway: `dask-gateway-server` subprocess, UnsafeLocalBackend + SimpleAuthenticator
+# =============================================================================================
+#
+# Config names checked against dask_gateway_server 2026.3.0 (`dask-gateway-server --help-all`): the app
+# class is ``DaskGateway`` (address, backend_class, authenticator_class), not ``Gateway``; the public
+# HTTP and scheduler (TCP) proxy listen at ``Proxy.address`` / ``Proxy.tcp_address`` (the proxy is the
+# bundled Go binary dask-gateway-proxy, a child of the server); ``SimpleAuthenticator.password``;
+# cluster options are on ``ClusterConfig`` (also applies to the local backend's LocalClusterConfig).
+# distributed no longer ships ``dask-scheduler``/``dask-worker`` executables, so scheduler_cmd and
+# worker_cmd are ``[<venv>/bin/dask, "scheduler"|"worker"]``.
+# The local backend passes only a whitelist of variables to clusters
+# (``LocalBackend.inherited_environment``: PATH, PYTHONPATH, VIRTUAL_ENV, ...), so the S3 variables are
+# added to that list here; clusters get PYTHONPATH with the repo and tests/ (see child_env()).
+
+GATEWAY_INHERITED_ENV = [
+    "PATH", "PYTHONPATH", "CONDA_ROOT", "CONDA_DEFAULT_ENV", "VIRTUAL_ENV", "LANG", "LC_ALL",
+    "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_DEFAULT_REGION", "AWS_REGION", "AWS_S3_ENDPOINT",
+    "AWS_HTTPS", "AWS_VIRTUAL_HOSTING", "CPL_VSIL_USE_TEMP_FILE_FOR_RANDOM_WRITE", "AWS_ENDPOINT_URL",
+    "AWS_ENDPOINT_URL_S3", "GDAL_DISABLE_READDIR_ON_OPEN", "GDAL_HTTP_MAX_RETRY", "GDAL_HTTP_RETRY_DELAY",
+]
+
+
+def patch_gateway_client_del() -> None:
+    """Make ``dask_gateway.Gateway.__del__`` quiet when the Gateway was already closed.
+
+    dask_gateway 2026.3 with distributed 2026.8: a sync ``Gateway`` closed explicitly (``with Gateway()``,
+    ``cluster.shutdown()``) calls ``close()`` again in ``__del__``, which raises "Accessing the loop
+    property while the loop is not running is not supported". When the garbage collector runs that
+    finalizer in the middle of ``ast.parse`` (pytest rewriting a module being imported), the unraisable-
+    exception hook re-enters the compiler and CPython 3.11 aborts the import with "SystemError: AST
+    constructor recursion depth mismatch" -- failing an unrelated test or the whole session. This wraps
+    ``__del__`` to swallow that RuntimeError (a compatibility patch for an upstream bug, not a mock)."""
+    from dask_gateway import client
+
+    orig = client.Gateway.__del__
+    if getattr(orig, "_pxr_quiet", False):
+        return
+
+    def __del__(self: Any) -> None:
+        try:
+            orig(self)
+        except RuntimeError:
+            pass
+
+    __del__._pxr_quiet = True  # type: ignore[attr-defined]
+    client.Gateway.__del__ = __del__  # type: ignore[method-assign]
+
+
+class GatewayServer:
+    """A running dask-gateway-server. Attributes: ``address`` (public HTTP API, "http://127.0.0.1:P"),
+    ``proxy_address`` (scheduler proxy, "gateway://127.0.0.1:Q"), ``password``, ``username``, ``auth``
+    (a ``dask_gateway.BasicAuth``), ``server`` (the :class:`Server`); ``gateway()`` opens a client."""
+
+    def __init__(self, server: Server, address: str, proxy_address: str, username: str, password: str):
+        from dask_gateway import BasicAuth
+
+        patch_gateway_client_del()
+        self.server = server
+        self.address = address
+        self.proxy_address = proxy_address
+        self.username = username
+        self.password = password
+        self.auth = BasicAuth(username=username, password=password)
+
+    def gateway(self, **kwargs: Any):
+        """A ``dask_gateway.Gateway`` connected to this server (close it, or use it as a context manager)."""
+        from dask_gateway import Gateway
+
+        return Gateway(self.address, proxy_address=self.proxy_address, auth=self.auth, **kwargs)
+
+    def stop(self) -> None:
+        self.server.stop(timeout=15.0)  # SIGTERM lets the gateway stop its clusters first
+
+
+def start_gateway(
+    password: str = "pxr-test-password",
+    username: str = "pxr",
+    worker_cores: int = 1,
+    worker_memory: str = "2 G",
+    max_workers: int = 4,
+    timeout: float = 60.0,
+) -> GatewayServer:
+    """Start ``dask-gateway-server`` with a config file written to a temp dir (removed on stop)."""
+    tmp = Path(tempfile.mkdtemp(prefix="pxr-gateway-"))
+    http_port, tcp_port, api_port = free_port(), free_port(), free_port()
+    dask = venv_exe("dask")
+    config = f"""
+c = get_config()  # noqa: F821
+c.DaskGateway.address = "{HOST}:{api_port}"
+c.DaskGateway.backend_class = "dask_gateway_server.backends.local.UnsafeLocalBackend"
+c.DaskGateway.authenticator_class = "dask_gateway_server.auth.SimpleAuthenticator"
+c.DaskGateway.log_level = "INFO"
+c.SimpleAuthenticator.password = {password!r}
+c.Proxy.address = "{HOST}:{http_port}"
+c.Proxy.tcp_address = "{HOST}:{tcp_port}"
+c.LocalBackend.clusters_directory = {str(tmp / "clusters")!r}
+c.LocalBackend.inherited_environment = {GATEWAY_INHERITED_ENV!r}
+c.DBBackendBase.cluster_start_timeout = 120.0
+c.DBBackendBase.worker_start_timeout = 120.0
+c.ClusterConfig.scheduler_cmd = [{dask!r}, "scheduler"]
+c.ClusterConfig.worker_cmd = [{dask!r}, "worker"]
+c.ClusterConfig.scheduler_cores = 1
+c.ClusterConfig.scheduler_memory = "1 G"
+c.ClusterConfig.worker_cores = {worker_cores}
+c.ClusterConfig.worker_threads = {worker_cores}
+c.ClusterConfig.worker_memory = {worker_memory!r}
+c.ClusterConfig.cluster_max_workers = {max_workers}
+c.ClusterConfig.idle_timeout = 600.0
+"""
+    cfg = tmp / "dask_gateway_config.py"
+    cfg.write_text(config)
+    (tmp / "clusters").mkdir()
+    srv = Server(
+        "dask-gateway",
+        [venv_exe("dask-gateway-server"), "--config", str(cfg)],
+        url=f"http://{HOST}:{http_port}",
+        env=child_env(),
+        cwd=tmp,
+        log_dir=tmp,
+    )
+    srv.on_stop(lambda: shutil.rmtree(tmp, ignore_errors=True))
+    # Ready = an authenticated cluster listing answers 200 through the proxy. (/api/health can answer
+    # before the proxy has its route to the API, and a too-early new_cluster() then gets 404 Not Found.)
+    import base64
+
+    token = base64.b64encode(f"{username}:{password}".encode()).decode()
+
+    def ready() -> bool:
+        req = urllib.request.Request(f"http://{HOST}:{http_port}/api/v1/clusters/",
+                                     headers={"Authorization": f"Basic {token}"})
+        try:
+            with urllib.request.urlopen(req, timeout=2) as r:
+                return r.status == 200 and port_open(HOST, tcp_port)
+        except (OSError, ValueError):
+            return False
+
+    srv.start(ready, timeout=timeout)
+    return GatewayServer(srv, srv.url, f"gateway://{HOST}:{tcp_port}", username, password)

@@ -205,3 +205,60 @@ def test_dask_scheduler_computes_and_survives_worker_kill(dask_scheduler, s3_ser
         dask_scheduler.restart_worker(0)
         client.wait_for_workers(2, timeout=30)
         assert {w["name"] for w in client.scheduler_info()["workers"].values()} == {"w0", "w1"}
+
+
+# ---------------------------------------------------------------------------------------------- Gateway
+def test_gateway_cluster_scale_compute_shutdown(gateway_server, s3_server):
+    import time
+
+    import dask.array as da
+    from dask_gateway import Gateway
+
+    t0 = time.monotonic()
+    with Gateway(gateway_server.address, proxy_address=gateway_server.proxy_address,
+                 auth=gateway_server.auth) as gateway:
+        cluster = gateway.new_cluster()
+        try:
+            cluster.scale(1)
+            with cluster.get_client(set_as_default=False) as client:
+                client.wait_for_workers(1, timeout=120)
+                assert client.compute(da.ones((200, 200), chunks=100).sum()).result(timeout=60) == 40000
+                assert client.submit(_where_am_i, 1, pure=False).result(timeout=60) == (2, s3_server.host_port)
+        finally:
+            cluster.shutdown()
+        assert gateway.list_clusters() == []
+    assert time.monotonic() - t0 < 180
+
+
+# ---------------------------------------------------------------------------------------------- helpers
+def test_server_start_failure_reports_captured_stderr():
+    import sys
+
+    from servers import Server, ServerStartError
+
+    srv = Server("crasher", [sys.executable, "-c", "import sys; sys.stderr.write('boom on stderr'); sys.exit(3)"])
+    with pytest.raises(ServerStartError, match=r"(?s)exited with code 3.*boom on stderr"):
+        srv.start(lambda: False, timeout=10)
+    assert not srv.alive()
+
+    sleeper = Server("sleeper", [sys.executable, "-c", "import time; print('still starting', flush=True); time.sleep(60)"])
+    with pytest.raises(ServerStartError, match=r"(?s)not ready after 1 s.*still starting"):
+        sleeper.start(lambda: False, timeout=1)
+    assert not sleeper.alive()
+
+
+def test_server_stop_kills_grandchildren():
+    import sys
+
+    import psutil
+    from servers import Server
+
+    code = ("import subprocess, sys, time; subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(60)']);"
+            " print('up', flush=True); time.sleep(60)")
+    srv = Server("parent", [sys.executable, "-c", code])
+    srv.start(lambda: "up" in srv.log(), timeout=20)
+    kids = psutil.Process(srv.pid).children(recursive=True)
+    assert len(kids) == 1
+    srv.stop()
+    assert not srv.alive()
+    assert not any(k.is_running() and k.status() != psutil.STATUS_ZOMBIE for k in kids)

@@ -18,6 +18,11 @@ pxm_app = typer.Typer(
 )
 
 
+@pxm_app.callback()
+def pxm() -> None:
+    """PXM (Mapbox Pixelmonster) manifests and sources."""
+
+
 @pxm_app.command("validate")
 def validate(
     manifest: Annotated[Path, typer.Argument(help="PXM manifest JSON file.")],

@@ -16,6 +16,7 @@ from __future__ import annotations
 import datetime as _dt
 import json
 import re
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 from typing import Any, Literal
@@ -55,6 +56,13 @@ def _q(key: str) -> str:
     return json.dumps(key, ensure_ascii=False)
 
 
+def _child(parent: str, key: str) -> str:
+    """JSON path of ``parent``'s member ``key``: ``info.crs``, or ``info["odd key"]`` when not an identifier."""
+    if re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", key):
+        return f"{parent}.{key}" if parent else key
+    return f"{parent}[{json.dumps(key)}]"
+
+
 @dataclass(frozen=True)
 class ColorRule:
     """One ``info.color`` entry: the regex ``key``, its ``formula`` text and the parsed ``ops``."""
@@ -69,7 +77,7 @@ class ColorRule:
         try:
             m = self.pattern.search(name, timeout=_MATCH_TIMEOUT)
         except TimeoutError as err:
-            raise ManifestError(f"regex key timed out on {name!r}", where=f"info.color[{_q(self.key)}]") from err
+            raise ManifestError(f"regex key timed out on {name!r}", where=f"info.color[{json.dumps(self.key)}]") from err
         return None if m is None else m.end() - m.start()
 
 
@@ -334,7 +342,9 @@ def _compile_key(key: str, where: str) -> Any:
     if len(key) > _MAX_KEY:
         raise ManifestError(f"colour key longer than {_MAX_KEY} characters", where=where)
     try:
-        re.compile(key)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            re.compile(key)
     except re.error as err:
         raise ManifestError(f"colour key is not a valid regex: {err}", where=where) from None
     except (RecursionError, OverflowError):
@@ -357,7 +367,7 @@ def _check_color(value: Any, where: str) -> tuple[ColorRule, ...]:
         raise ManifestError("must not be empty (omit 'color' when no colour correction is needed)", where=where)
     rules = []
     for key, formula in value.items():
-        kw = f"{where}[{_q(str(key))}]"
+        kw = f"{where}[{json.dumps(str(key))}]"
         if not isinstance(key, str):
             raise ManifestError("colour keys must be strings", where=kw)
         pattern = _compile_key(key, kw)
@@ -376,7 +386,7 @@ def _check_info(info: Any, version: SpecVersion) -> ManifestInfo:
     unknown = sorted(str(k) for k in info if k not in _REQUIRED_INFO + _OPTIONAL_INFO)
     if unknown:
         allowed = ", ".join(_REQUIRED_INFO + _OPTIONAL_INFO)
-        raise ManifestError(f"unknown key {_q(unknown[0])} (allowed: {allowed})", where=f"info.{unknown[0]}")
+        raise ManifestError(f"unknown key {_q(unknown[0])} (allowed: {allowed})", where=_child("info", unknown[0]))
     for k in _REQUIRED_INFO:
         if k not in info:
             raise ManifestError("required key is missing", where=f"info.{k}")
@@ -435,7 +445,7 @@ def validate_manifest(source: str | Path | dict) -> Manifest:
     unknown = sorted(str(k) for k in doc if k not in _TOP_KEYS)
     if unknown:
         raise ManifestError(f"unknown top-level key {_q(unknown[0])} (allowed: sources, info, version)",
-                            where=unknown[0])
+                            where=_child("", unknown[0]))
     version: SpecVersion = "0.4"
     version_string = None
     if "version" in doc:

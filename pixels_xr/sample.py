@@ -72,9 +72,11 @@ from typing import Any
 import numpy as np
 import pystac
 import rasterio
+import rasterio.shutil
 import shapely
 from pyproj import Transformer
 from pystac.layout import CustomLayoutStrategy
+from rasterio.enums import Resampling
 from rasterio.transform import Affine
 from shapely.geometry import box, mapping
 from shapely.geometry.polygon import orient
@@ -200,7 +202,11 @@ def _sample_periodic(tex: np.ndarray, cell: float, xs: np.ndarray, ys: np.ndarra
     iu0 = u0.astype(np.int64) % tw
     iv0 = v0.astype(np.int64) % th
     rows = tex[iv0] * (1 - wv) + tex[(iv0 + 1) % th] * wv
-    return rows[:, iu0] * (1 - wu) + rows[:, (iu0 + 1) % tw] * wu
+    # np.take keeps C order (``rows[:, idx]`` would not, and F-ordered fields slow every later operation).
+    out = np.take(rows, iu0, axis=1)
+    out *= 1 - wu
+    out += np.take(rows, (iu0 + 1) % tw, axis=1) * wu
+    return out
 
 
 def _logistic(x: np.ndarray | float, width: float) -> np.ndarray:
@@ -465,17 +471,31 @@ def _render_date(p: _Params, scene: _Scene, i: int, d: date, cloudiness: float, 
 
 
 def _write_cog(path: Path, arr: np.ndarray, transform: Affine, resampling: str) -> None:
+    """Write a single-band COG: MEM dataset + overviews, then a GTiff copy with COPY_SRC_OVERVIEWS.
+
+    This is the classic COG recipe (what rio-cogeo does), about twice as fast here as GDAL's COG driver.
+    Fixed options, no timestamps: identical input gives identical bytes. DEFLATE level 1: the sensor noise
+    makes higher levels slower for almost no gain.
+    """
     h, w = arr.shape
     block = 128 if max(h, w) <= 512 else 256
-    profile = {
-        "driver": "COG", "width": w, "height": h, "count": 1, "dtype": arr.dtype.name,
-        "crs": f"EPSG:{EPSG}", "transform": transform, "nodata": 0, "compress": "DEFLATE", "predictor": 2,
-        "level": 6, "blocksize": block, "overview_resampling": resampling, "overviews": "AUTO",
-        "bigtiff": "NO", "num_threads": 1,
-    }
-    with rasterio.open(path, "w", **profile) as dst:
-        dst.write(arr, 1)
-        dst.update_tags(PIXELS_XR_SYNTHETIC="true: not real Copernicus data (pixels_xr.sample)")
+    factors = []
+    f = 2
+    while max(h, w) / f >= block and f <= 1024:  # like the COG driver's OVERVIEWS=AUTO
+        factors.append(f)
+        f *= 2
+    with rasterio.open(
+        f"{path.name}.mem", "w", driver="MEM", width=w, height=h, count=1, dtype=arr.dtype.name,
+        crs=f"EPSG:{EPSG}", transform=transform, nodata=0,
+    ) as mem:
+        mem.write(arr, 1)
+        mem.update_tags(PIXELS_XR_SYNTHETIC="true: not real Copernicus data (pixels_xr.sample)")
+        if factors:
+            mem.build_overviews(factors, Resampling[resampling])
+        rasterio.shutil.copy(
+            mem, str(path), driver="GTiff", tiled=True, blockxsize=block, blockysize=block, compress="DEFLATE",
+            predictor=2, zlevel=1, copy_src_overviews=True, interleave="band", bigtiff="NO", num_threads=1,
+        )
 
 
 def _footprint_wgs84(poly: shapely.Polygon, res: float, tr: Transformer) -> shapely.Polygon:

@@ -17,6 +17,7 @@ import re
 from typing import Any, Literal
 
 import numpy as np
+import rioxarray  # noqa: F401  (registers the .rio accessor)
 import xarray as xr
 from rasterio.enums import Resampling
 
@@ -53,10 +54,27 @@ def output_grid(items: list[dict], feature: Feature, config: PixelsConfig) -> Gr
             tr = asset.get("proj:transform")
             if asset.get("proj:epsg") == grid.epsg and tr and len(tr) >= 6:
                 origins.append((float(tr[2]), float(tr[5])))
+    if not origins and items:
+        origins = _header_origins(items[0], grid.epsg)
     if origins:
         grid = feature_grid(config, feature, common_phase(origins, config.resolved_scale))
     check_size(config, feature, grid)
     return grid
+
+
+def _header_origins(item: dict, epsg: int | None) -> list[tuple[float, float]]:
+    """Grid origin read from the first asset's header when the metadata carries no ``proj:transform``."""
+    import rasterio
+
+    for asset in item["assets"].values():
+        if asset.get("proj:epsg") != epsg:
+            continue
+        try:
+            with rasterio.Env(**GDAL_CLOUD_ENV), rasterio.open(asset["href"]) as ds:
+                return [(ds.transform.c, ds.transform.f)]
+        except Exception:  # unreadable assets are reported by check_assets; fall back to phase 0
+            return []
+    return []
 
 
 def _cube_dtype(items: list[dict], names: list[str]) -> np.dtype:

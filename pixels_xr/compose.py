@@ -1,0 +1,282 @@
+"""Modes ``all``, ``latest_pixel``, ``cloud_sorted_pixel`` and ``composite``: xarray glue over the kernels.
+
+Output ``xr.Dataset`` (dims ``time, y, x``; CRS set): one variable per requested band — float32 surface
+reflectance (``output: reflectance``, NaN nodata) or harmonised uint16 DN (``output: raw``: reflectance /
+scale with every item's offset removed, clipped to ≥ 1, nodata 0) — plus ``clear_count`` (uint16: clear
+observations behind each pixel) and, for modes that pick one observation per pixel, ``source_time`` (the
+acquisition each pixel came from). ``time`` is the bin start, with ``time_end``, ``partial`` and ``empty``
+coordinates; an empty bin is present, all nodata and flagged. Pick modes run the kernels on raw integer DN
+(exact, half the memory) and convert the picked values with the picked item's own scale/offset; the median
+runs on float32 reflectance so items of different processing baselines mix correctly.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+from typing import Any
+
+import numpy as np
+import rioxarray  # noqa: F401  (registers the .rio accessor)
+import xarray as xr
+
+from pixels_xr import reducers
+from pixels_xr.catalog import search
+from pixels_xr.config import PixelsConfig
+from pixels_xr.cube import Loader, build_cube, check_assets, to_reflectance
+from pixels_xr.errors import ConfigError
+from pixels_xr.features import Feature
+from pixels_xr.masks import clear_mask
+from pixels_xr.timeslices import TimeBin, assign_bins
+
+PICK_METHODS = {"latest_pixel", "cloud_sorted_pixel", "first_clear", "quality", "qa_pixel"}
+
+
+def collect(config: PixelsConfig, feature: Feature, *, items: list[dict] | None = None,
+            loader: Loader = "stackstac", check: bool = True) -> xr.Dataset:
+    """Lazy Dataset of a feature for the configured mode (search → cube → mask → reduce).
+
+    ``items`` skips the search (normalised items from ``catalog.search``); ``check`` opens every asset
+    header first so unreadable assets are recorded (``attrs["asset_problems"]``) or fail per
+    ``on_asset_error``.
+    """
+    if items is None:
+        items = search(config, feature)
+    problems: list[dict] = []
+    if check and items:
+        items, problems = check_assets(items, config)
+    cube = build_cube(items, feature, config, loader=loader)
+    spec = config.mask_spec
+    clear = clear_mask(cube, spec, config.mask_cleanup.opening, config.mask_cleanup.dilation)
+    if config.mode == "all":
+        ds = _all(cube, clear, config)
+    else:
+        method = config.mode if config.mode != "composite" else config.resolved_composite_method
+        ds = _binned(cube, clear, config, config.bins(feature), method)
+    ds.attrs.update({
+        "feature": feature.id, "mode": config.mode, "config": config.model_dump_json(exclude_none=True),
+        "output": config.output, "asset_problems": json.dumps(problems),
+        "software": f"pixels_xr {__import__('pixels_xr').__version__}",
+    })
+    if cube.attrs.get("empty_reason"):
+        ds.attrs["empty_reason"] = cube.attrs["empty_reason"]
+    ds = ds.rio.write_crs(cube.rio.crs).rio.write_transform(cube.rio.transform())
+    return ds
+
+
+# ----------------------------------------------------------------------------------------------- helpers
+def _bands(config: PixelsConfig) -> list[str]:
+    return list(config.band_names)
+
+
+def _score(method: str, cube: xr.DataArray, spec_asset: str) -> xr.DataArray | None:
+    if method == "quality":
+        return xr.apply_ufunc(reducers.s2_quality_score, cube.sel(band=spec_asset).transpose("time", "y", "x"),
+                              cube.sel(band="red").transpose("time", "y", "x").astype("float32"),
+                              cube.sel(band="nir").transpose("time", "y", "x").astype("float32"),
+                              dask="parallelized", output_dtypes=[np.float32])
+    if method == "qa_pixel":  # clear land (bit 6) > water (bit 7) > snow (bit 5); ties → newest
+        qa = cube.sel(band=spec_asset).astype("int64")
+        return xr.where((qa & 64) > 0, 3.0, xr.where((qa & 128) > 0, 2.0, xr.where((qa & 32) > 0, 1.0, 0.0))
+                        ).astype("float32")
+    return None
+
+
+def _pick_block(data: np.ndarray, clear: np.ndarray, scale: np.ndarray, offset: np.ndarray, times: np.ndarray,
+                *score_arg: np.ndarray, method: str, nodata: Any, order: np.ndarray | None, refl_bands: np.ndarray,
+                out_bands: np.ndarray, output: str) -> tuple[np.ndarray, ...]:
+    """One block of one bin: apply_ufunc hands (y, x, time, band); kernels take (time, band, y, x)."""
+    d = np.ascontiguousarray(np.moveaxis(data, (-2, -1), (0, 1)))
+    c = np.ascontiguousarray(np.moveaxis(clear, -1, 0))
+    nt, nb = d.shape[:2]
+    scale = scale.reshape(nt, nb)
+    offset = offset.reshape(nt, nb)
+    times = times.reshape(nt)
+    if method == "latest_pixel":
+        out, index, count = reducers.latest_valid(d, c, nodata)
+    elif order is not None:
+        out, index, count = reducers.first_valid_by_order(d, c, order, nodata)
+    else:
+        s = np.ascontiguousarray(np.moveaxis(score_arg[0], -1, 0))
+        out, index, count = reducers.quality_mosaic(d, c, s, nodata)
+    out = out[out_bands]
+    picked = index >= 0
+    safe = np.where(picked, index, 0)
+    results = []
+    for k, b in enumerate(out_bands):
+        values = out[k]
+        if refl_bands[b]:
+            sc = np.take(scale[:, b], safe)
+            of = np.take(offset[:, b], safe)
+            refl = values.astype(np.float32) * sc + of
+            results.append(_convert(refl, picked & (values != nodata), sc, output))
+        else:
+            results.append(np.where(picked, values, nodata).astype(values.dtype))
+    source = np.where(picked, np.take(times, safe), np.datetime64("NaT", "ns")).astype("datetime64[ns]")
+    return (*results, count, source)
+
+
+def _convert(refl: np.ndarray, ok: np.ndarray, scale: Any, output: str) -> np.ndarray:
+    if output == "reflectance":
+        return np.where(ok, refl, np.float32(np.nan)).astype(np.float32)
+    dn = np.clip(np.rint(refl / scale), 1, 65535)
+    return np.where(ok, dn, 0).astype(np.uint16)
+
+
+def _median_block(data: np.ndarray, clear: np.ndarray, *, output: str, scale: float) -> tuple[np.ndarray, ...]:
+    d = np.ascontiguousarray(np.moveaxis(data, (-2, -1), (0, 1)))
+    c = np.ascontiguousarray(np.moveaxis(clear, -1, 0))
+    out, count = reducers.clear_median(d, c, np.float32(np.nan))
+    bands = [out[k] if output == "reflectance" else _convert(out[k], ~np.isnan(out[k]), scale, output)
+             for k in range(out.shape[0])]
+    return (*bands, count)
+
+
+def _apply_pick(cube: xr.DataArray, clear: xr.DataArray, score: xr.DataArray | None, method: str,
+                config: PixelsConfig) -> xr.Dataset:
+    names = list(cube.band.values)
+    bands = _bands(config)
+    out_bands = np.array([names.index(b) for b in bands])
+    refl_bands = np.array(cube.reflectance.values, dtype=bool)
+    nodata = cube.attrs["nodata"]
+    times = cube.time.values.astype("datetime64[ns]")
+    time_da = xr.DataArray(times, dims="time")
+    args = [cube.chunk({"time": -1, "band": -1}), clear.chunk({"time": -1}), cube.scale, cube.offset, time_da]
+    core = [["time", "band"], ["time"], ["time", "band"], ["time", "band"], ["time"]]
+    order = None
+    if score is not None:
+        args.append(score.chunk({"time": -1}))
+        core.append(["time"])
+    elif method in {"cloud_sorted_pixel", "first_clear"}:  # least cloudy scene first, then oldest
+        order = np.argsort(np.nan_to_num(cube.cloud_cover.values.astype(float), nan=101.0), kind="stable")
+    elif method == "all_first":
+        order = np.arange(len(times))
+    out_types = [np.float32 if (refl_bands[names.index(b)] and config.output == "reflectance") else
+                 (np.uint16 if refl_bands[names.index(b)] else cube.dtype) for b in bands]
+    results = xr.apply_ufunc(
+        _pick_block, *args, input_core_dims=core, output_core_dims=[[] for _ in bands] + [[], []],
+        dask="parallelized", output_dtypes=out_types + [np.uint16, "datetime64[ns]"],
+        kwargs={"method": method, "nodata": cube.dtype.type(nodata), "order": order, "refl_bands": refl_bands,
+                "out_bands": out_bands, "output": config.output})
+    data_vars = {b: r for b, r in zip(bands, results[: len(bands)])}
+    data_vars["clear_count"] = results[len(bands)]
+    data_vars["source_time"] = results[len(bands) + 1]
+    return xr.Dataset(data_vars)
+
+
+def _apply_median(cube: xr.DataArray, clear: xr.DataArray, config: PixelsConfig) -> xr.Dataset:
+    bands = _bands(config)
+    classes = [b for b in bands if not bool(cube.reflectance.sel(band=b))]
+    if classes:
+        raise ConfigError(f"a median composite cannot reduce class bands {classes}; drop them or use "
+                          "composite_method first_clear/quality", "bands")
+    refl = to_reflectance(cube).sel(band=bands).chunk({"time": -1, "band": -1})
+    scale = float(np.nanmin(cube.scale.values)) if cube.sizes["time"] else 1e-4
+    results = xr.apply_ufunc(
+        _median_block, refl, clear.chunk({"time": -1}), input_core_dims=[["time", "band"], ["time"]],
+        output_core_dims=[[] for _ in bands] + [[]], dask="parallelized",
+        output_dtypes=[np.float32 if config.output == "reflectance" else np.uint16] * len(bands) + [np.uint16],
+        kwargs={"output": config.output, "scale": scale})
+    data_vars = {b: r for b, r in zip(bands, results[: len(bands)])}
+    data_vars["clear_count"] = results[len(bands)]
+    return xr.Dataset(data_vars)
+
+
+def _empty_slice(template: xr.Dataset) -> xr.Dataset:
+    import dask.array as da
+
+    out = {}
+    for name, var in template.data_vars.items():
+        fill: Any = np.nan if var.dtype.kind == "f" else (np.datetime64("NaT", "ns") if var.dtype.kind == "M" else 0)
+        out[name] = (var.dims, da.full(var.shape, fill, dtype=var.dtype, chunks=var.data.chunksize
+                                       if hasattr(var.data, "chunksize") else var.shape))
+    return xr.Dataset(out, coords={k: v for k, v in template.coords.items() if k in {"x", "y"}})
+
+
+def _reduce(cube: xr.DataArray, clear: xr.DataArray, config: PixelsConfig, method: str) -> xr.Dataset:
+    spec = config.mask_spec
+    score = _score(method, cube, spec.asset) if spec is not None else None
+    if method == "median":
+        return _apply_median(cube, clear, config)
+    return _apply_pick(cube, clear, score, method, config)
+
+
+def _binned(cube: xr.DataArray, clear: xr.DataArray, config: PixelsConfig, bins: list[TimeBin],
+            method: str) -> xr.Dataset:
+    days = [dt.date.fromisoformat(str(t)[:10]) for t in cube.time.values]
+    labels = np.array(assign_bins(days, bins), dtype=np.int64)
+    cube = cube.assign_coords(bin=("time", labels))
+    clear = clear.assign_coords(bin=("time", labels))
+    template: xr.Dataset | None = None  # the first non-empty bin shapes the empty ones
+    slices: list[xr.Dataset | None] = []
+    item_ids: list[list[str]] = []
+    for k in range(len(bins)):
+        sel = np.nonzero(labels == k)[0]
+        item_ids.append([str(i) for i in cube.id.values[sel]] if sel.size else [])
+        if sel.size == 0:
+            slices.append(None)
+            continue
+        # one bin's observations in one chunk along time, so the kernel sees the whole bin at once
+        ds = _reduce(cube.isel(time=sel), clear.isel(time=sel), config, method)
+        slices.append(ds)
+        template = template or ds
+    if template is None:  # no observation at all: run the reduction on one all-nodata observation
+        template = _reduce(_nodata_like(cube), _nodata_like(clear), config, method)
+    filled = [s if s is not None else _empty_slice(template) for s in slices]
+    out = xr.concat(filled, dim="time", coords="minimal", compat="override", join="override")
+    out = out.assign_coords(
+        time=np.array([np.datetime64(b.start, "ns") for b in bins]),
+        time_end=("time", np.array([np.datetime64(b.end, "ns") for b in bins])),
+        partial=("time", np.array([b.partial for b in bins])),
+        empty=("time", np.array([s is None for s in slices])),
+    )
+    out.attrs["item_ids"] = json.dumps({b.label: ids for b, ids in zip(bins, item_ids)})
+    return _finish(out, cube)
+
+
+def _nodata_like(arr: xr.DataArray) -> xr.DataArray:
+    """One all-nodata, never-clear observation with the layout of ``arr`` (for empty results)."""
+    import dask.array as da
+
+    shape = (1,) + arr.shape[1:]
+    if arr.dtype == bool:
+        data = da.zeros(shape, dtype=bool)
+    else:
+        data = da.full(shape, arr.attrs.get("nodata", 0), dtype=arr.dtype)
+    coords = {k: v for k, v in arr.coords.items() if "time" not in v.dims}
+    time_coords = {k: ("time", np.zeros(1, dtype=v.dtype) if v.dtype.kind != "M" else
+                       np.array(["1970-01-01"], "datetime64[ns]")) for k, v in arr.coords.items()
+                   if v.dims == ("time",)}
+    for k, v in arr.coords.items():
+        if v.dims == ("time", "band"):
+            time_coords[k] = (("time", "band"), np.ones((1, v.shape[1]), dtype=v.dtype))
+    return xr.DataArray(data, dims=arr.dims, coords={**coords, **time_coords}, attrs=arr.attrs)
+
+
+def _all(cube: xr.DataArray, clear: xr.DataArray, config: PixelsConfig) -> xr.Dataset:
+    """One slice per acquisition day: same-day tiles fused first-valid (in time order), cloudy → nodata."""
+    days = np.array([np.datetime64(str(t)[:10], "ns") for t in cube.time.values], dtype="datetime64[ns]")
+    unique = np.unique(days)
+    slices = [_apply_pick(cube.isel(time=np.nonzero(days == d)[0]), clear.isel(time=np.nonzero(days == d)[0]),
+                          None, "all_first", config) for d in unique]
+    if not slices:
+        template = _apply_pick(_nodata_like(cube), _nodata_like(clear), None, "all_first", config)
+        out = template.isel(time=slice(0, 0)) if "time" in template.dims else template.expand_dims(
+            time=np.array([], "datetime64[ns]"))
+    else:
+        out = xr.concat(slices, dim="time", coords="minimal", compat="override", join="override")
+        out = out.assign_coords(time=unique)
+    out = out.drop_vars("source_time")
+    out.attrs["item_ids"] = json.dumps({str(d)[:10]: [str(i) for i in cube.id.values[days == d]] for d in unique})
+    return _finish(out, cube)
+
+
+def _finish(ds: xr.Dataset, cube: xr.DataArray) -> xr.Dataset:
+    ds = ds.assign_coords(x=cube.x, y=cube.y)
+    ds = ds.transpose("time", "y", "x")
+    for name, var in ds.data_vars.items():
+        if var.dtype.kind == "f":
+            var.attrs["_FillValue_hint"] = "NaN"
+        elif name not in {"clear_count", "source_time"}:
+            var.attrs["nodata"] = 0 if var.dtype.kind == "u" else cube.attrs["nodata"]
+    return ds

@@ -14,7 +14,20 @@ from pixels_xr.errors import (  # noqa: E402
     SourceError,
 )
 
+from pixels_xr.catalog import search  # noqa: E402
+from pixels_xr.compose import collect  # noqa: E402
+from pixels_xr.config import PixelsConfig, load_config  # noqa: E402
+from pixels_xr.cube import build_cube  # noqa: E402
+from pixels_xr.features import Feature, load_features  # noqa: E402
+
 __all__ = [
+    "Feature",
+    "PixelsConfig",
+    "build_cube",
+    "collect",
+    "load_config",
+    "load_features",
+    "search",
     "__version__",
     "AssetReadError",
     "CatalogError",

@@ -99,6 +99,52 @@ def sample(
     typer.echo(f"synthetic sample written: catalog {info.catalog}, features {info.features}")
 
 
+@app.command()
+@one_line_errors
+def preview(
+    config: Annotated[Path, typer.Argument(help="Pixels configuration JSON file.")],
+    features: Annotated[Path, typer.Option("--features", "-f", help="GeoJSON FeatureCollection.")],
+    limit: Annotated[int, typer.Option(help="Collect at most this many features.")] = 3,
+) -> None:
+    """Collect the first features in memory (no output written) and print one line per time slice."""
+    import numpy as np
+
+    from pixels_xr.compose import collect
+    from pixels_xr.config import load_config
+    from pixels_xr.features import load_features
+
+    cfg = load_config(config)
+    for feature in load_features(features)[:limit]:
+        ds = collect(cfg, feature).compute()
+        typer.echo(f"feature {feature.id}: {dict(ds.sizes)} in {ds.rio.crs}")
+        band = cfg.band_names[0]
+        for k in range(ds.sizes["time"]):
+            values = ds[band].isel(time=k).values
+            ok = np.isfinite(values) if values.dtype.kind == "f" else values != 0
+            typer.echo(f"  {str(ds.time.values[k])[:10]}: {ok.mean():6.1%} filled, "
+                       f"median {band} {np.nanmedian(np.where(ok, values, np.nan)) if ok.any() else float('nan'):.4f}, "
+                       f"clear obs/pixel {ds.clear_count.isel(time=k).values.mean():.2f}"
+                       + (" (empty bin)" if "empty" in ds.coords and bool(ds.empty.values[k]) else ""))
+
+
+def _mount_pxm() -> None:
+    try:
+        from pixels_xr.pxm.cli import pxm_app
+    except ImportError as exc:  # the pxm extra is not installed
+        missing = str(exc)
+
+        @app.command("pxm")
+        def pxm_missing() -> None:
+            """PXM manifests (needs the pxm extra: pip install 'pixels-xr[pxm]')."""
+            typer.echo(f"error: the pxm commands need the pxm extra ({missing})", err=True)
+            raise typer.Exit(1)
+    else:
+        app.add_typer(pxm_app, name="pxm", help="PXM (Mapbox Pixelmonster) manifests: validate and check sources.")
+
+
+_mount_pxm()
+
+
 def main() -> None:  # pragma: no cover - console entry
     app()
 

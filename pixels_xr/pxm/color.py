@@ -307,6 +307,14 @@ def _missing_colours(rgb: np.ndarray, done: np.ndarray) -> np.ndarray:  # pragma
 
 
 @numba.njit(cache=True, nogil=True)
+def _lookup_bands(rgb: np.ndarray, luts: np.ndarray, out: np.ndarray) -> None:  # pragma: no cover
+    for i in range(3):
+        lut = luts[i]
+        for j in range(rgb.shape[1]):
+            out[i, j] = lut[rgb[i, j]]
+
+
+@numba.njit(cache=True, nogil=True)
 def _lookup(rgb: np.ndarray, lut: np.ndarray, out: np.ndarray) -> None:  # pragma: no cover
     n = rgb.shape[1]
     for j in range(n):
@@ -371,10 +379,8 @@ def apply(rgb: np.ndarray, ops: list[Op] | tuple[Op, ...] | str) -> np.ndarray:
         return arr.copy()
     flat = np.ascontiguousarray(arr.reshape(3, -1))
     if not any(op.name == "saturation" for op in ops):
-        luts = band_luts(ops)
         out = np.empty_like(flat)
-        for i in range(3):
-            np.take(luts[i], flat[i], out=out[i])
+        _lookup_bands(flat, band_luts(ops), out)
         return out.reshape(arr.shape)
     table = _table(ops)
     table.fill(flat)

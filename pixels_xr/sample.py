@@ -668,8 +668,8 @@ def make_sample(out_dir: str | Path, *, seed: int = 0, n_dates: int = 36, start:
     """
     _check(n_dates >= 1, "n_dates", f"must be ≥ 1, got {n_dates}")
     _check(every_days >= 1, "every_days", f"must be ≥ 1, got {every_days}")
-    _check(16 <= width <= 20000 and 16 <= height <= 20000, "width",
-           f"width and height must be within 16..20000 pixels, got {width}×{height}")
+    _check(16 <= width <= 20000, "width", f"must be within 16..20000 pixels, got {width}")
+    _check(16 <= height <= 20000, "height", f"must be within 16..20000 pixels, got {height}")
     _check(1 <= tiles <= len(_TILE_COLUMNS), "tiles", f"must be within 1..{len(_TILE_COLUMNS)}, got {tiles}")
     _check(resolution > 0 and math.isfinite(resolution), "resolution", f"must be > 0, got {resolution}")
     try:

@@ -329,6 +329,7 @@ def test_scales_to_other_sizes(tmp_path: Path) -> None:
 @pytest.mark.parametrize("kw, where", [
     ({"n_dates": 0}, "sample.n_dates"),
     ({"width": 4}, "sample.width"),
+    ({"height": 100_000}, "sample.height"),
     ({"tiles": 9}, "sample.tiles"),
     ({"resolution": -10}, "sample.resolution"),
     ({"start": "2021-13-01"}, "sample.start"),

@@ -18,9 +18,9 @@ Conventions shared by every kernel
 
 The public functions validate and normalise their arguments in Python, then call ``_*_kernel`` njit
 functions (``parallel=True``, ``prange`` over rows or tiles, ``cache=True``; the thread count is passed in
-because calling ``numba.get_num_threads()`` inside a kernel defeats the on-disk cache). Kernels never allocate per
-pixel: the pick kernels need no scratch at all, the median/percentile kernels allocate one (t, tile)
-buffer per parallel chunk.
+because calling ``numba.get_num_threads()`` inside a kernel defeats the on-disk cache). Kernels never
+allocate per pixel: the pick kernels need no scratch at all (quality_mosaic one score row per chunk),
+the median/percentile kernels one (t, tile) buffer per parallel chunk.
 
 How they are fast
 -----------------

@@ -65,10 +65,6 @@ def collect(config: PixelsConfig, feature: Feature, *, items: list[dict] | None 
 
 
 # ----------------------------------------------------------------------------------------------- helpers
-def _bands(config: PixelsConfig) -> list[str]:
-    return list(config.band_names)
-
-
 def _score(method: str, cube: xr.DataArray, spec_asset: str) -> xr.DataArray | None:
     if method == "quality":
         return xr.apply_ufunc(reducers.s2_quality_score, cube.sel(band=spec_asset).transpose("time", "y", "x"),
@@ -135,7 +131,7 @@ def _median_block(data: np.ndarray, clear: np.ndarray, *, output: str, scale: fl
 def _apply_pick(cube: xr.DataArray, clear: xr.DataArray, score: xr.DataArray | None, method: str,
                 config: PixelsConfig) -> xr.Dataset:
     names = list(cube.band.values)
-    bands = _bands(config)
+    bands = list(config.band_names)
     out_bands = np.array([names.index(b) for b in bands])
     refl_bands = np.array(cube.reflectance.values, dtype=bool)
     nodata = cube.attrs["nodata"]
@@ -165,7 +161,7 @@ def _apply_pick(cube: xr.DataArray, clear: xr.DataArray, score: xr.DataArray | N
 
 
 def _apply_median(cube: xr.DataArray, clear: xr.DataArray, config: PixelsConfig) -> xr.Dataset:
-    bands = _bands(config)
+    bands = list(config.band_names)
     classes = [b for b in bands if not bool(cube.reflectance.sel(band=b))]
     if classes:
         raise ConfigError(f"a median composite cannot reduce class bands {classes}; drop them or use "
@@ -274,9 +270,7 @@ def _all(cube: xr.DataArray, clear: xr.DataArray, config: PixelsConfig) -> xr.Da
 def _finish(ds: xr.Dataset, cube: xr.DataArray) -> xr.Dataset:
     ds = ds.assign_coords(x=cube.x, y=cube.y)
     ds = ds.transpose("time", "y", "x")
-    for name, var in ds.data_vars.items():
-        if var.dtype.kind == "f":
-            var.attrs["_FillValue_hint"] = "NaN"
-        elif name not in {"clear_count", "source_time"}:
+    for name, var in ds.data_vars.items():  # float bands use NaN as nodata
+        if var.dtype.kind != "f" and name not in {"clear_count", "source_time"}:
             var.attrs["nodata"] = 0 if var.dtype.kind == "u" else cube.attrs["nodata"]
     return ds

@@ -190,9 +190,7 @@ class PixelsConfig(_Strict):
             if default_mask(platform, level) is None and self.mode != "latest_pixel":
                 raise ConfigError(f"{platform.name} {level} has no cloud mask band; give `mask` (or 'none')",
                                   "mask")
-        if self.catalog not in PROVIDERS and self.collection is None and not self.catalog.startswith("http"):
-            pass  # local catalogs: any collection is accepted
-        elif self.catalog in PROVIDERS and self.collection is None:
+        if self.catalog in PROVIDERS and self.collection is None:  # local catalogs accept any collection
             collection_for(self.catalog, platform, level)
         return self
 
@@ -338,5 +336,3 @@ def load_config(source: str | Path | dict) -> PixelsConfig:
         msg = str(err.get("msg", "invalid value")).removeprefix("Value error, ")
         raise ConfigError(f"{msg} (got {err.get('input')!r})" if "input" in err and not isinstance(
             err.get("input"), dict) else msg, field) from None
-    except ConfigError:
-        raise

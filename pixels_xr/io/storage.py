@@ -1,0 +1,123 @@
+"""Output locations: local paths or fsspec URLs (``s3://``, ``gs://``, …) behind a few atomic operations.
+
+Atomicity: a local file is written next to its destination under a hidden temporary name and renamed into
+place (``os.replace``); an object store PUT is atomic per object, and the upload starts only once the local
+temporary file is complete. Readers therefore never see half-written files.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import tempfile
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+import fsspec
+
+from pixels_xr.errors import OutputError
+
+
+def is_remote(url: str) -> bool:
+    """True for fsspec URLs other than local files (``s3://b/k``); False for paths and ``file://``."""
+    return "://" in url and not url.startswith("file://")
+
+
+def local_path(url: str) -> str:
+    """A local path for a local URL (``file://`` stripped)."""
+    return url[len("file://"):] if url.startswith("file://") else url
+
+
+def join(url: str, *parts: str) -> str:
+    """``url`` joined with ``parts`` using ``/`` (object stores) or the OS separator (local paths)."""
+    if is_remote(url):
+        return "/".join([url.rstrip("/"), *[p.strip("/") for p in parts]])
+    return str(Path(local_path(url)).joinpath(*parts))
+
+
+def filesystem(url: str) -> tuple[fsspec.AbstractFileSystem, str]:
+    """The fsspec filesystem and in-filesystem path for ``url``."""
+    fs, path = fsspec.core.url_to_fs(url)
+    return fs, path
+
+
+def write_bytes(url: str, data: bytes) -> None:
+    """Write ``data`` to ``url`` atomically (temp + rename locally, one PUT remotely)."""
+    try:
+        if is_remote(url):
+            fs, path = filesystem(url)
+            fs.pipe_file(path, data)
+            return
+        target = Path(local_path(url))
+        target.parent.mkdir(parents=True, exist_ok=True)
+        tmp = target.with_name(f".{target.name}.{uuid.uuid4().hex[:8]}.tmp")
+        tmp.write_bytes(data)
+        os.replace(tmp, target)
+    except OSError as exc:
+        raise OutputError(f"cannot write: {exc}", url) from None
+
+
+def read_bytes(url: str) -> bytes | None:
+    """The bytes at ``url``, or None when nothing is there."""
+    try:
+        if is_remote(url):
+            fs, path = filesystem(url)
+            return fs.cat_file(path)
+        return Path(local_path(url)).read_bytes()
+    except FileNotFoundError:
+        return None
+    except OSError as exc:
+        raise OutputError(f"cannot read: {exc}", url) from None
+
+
+def list_names(url: str) -> list[str]:
+    """Names (not paths) of the entries directly under ``url``; empty when it does not exist."""
+    try:
+        if is_remote(url):
+            fs, path = filesystem(url)
+            fs.invalidate_cache(path)
+            return sorted(p.rstrip("/").rsplit("/", 1)[-1] for p in fs.ls(path, detail=False))
+        return sorted(os.listdir(local_path(url)))
+    except FileNotFoundError:
+        return []
+
+
+def remove_tree(url: str) -> None:
+    """Delete ``url`` and everything under it (missing is fine)."""
+    if is_remote(url):
+        fs, path = filesystem(url)
+        if fs.exists(path):
+            fs.rm(path, recursive=True)
+        return
+    import shutil
+
+    p = Path(local_path(url))
+    if p.is_dir():
+        shutil.rmtree(p)
+    elif p.exists():
+        p.unlink()
+
+
+@contextlib.contextmanager
+def staged_file(url: str, suffix: str = "") -> Iterator[str]:
+    """A local temporary path to write; on clean exit it becomes ``url`` atomically, on error it is removed."""
+    if is_remote(url):
+        directory = None
+    else:
+        directory = Path(local_path(url)).parent
+        directory.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=".pixels-xr-", suffix=suffix, dir=directory)
+    os.close(fd)
+    try:
+        yield tmp
+        if is_remote(url):
+            fs, path = filesystem(url)
+            fs.put_file(tmp, path)
+        else:
+            os.replace(tmp, local_path(url))
+    except OSError as exc:
+        raise OutputError(f"cannot write: {exc}", url) from None
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            os.remove(tmp)

@@ -127,6 +127,20 @@ def preview(
                        + (" (empty bin)" if "empty" in ds.coords and bool(ds.empty.values[k]) else ""))
 
 
+@app.command()
+@one_line_errors
+def quicklook(
+    store: Annotated[str, typer.Argument(help="A run's Zarr store (path or URL), one group per feature.")],
+    feature: Annotated[str | None, typer.Option("--feature", help="Only this feature id.")] = None,
+    out: Annotated[Path, typer.Option("--out", help="Folder for the PNGs.")] = Path("quicklooks"),
+) -> None:
+    """Write PNG quicklooks per feature: RGB per time bin, clear_count and source_time maps (plot extra)."""
+    from pixels_xr.plot import write_quicklooks
+
+    for path in write_quicklooks(store, out, feature):
+        typer.echo(str(path))
+
+
 def _mount_pxm() -> None:
     try:
         from pixels_xr.pxm.cli import pxm_app

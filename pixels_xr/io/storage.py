@@ -71,6 +71,15 @@ def read_bytes(url: str) -> bytes | None:
         raise OutputError(f"cannot read: {exc}", url) from None
 
 
+def exists(url: str) -> bool:
+    """True when something is stored at ``url``."""
+    if is_remote(url):
+        fs, path = filesystem(url)
+        fs.invalidate_cache(path)
+        return bool(fs.exists(path))
+    return os.path.exists(local_path(url))
+
+
 def list_names(url: str) -> list[str]:
     """Names (not paths) of the entries directly under ``url``; empty when it does not exist."""
     try:

@@ -1,0 +1,329 @@
+"""Batch runs: every feature of a config searched, built and written on a Dask cluster, resumably.
+
+A *unit* is one feature × one time bin (one acquisition day in mode ``all``). The client plans features a
+few at a time (search → lazy Dataset → Zarr template), then submits units through a bounded window, so the
+graph in flight never holds all features at once and memory stays bounded however many there are. Each
+unit is written completely and only then recorded in the run manifest (``io.manifest``); a re-run skips
+recorded units and does nothing when everything is done. Dask retries transient task failures
+(``retries``) and reschedules work of lost workers; a unit that still fails marks its feature failed in
+the report (feature id, stage, error) while the other features complete.
+
+Outputs: ``zarr`` (one store, a group per feature, see ``io.zarr_store``) or ``cog`` (``OUT/<feature>/<bin>.tif``
+with the bands, plus ``<bin>_clear_count.tif`` and, for pick modes, ``<bin>_source_time.tif`` as int32 days
+since 1970-01-01). A STAC catalog of the outputs is written to ``OUT/stac/catalog.json`` at the end.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import contextlib
+import json
+import os
+import time
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import asdict, dataclass, field
+from typing import Any, Literal
+
+import numpy as np
+import xarray as xr
+from distributed import Client
+
+from pixels_xr.catalog import search
+from pixels_xr.cluster import ClusterOptions, open_client
+from pixels_xr.compose import collect
+from pixels_xr.config import PixelsConfig
+from pixels_xr.errors import OutputError, PixelsError
+from pixels_xr.features import Feature
+from pixels_xr.io import storage
+from pixels_xr.io.cog import write_cog
+from pixels_xr.io.manifest import RunManifest, safe_label
+from pixels_xr.io.stac_out import write_output_catalog
+from pixels_xr.io.zarr_store import aligned, region_writes, write_template
+
+OutputFormat = Literal["zarr", "cog"]
+SOURCE_TIME_NODATA = -2147483648
+
+
+@dataclass
+class FeatureResult:
+    """What happened to one feature in a run."""
+
+    id: str
+    status: Literal["done", "skipped", "failed"] = "done"
+    units_written: int = 0
+    units_skipped: int = 0
+    stage: str | None = None
+    error: str | None = None
+    items: int = 0
+
+
+@dataclass
+class RunReport:
+    """The outcome of ``run_batch`` (also written to ``OUT/.pixels_xr/report.json``)."""
+
+    out: str
+    format: str
+    features: list[FeatureResult] = field(default_factory=list)
+    seconds: float = 0.0
+    report_url: str | None = None
+
+    @property
+    def ok(self) -> bool:
+        return all(f.status != "failed" for f in self.features)
+
+    @property
+    def units_written(self) -> int:
+        return sum(f.units_written for f in self.features)
+
+    @property
+    def units_skipped(self) -> int:
+        return sum(f.units_skipped for f in self.features)
+
+    @property
+    def failed(self) -> list[FeatureResult]:
+        return [f for f in self.features if f.status == "failed"]
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"out": self.out, "format": self.format, "ok": self.ok, "seconds": round(self.seconds, 3),
+                "units_written": self.units_written, "units_skipped": self.units_skipped,
+                "features": [asdict(f) for f in self.features]}
+
+    def summary(self) -> str:
+        done = sum(f.status == "done" for f in self.features)
+        skipped = sum(f.status == "skipped" for f in self.features)
+        return (f"{len(self.features)} features: {done} written, {skipped} already complete, "
+                f"{len(self.failed)} failed; {self.units_written} units written, {self.units_skipped} skipped "
+                f"in {self.seconds:.1f} s → {self.out}")
+
+
+@dataclass
+class _Planned:
+    feature: Feature
+    result: FeatureResult
+    ds: xr.Dataset | None = None
+    labels: list[str] = field(default_factory=list)
+    pending: list[int] = field(default_factory=list)
+
+
+def run_batch(config: PixelsConfig, features: Sequence[Feature], out: str, *, cluster: str | None = "local",
+              cluster_options: ClusterOptions | dict | None = None, client: Client | None = None,
+              output_format: OutputFormat = "zarr", zarr_format: int = 3, overwrite: bool = False,
+              window: int | None = None, retries: int = 2, progress: bool = True,
+              on_unit: Callable[[str, str], None] | None = None) -> RunReport:
+    """Collect and write every feature into ``out``; resumable, see the module docstring.
+
+    ``client`` reuses a connected client (``cluster`` is then ignored); ``window`` bounds the units in flight
+    (default: twice the cluster's threads); ``on_unit(feature_id, label)`` is called after each unit is
+    recorded (progress hooks, tests).
+    """
+    if output_format not in ("zarr", "cog"):
+        raise OutputError(f"unknown format {output_format!r}; use zarr or cog", "format")
+    out = out if storage.is_remote(out) else os.path.abspath(storage.local_path(out))
+    manifest = RunManifest(out, config.model_dump_json(exclude_none=True), f"{output_format}{zarr_format}")
+    manifest.open(overwrite=overwrite)
+    started = time.perf_counter()
+    report = RunReport(out, output_format)
+    with contextlib.ExitStack() as stack:
+        if client is None:
+            client = stack.enter_context(open_client(cluster, cluster_options, quiet=not progress))
+        threads = sum(client.nthreads().values()) or 1
+        window = window or max(4, 2 * threads)
+        bar = stack.enter_context(_progress(len(features), enabled=progress))
+        planner = stack.enter_context(concurrent.futures.ThreadPoolExecutor(2, "pixels-xr-plan"))
+        writers = stack.enter_context(concurrent.futures.ThreadPoolExecutor(window, "pixels-xr-unit"))
+        plans = _plans(planner, features, config, manifest, output_format, zarr_format, lookahead=2)
+        in_flight: dict[concurrent.futures.Future, tuple[_Planned, int]] = {}
+        remaining: dict[str, int] = {}
+        for plan in plans:
+            report.features.append(plan.result)
+            remaining[plan.feature.id] = len(plan.pending)
+            if not plan.pending:
+                bar(plan.result)
+            for i in plan.pending:
+                while len(in_flight) >= window:
+                    _drain(in_flight, remaining, manifest, bar, on_unit, block=True)
+                job = writers.submit(_write_unit, client, plan, i, config, out, output_format, retries)
+                in_flight[job] = (plan, i)
+            _drain(in_flight, remaining, manifest, bar, on_unit, block=False)
+        while in_flight:
+            _drain(in_flight, remaining, manifest, bar, on_unit, block=True)
+    report.seconds = time.perf_counter() - started
+    done = [f for f in report.features if f.status == "done"]
+    try:
+        write_output_catalog(out, config, output_format, [f.id for f in done + [
+            f for f in report.features if f.status == "skipped"]])
+    except PixelsError as exc:
+        report.features.append(FeatureResult("(stac catalog)", "failed", stage="stac", error=str(exc)))
+    report.report_url = manifest.write_report(report.to_dict())
+    return report
+
+
+def _plans(pool: concurrent.futures.Executor, features: Sequence[Feature], config: PixelsConfig,
+           manifest: RunManifest, output_format: str, zarr_format: int, lookahead: int) -> Iterator[_Planned]:
+    """Planned features in order, planning up to ``lookahead`` ahead in background threads."""
+    jobs: list[concurrent.futures.Future] = []
+    it = iter(features)
+    for f in it:
+        jobs.append(pool.submit(_plan, f, config, manifest, output_format, zarr_format))
+        if len(jobs) > lookahead:
+            yield jobs.pop(0).result()
+    for job in jobs:
+        yield job.result()
+
+
+def _plan(feature: Feature, config: PixelsConfig, manifest: RunManifest, output_format: str,
+          zarr_format: int) -> _Planned:
+    plan = _Planned(feature, FeatureResult(feature.id))
+    stage = "plan"
+    try:
+        expected = [b.label for b in config.bins(feature)]
+        if expected and manifest.template(feature.id) == expected and not (
+                set(map(safe_label, expected)) - manifest.done(feature.id)):
+            plan.labels, plan.result.status, plan.result.units_skipped = expected, "skipped", len(expected)
+            return plan  # binned modes know their units without searching: nothing to do
+        stage = "search"
+        items = search(config, feature)
+        plan.result.items = len(items)
+        stage = "build"
+        ds = aligned(collect(config, feature, items=items), config.chunksize)
+        plan.labels = unit_labels(ds)
+        if manifest.template(feature.id) not in (None, plan.labels):
+            manifest.forget(feature.id)  # the time axis changed since the last run: rewrite the feature
+        done = manifest.done(feature.id)
+        plan.pending = [i for i, label in enumerate(plan.labels) if safe_label(label) not in done]
+        plan.result.units_skipped = len(plan.labels) - len(plan.pending)
+        if not plan.pending:
+            plan.result.status = "skipped"
+            return plan
+        stage = "template"
+        if output_format == "zarr" and manifest.template(feature.id) is None:
+            write_template(ds, manifest.out, feature.id, zarr_format=zarr_format)
+        manifest.record_template(feature.id, plan.labels, _source_hrefs(items))
+        plan.ds = ds
+    except Exception as exc:  # one feature's failure is recorded and must not stop the run
+        _fail(plan.result, stage, exc)
+    return plan
+
+
+def _source_hrefs(items: list[dict]) -> dict[str, str]:
+    """Item id → its self href (or the id when the item has none) for ``derived_from`` links."""
+    hrefs = {}
+    for item in items:
+        self_links = [link["href"] for link in item.get("links", []) if link.get("rel") == "self"]
+        hrefs[str(item["id"])] = self_links[0] if self_links else str(item["id"])
+    return hrefs
+
+
+def unit_labels(ds: xr.Dataset) -> list[str]:
+    """One label per time step: ``start/end`` of the bin, or the acquisition day in mode ``all``."""
+    starts = [str(t)[:10] for t in ds["time"].values]
+    if "time_end" in ds.coords:
+        return [f"{s}/{str(e)[:10]}" for s, e in zip(starts, ds["time_end"].values)]
+    return starts
+
+
+def _write_unit(client: Client, plan: _Planned, i: int, config: PixelsConfig, out: str, output_format: str,
+                retries: int) -> dict[str, Any]:
+    assert plan.ds is not None
+    started = time.perf_counter()
+    if output_format == "zarr":
+        write = region_writes(plan.ds.isel(time=slice(i, i + 1)), out, plan.feature.id)[0]
+        client.compute(write, retries=retries).result()
+    else:
+        with _computing_on(client):
+            write_unit_cogs(plan.ds.isel(time=i), out, plan.feature.id, plan.labels[i], config)
+    return {"seconds": round(time.perf_counter() - started, 3)}
+
+
+@contextlib.contextmanager
+def _computing_on(client: Client) -> Iterator[None]:
+    import dask
+
+    with dask.config.set(scheduler=client.get):
+        yield
+
+
+def write_unit_cogs(step: xr.Dataset, out: str, feature_id: str, label: str, config: PixelsConfig) -> list[str]:
+    """The COGs of one feature × bin: bands, clear_count and (pick modes) source_time; returns their URLs."""
+    base = storage.join(out, feature_id, safe_label(label))
+    bands = list(config.band_names)
+    when = str(step["time"].values)[:10]
+    tags = {"datetime": when, "feature": feature_id, "bin": label,
+            "items": json.dumps(json.loads(step.attrs.get("item_ids", "{}")).get(label, []))}
+    stack = xr.concat([step[b] for b in bands], dim="band").assign_coords(band=bands)
+    nodata = np.nan if stack.dtype.kind == "f" else 0
+    write_cog(stack, f"{base}.tif", nodata=nodata, band_names=bands, tags=tags)
+    urls = [f"{base}.tif"]
+    write_cog(step["clear_count"], f"{base}_clear_count.tif", band_names=["clear_count"], tags=tags)
+    urls.append(f"{base}_clear_count.tif")
+    if "source_time" in step:
+        days = step["source_time"].copy(data=_days_since_epoch(step["source_time"].data))
+        write_cog(days, f"{base}_source_time.tif", nodata=SOURCE_TIME_NODATA, band_names=["source_time"],
+                  tags={**tags, "units": "days since 1970-01-01"})
+        urls.append(f"{base}_source_time.tif")
+    return urls
+
+
+def _days_since_epoch(values: Any) -> Any:
+    import dask.array as da
+
+    def convert(block: np.ndarray) -> np.ndarray:
+        days = block.astype("datetime64[D]").astype(np.int64)
+        return np.where(np.isnat(block), SOURCE_TIME_NODATA, days).astype(np.int32)
+
+    if isinstance(values, da.Array):
+        return values.map_blocks(convert, dtype=np.int32)
+    return convert(np.asarray(values))
+
+
+def _drain(in_flight: dict, remaining: dict[str, int], manifest: RunManifest, bar: Callable,
+           on_unit: Callable[[str, str], None] | None, *, block: bool) -> None:
+    if not in_flight:
+        return
+    finished, _ = concurrent.futures.wait(
+        list(in_flight), timeout=None if block else 0, return_when=concurrent.futures.FIRST_COMPLETED)
+    for job in finished:
+        plan, i = in_flight.pop(job)
+        fid, label = plan.feature.id, plan.labels[i]
+        try:
+            info = job.result()
+        except Exception as exc:  # recorded per feature; the run goes on
+            if plan.result.status != "failed":
+                _fail(plan.result, "write", exc, unit=label)
+        else:
+            if plan.result.status != "failed":
+                manifest.record_unit(fid, label, **info)
+                plan.result.units_written += 1
+                if on_unit is not None:
+                    on_unit(fid, label)
+        remaining[fid] -= 1
+        if remaining[fid] == 0:
+            bar(plan.result)
+
+
+def _fail(result: FeatureResult, stage: str, exc: BaseException, unit: str | None = None) -> None:
+    result.status = "failed"
+    result.stage = stage if unit is None else f"{stage} {unit}"
+    message = str(exc).strip().splitlines()[0] if str(exc).strip() else exc.__class__.__name__
+    result.error = message if isinstance(exc, PixelsError) else f"{exc.__class__.__name__}: {message}"
+
+
+@contextlib.contextmanager
+def _progress(total: int, *, enabled: bool) -> Iterator[Callable[[FeatureResult], None]]:
+    """A rich progress bar over features on stderr; yields ``advance(result)``."""
+    if not enabled:
+        yield lambda result: None
+        return
+    from rich.console import Console
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+    columns = (TextColumn("[bold]features"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
+               TextColumn("{task.description}"))
+    with Progress(*columns, console=Console(stderr=True)) as bar:
+        task = bar.add_task("", total=total)
+
+        def advance(result: FeatureResult) -> None:
+            bar.update(task, advance=1, description=f"{result.id}: {result.status}")
+
+        yield advance
+

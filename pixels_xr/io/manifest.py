@@ -1,0 +1,112 @@
+"""The run manifest next to an output: which units (feature × time bin) are complete, and the run report.
+
+Everything lives under ``OUT/.pixels_xr/`` (a name no feature id can take):
+
+- ``run.json``: the config (and its hash), output format and software that own this output;
+- ``units/<feature>/<bin label>.json``: one small object per finished unit, written only after the unit's
+  data is fully written — a unit without a marker is never trusted and is redone by the next run;
+- ``units/<feature>/_template.json``: the feature's template (time labels) exists and may be filled;
+- ``report.json``: the last run's report (per feature: status, stage, error).
+
+One object per unit (instead of one appended file) keeps markers atomic on object stores and lets many
+writers record progress without coordination.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import hashlib
+import json
+from dataclasses import dataclass, field
+from typing import Any
+
+from pixels_xr import __version__
+from pixels_xr.errors import OutputError
+from pixels_xr.io import storage
+
+MANIFEST_DIR = ".pixels_xr"
+TEMPLATE = "_template"
+
+
+def config_hash(config_json: str, output_format: str) -> str:
+    """A short stable hash of what determines the output's content."""
+    return hashlib.sha256(f"{output_format}\n{config_json}".encode()).hexdigest()[:16]
+
+
+def safe_label(label: str) -> str:
+    """A bin label ("2021-11-01/2021-11-30") as a storage name."""
+    return label.replace("/", "_")
+
+
+@dataclass
+class RunManifest:
+    """Progress records of one output location."""
+
+    out: str
+    config_json: str
+    output_format: str
+    hash: str = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.hash = config_hash(self.config_json, self.output_format)
+
+    @property
+    def root(self) -> str:
+        return storage.join(self.out, MANIFEST_DIR)
+
+    def _unit(self, feature_id: str, label: str) -> str:
+        return storage.join(self.root, "units", feature_id, f"{safe_label(label)}.json")
+
+    def open(self, *, overwrite: bool) -> None:
+        """Claim the output for this config: refuse another config's output unless ``overwrite``."""
+        existing = storage.read_bytes(storage.join(self.root, "run.json"))
+        if existing is not None and not overwrite:
+            try:
+                previous = json.loads(existing).get("config_hash")
+            except (json.JSONDecodeError, AttributeError):
+                previous = None
+            if previous != self.hash:
+                raise OutputError("the output was written with another config or format; use --overwrite "
+                                  "or another --out", self.out)
+        if overwrite:
+            storage.remove_tree(self.root)
+        record = {"config": json.loads(self.config_json), "config_hash": self.hash, "format": self.output_format,
+                  "software": f"pixels_xr {__version__}", "started": _now()}
+        storage.write_bytes(storage.join(self.root, "run.json"), json.dumps(record, indent=1).encode())
+
+    def done(self, feature_id: str) -> set[str]:
+        """Labels of the finished units of a feature."""
+        names = storage.list_names(storage.join(self.root, "units", feature_id))
+        return {n[:-5] for n in names if n.endswith(".json") and not n.startswith(TEMPLATE)}
+
+    def template(self, feature_id: str) -> list[str] | None:
+        """The time labels the feature's template was written with (None: no template yet)."""
+        data = storage.read_bytes(storage.join(self.root, "units", feature_id, f"{TEMPLATE}.json"))
+        return None if data is None else list(json.loads(data)["labels"])
+
+    def record_template(self, feature_id: str, labels: list[str], sources: dict[str, str]) -> None:
+        """Record the feature's time labels and its source items (id → self href) for the STAC output."""
+        storage.write_bytes(storage.join(self.root, "units", feature_id, f"{TEMPLATE}.json"),
+                            json.dumps({"labels": labels, "sources": sources, "written": _now()}).encode())
+
+    def sources(self, feature_id: str) -> dict[str, str]:
+        """Source item id → href recorded with the feature's template."""
+        data = storage.read_bytes(storage.join(self.root, "units", feature_id, f"{TEMPLATE}.json"))
+        return {} if data is None else dict(json.loads(data).get("sources", {}))
+
+    def forget(self, feature_id: str) -> None:
+        """Drop every record of a feature (its template changed: it is rewritten from scratch)."""
+        storage.remove_tree(storage.join(self.root, "units", feature_id))
+
+    def record_unit(self, feature_id: str, label: str, **info: Any) -> None:
+        record = {"feature": feature_id, "bin": label, "config_hash": self.hash, "finished": _now(), **info}
+        storage.write_bytes(self._unit(feature_id, label), json.dumps(record).encode())
+
+    def write_report(self, report: dict[str, Any]) -> str:
+        url = storage.join(self.root, "report.json")
+        storage.write_bytes(url, json.dumps(report, indent=1, default=str).encode())
+        return url
+
+
+def _now() -> str:
+    return dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")

@@ -1,0 +1,130 @@
+"""A STAC catalog of a run's outputs (pystac): ``OUT/stac/catalog.json``.
+
+Zarr runs get one item per feature (asset: the feature's Zarr group); COG runs one item per feature × bin
+(assets: the bands COG, ``clear_count`` and ``source_time``). Items carry the projection extension
+(``proj:code``, ``proj:shape``, ``proj:transform``, ``proj:bbox``), the raster extension on raster assets
+(nodata, data type, scale), ``start_datetime``/``end_datetime`` of the bin(s), and ``derived_from`` links to
+every source item used. Asset hrefs are relative to the item so the output can be moved or synced as a whole.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import pystac
+from pyproj import Transformer
+from pystac.extensions.projection import ProjectionExtension
+from pystac.extensions.raster import DataType, RasterBand, RasterExtension
+from shapely.geometry import box, mapping
+
+from pixels_xr.config import PixelsConfig
+from pixels_xr.errors import OutputError
+from pixels_xr.io import storage
+from pixels_xr.io.manifest import RunManifest, safe_label
+
+
+def write_output_catalog(out: str, config: PixelsConfig, output_format: str, feature_ids: list[str]) -> str:
+    """Write ``OUT/stac/catalog.json`` describing ``feature_ids``; returns the catalog URL."""
+    from pixels_xr.io.zarr_store import open_feature
+
+    catalog = pystac.Catalog("pixels-xr-output", f"pixels_xr {config.mode} output",
+                             catalog_type=pystac.CatalogType.SELF_CONTAINED)
+    manifest = RunManifest(out, config.model_dump_json(exclude_none=True), output_format)
+    for fid in feature_ids:
+        try:
+            ds = open_feature(out, fid) if output_format == "zarr" else None
+        except OutputError:
+            continue
+        sources = manifest.sources(fid)
+        if ds is not None:
+            catalog.add_item(_zarr_item(fid, ds, sources))
+        else:
+            for label in manifest.done(fid):
+                catalog.add_item(_cog_item(out, fid, label, sources))
+    root = storage.join(out, "stac")
+    catalog.normalize_hrefs(root)
+    for item in catalog.get_items(recursive=True):
+        for asset in item.assets.values():  # hrefs were given relative to OUT: make them item-relative
+            asset.href = "../../" + asset.href
+    _save(catalog, root)
+    return storage.join(root, "catalog.json")
+
+
+def _save(catalog: pystac.Catalog, root: str) -> None:
+    """Serialise every object through ``storage`` so object stores and local paths behave the same."""
+    for obj in [catalog, *catalog.get_items(recursive=True)]:
+        href = obj.get_self_href()
+        assert href is not None
+        relative = href[len(root):].lstrip("/")
+        storage.write_bytes(storage.join(root, *relative.split("/")),
+                            json.dumps(obj.to_dict(include_self_link=False, transform_hrefs=True),
+                                       indent=1).encode())
+
+
+def _grid_properties(crs: Any, transform: Any, height: int, width: int) -> tuple[dict, list[float]]:
+    left, top = transform.c, transform.f
+    right, bottom = left + transform.a * width, top + transform.e * height
+    proj_bbox = [min(left, right), min(top, bottom), max(left, right), max(top, bottom)]
+    to_lonlat = Transformer.from_crs(crs, "EPSG:4326", always_xy=True)
+    lonlat = list(to_lonlat.transform_bounds(*proj_bbox, densify_pts=21))
+    props = {"proj_code": crs.to_string(), "shape": [height, width], "transform": list(transform)[:6],
+             "bbox": proj_bbox}
+    return props, lonlat
+
+
+def _item(item_id: str, props: dict, lonlat: list[float], start: str, end: str, sources: dict[str, str],
+          extra: dict[str, Any]) -> pystac.Item:
+    item = pystac.Item(item_id, mapping(box(*lonlat)), lonlat, None,
+                       {"start_datetime": f"{start}T00:00:00Z", "end_datetime": f"{end}T23:59:59Z", **extra})
+    proj = ProjectionExtension.ext(item, add_if_missing=True)
+    proj.code = props["proj_code"]
+    proj.shape = props["shape"]
+    proj.transform = props["transform"]
+    proj.bbox = props["bbox"]
+    for source_id, href in sorted(sources.items()):
+        item.add_link(pystac.Link("derived_from", href, pystac.MediaType.JSON, title=source_id))
+    return item
+
+
+def _zarr_item(fid: str, ds: Any, sources: dict[str, str]) -> pystac.Item:
+    props, lonlat = _grid_properties(ds.rio.crs, ds.rio.transform(), ds.sizes["y"], ds.sizes["x"])
+    times = ds["time"].values
+    end = ds["time_end"].values[-1] if "time_end" in ds.coords else times[-1]
+    item = _item(fid, props, lonlat, str(times[0])[:10], str(end)[:10], sources,
+                 {"pixels_xr:variables": list(ds.data_vars), "pixels_xr:time_steps": int(ds.sizes["time"])})
+    item.add_asset("data", pystac.Asset(fid, media_type="application/vnd+zarr", roles=["data"],
+                                        title=f"feature {fid} (Zarr group)"))
+    return item
+
+
+def _cog_item(out: str, fid: str, label: str, sources: dict[str, str]) -> pystac.Item:
+    import rasterio
+
+    base_name = safe_label(label)
+    base = f"{fid}/{base_name}"
+    href = storage.join(out, fid, f"{base_name}.tif")
+    path = href.replace("s3://", "/vsis3/", 1) if href.startswith("s3://") else href
+    try:
+        with rasterio.open(path) as src:
+            props, lonlat = _grid_properties(src.crs, src.transform, src.height, src.width)
+            tags = src.tags()
+            bands = [RasterBand.create(nodata=src.nodata, data_type=DataType(src.dtypes[i]))
+                     for i in range(src.count)]
+            names = list(src.descriptions)
+    except rasterio.errors.RasterioIOError as exc:
+        raise OutputError(f"cannot read output COG: {exc}", href) from None
+    start, _, end = label.partition("/")
+    used = set(json.loads(tags.get("items", "[]")))
+    item = _item(f"{fid}_{safe_label(label)}", props, lonlat, start, end or start,
+                 {k: v for k, v in sources.items() if k in used}, {"pixels_xr:bands": names})
+    roles = {"": ["data"], "_clear_count": ["metadata"], "_source_time": ["metadata"]}
+    for suffix, asset_roles in roles.items():
+        key = "data" if not suffix else suffix[1:]
+        if suffix == "_source_time" and not storage.exists(storage.join(out, fid, f"{base_name}{suffix}.tif")):
+            continue
+        asset = pystac.Asset(f"{base}{suffix}.tif", media_type=pystac.MediaType.COG, roles=asset_roles)
+        item.add_asset(key, asset)
+        if key == "data":
+            RasterExtension.ext(asset, add_if_missing=True).bands = bands
+    return item

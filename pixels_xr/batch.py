@@ -119,13 +119,14 @@ def run_batch(config: PixelsConfig, features: Sequence[Feature], out: str, *, cl
     if output_format not in ("zarr", "cog"):
         raise OutputError(f"unknown format {output_format!r}; use zarr or cog", "format")
     out = out if storage.is_remote(out) else os.path.abspath(storage.local_path(out))
-    manifest = RunManifest(out, config.model_dump_json(exclude_none=True), f"{output_format}{zarr_format}")
+    manifest = RunManifest(out, config.output_identity, f"{output_format}{zarr_format}")
     manifest.open(overwrite=overwrite)
     started = time.perf_counter()
     report = RunReport(out, output_format)
     with contextlib.ExitStack() as stack:
         if client is None:
-            client = stack.enter_context(open_client(cluster, cluster_options, quiet=not progress))
+            options = cluster_options if cluster_options is not None else config.cluster
+            client = stack.enter_context(open_client(cluster, options, quiet=not progress))
         threads = sum(client.nthreads().values()) or 1
         window = window or max(4, 2 * threads)
         bar = stack.enter_context(_progress(len(features), enabled=progress))

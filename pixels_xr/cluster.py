@@ -25,31 +25,14 @@ from typing import Any
 import psutil
 from distributed import Client, LocalCluster
 from distributed.diagnostics.plugin import WorkerPlugin
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import ValidationError
 
+from pixels_xr.config import ClusterOptions
 from pixels_xr.cube import GDAL_CLOUD_ENV
 from pixels_xr.errors import ConfigError
 
 #: Environment variables (by prefix) copied to workers: GDAL/PROJ tuning and object-store credentials.
 FORWARDED_PREFIXES = ("GDAL_", "CPL_", "VSI_", "AWS_", "AZURE_", "GS_", "GOOGLE_", "PROJ_", "PIXELS_XR_")
-
-
-class ClusterOptions(BaseModel):
-    """Sizing and Gateway settings for ``open_client`` (every field optional)."""
-
-    model_config = ConfigDict(extra="forbid")
-
-    workers: int | None = Field(None, ge=1, description="worker processes (local) or fixed Gateway size")
-    threads_per_worker: int | None = Field(None, ge=1)
-    memory_limit: str | None = Field(None, description="per worker, e.g. '4GiB' (local clusters)")
-    adapt_min: int | None = Field(None, ge=0, description="Gateway adaptive scaling lower bound")
-    adapt_max: int | None = Field(None, ge=1, description="Gateway adaptive scaling upper bound")
-    gateway_address: str | None = None
-    gateway_proxy_address: str | None = None
-    gateway_auth: str | None = Field(None, description="'basic', 'kerberos' or 'jupyterhub'")
-    gateway_username: str | None = None
-    gateway_password: str | None = None
-    cluster_options: dict[str, Any] = Field(default_factory=dict, description="Gateway cluster options")
 
 
 class EnvironmentPlugin(WorkerPlugin):
@@ -71,6 +54,29 @@ def worker_environment() -> dict[str, str]:
     return env
 
 
+def _options(options: ClusterOptions | dict | None) -> ClusterOptions:
+    if isinstance(options, ClusterOptions):
+        return options
+    try:
+        return ClusterOptions(**(options or {}))
+    except ValidationError as exc:
+        err = exc.errors()[0]
+        field = ".".join(str(p) for p in err["loc"])
+        raise ConfigError(err["msg"], f"cluster.{field}") from None
+
+
+def _with_environment(opts: ClusterOptions) -> ClusterOptions:
+    """Unset sizing fields filled from PIXELS_XR_WORKERS / PIXELS_XR_ADAPT_MIN / PIXELS_XR_ADAPT_MAX."""
+    updates = {}
+    for name in ("workers", "adapt_min", "adapt_max"):
+        value = os.environ.get(f"PIXELS_XR_{name.upper()}")
+        if getattr(opts, name) is None and value:
+            if not value.isdigit():
+                raise ConfigError(f"must be a whole number, got {value!r}", f"PIXELS_XR_{name.upper()}")
+            updates[name] = int(value)
+    return opts.model_copy(update=updates) if updates else opts
+
+
 def local_cluster_size(options: ClusterOptions) -> tuple[int, int, int]:
     """(workers, threads per worker, memory bytes per worker) for a LocalCluster on this machine."""
     cores = os.cpu_count() or 1
@@ -84,7 +90,7 @@ def local_cluster_size(options: ClusterOptions) -> tuple[int, int, int]:
 def open_client(cluster: str | None = "local", options: ClusterOptions | dict | None = None, *,
                 quiet: bool = False) -> Iterator[Client]:
     """A ``distributed.Client`` on ``cluster`` ("local", a scheduler address or "gateway"); closes what it made."""
-    opts = options if isinstance(options, ClusterOptions) else ClusterOptions(**(options or {}))
+    opts = _with_environment(_options(options))
     spec = (cluster or "local").strip()
     with contextlib.ExitStack() as stack:
         if spec == "local":

@@ -73,6 +73,27 @@ class MaskCleanup(_Strict):
     dilation: int = Field(0, ge=0, le=100)
 
 
+class ClusterOptions(_Strict):
+    """Where and how big a batch runs (``cluster`` in the config; every field optional).
+
+    Unset sizing falls back to ``PIXELS_XR_WORKERS``, ``PIXELS_XR_ADAPT_MIN`` and ``PIXELS_XR_ADAPT_MAX``
+    in the environment; Gateway address/auth fall back to dask-gateway's own configuration
+    (``DASK_GATEWAY__ADDRESS``, ``DASK_GATEWAY__AUTH__TYPE``, …).
+    """
+
+    workers: int | None = Field(None, ge=1)
+    threads_per_worker: int | None = Field(None, ge=1)
+    memory_limit: str | None = None
+    adapt_min: int | None = Field(None, ge=0)
+    adapt_max: int | None = Field(None, ge=1)
+    gateway_address: str | None = None
+    gateway_proxy_address: str | None = None
+    gateway_auth: Literal["basic", "kerberos", "jupyterhub"] | None = None
+    gateway_username: str | None = None
+    gateway_password: str | None = None
+    cluster_options: dict[str, Any] = Field(default_factory=dict)
+
+
 class PixelsConfig(_Strict):
     """A validated pixels configuration (see README for every field)."""
 
@@ -103,6 +124,7 @@ class PixelsConfig(_Strict):
     chunksize: int = Field(1024, ge=64, le=8192)
     max_pixels: int = Field(DEFAULT_MAX_PIXELS, ge=1)
     force: bool = False
+    cluster: ClusterOptions = ClusterOptions()
 
     @field_validator("platforms", mode="before")
     @classmethod
@@ -255,6 +277,11 @@ class PixelsConfig(_Strict):
                               f"feature {feature.id!r}")
         assert self.dynamic_dates_interval is not None and self.dynamic_dates_step is not None
         return dynamic_range(feature.date, self.dynamic_dates_interval, self.dynamic_dates_step)
+
+    @property
+    def output_identity(self) -> str:
+        """JSON of the fields that determine output content (not where or how fast it runs)."""
+        return self.model_dump_json(exclude={"cluster", "pool_size"}, exclude_none=True)
 
     def bins(self, feature: Feature) -> list[TimeBin]:
         """Time bins for a feature (empty for mode ``all``, which slices by acquisition)."""

@@ -30,7 +30,7 @@ def write_output_catalog(out: str, config: PixelsConfig, output_format: str, fea
 
     catalog = pystac.Catalog("pixels-xr-output", f"pixels_xr {config.mode} output",
                              catalog_type=pystac.CatalogType.SELF_CONTAINED)
-    manifest = RunManifest(out, config.model_dump_json(exclude_none=True), output_format)
+    manifest = RunManifest(out, config.output_identity, output_format)
     for fid in feature_ids:
         try:
             ds = open_feature(out, fid) if output_format == "zarr" else None

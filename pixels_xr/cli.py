@@ -129,6 +129,38 @@ def preview(
 
 @app.command()
 @one_line_errors
+def collect(
+    config: Annotated[Path, typer.Argument(help="Pixels configuration JSON file.")],
+    features: Annotated[Path, typer.Option("--features", "-f", help="GeoJSON FeatureCollection.")],
+    out: Annotated[str, typer.Option("--out", "-o", help="Output: a .zarr store or a COG folder (path or URL).")],
+    fmt: Annotated[str, typer.Option("--format", help="zarr (one store, a group per feature) or cog.")] = "zarr",
+    cluster: Annotated[str, typer.Option(help="'local', a scheduler address (tcp://…) or 'gateway'.")] = "local",
+    workers: Annotated[int | None, typer.Option(help="Workers (local cluster / fixed Gateway size).")] = None,
+    zarr_format: Annotated[int, typer.Option(help="Zarr format version, 3 or 2.")] = 3,
+    overwrite: Annotated[bool, typer.Option(help="Redo every unit (and accept a changed config).")] = False,
+    window: Annotated[int | None, typer.Option(help="Units in flight (default: 2 × cluster threads).")] = None,
+    quiet: Annotated[bool, typer.Option(help="No progress bar or dashboard link.")] = False,
+) -> None:
+    """Search, build and write every feature into OUT on a Dask cluster; resumable (re-runs skip done units)."""
+    from pixels_xr.batch import run_batch
+    from pixels_xr.config import load_config
+    from pixels_xr.features import load_features
+
+    cfg = load_config(config)
+    options = cfg.cluster.model_copy(update={"workers": workers}) if workers else cfg.cluster
+    report = run_batch(cfg, load_features(features), out, cluster=cluster, cluster_options=options,
+                       output_format=fmt, zarr_format=zarr_format, overwrite=overwrite,  # type: ignore[arg-type]
+                       window=window, progress=not quiet)
+    for failed in report.failed:
+        typer.echo(f"failed: {failed.id} at {failed.stage}: {failed.error}", err=True)
+    typer.echo(report.summary())
+    typer.echo(f"report: {report.report_url}")
+    if not report.ok:
+        raise typer.Exit(1)
+
+
+@app.command()
+@one_line_errors
 def quicklook(
     store: Annotated[str, typer.Argument(help="A run's Zarr store (path or URL), one group per feature.")],
     feature: Annotated[str | None, typer.Option("--feature", help="Only this feature id.")] = None,
@@ -139,6 +171,38 @@ def quicklook(
 
     for path in write_quicklooks(store, out, feature):
         typer.echo(str(path))
+
+
+@app.command()
+@one_line_errors
+def predict(
+    model: Annotated[str, typer.Argument(help=".keras file or SavedModel folder (sidecar JSON beside it).")],
+    store: Annotated[str, typer.Argument(help="Engine Zarr store (path or URL; STORE/GROUP works too).")],
+    out: Annotated[str, typer.Option("--out", help="Output Zarr store, or folder of COGs (path or URL).")],
+    fmt: Annotated[str, typer.Option("--format", help="zarr or cog (one COG per date).")] = "zarr",
+    group: Annotated[str | None, typer.Option("--group", help="Group (feature id) inside the store.")] = None,
+    output: Annotated[str, typer.Option(help="probabilities or classes (uint8, colours).")] = "probabilities",
+    uint8: Annotated[bool, typer.Option("--uint8", help="uint8 probabilities (p×254, 255 nodata).")] = False,
+    overlap: Annotated[int | None, typer.Option(help="Receptive-field margin (default: sidecar).")] = None,
+    batch_size: Annotated[int | None, typer.Option(help="Pixels or tiles per model call.")] = None,
+    cluster: Annotated[str | None, typer.Option(help="'local', a scheduler address or 'gateway' "
+                                                     "(default: threads in this process).")] = None,
+) -> None:
+    """Run MODEL over a Zarr cube blockwise and write probabilities or classes as Zarr or COGs."""
+    import contextlib
+
+    from pixels_xr.cluster import open_client
+    from pixels_xr.errors import ConfigError
+    from pixels_xr.inference import open_input, predict as run_model, write_predictions
+
+    if fmt not in ("zarr", "cog"):
+        raise ConfigError(f"unknown format {fmt!r}; use zarr or cog", "--format")
+    with open_client(cluster) if cluster else contextlib.nullcontext():
+        result = run_model(open_input(store, group), model, output=output,  # type: ignore[arg-type]
+                           probability_dtype="uint8" if uint8 else "float32", overlap=overlap,
+                           batch_size=batch_size)
+        for path in write_predictions(result, out, fmt):  # type: ignore[arg-type]
+            typer.echo(path)
 
 
 def _mount_pxm() -> None:

@@ -20,6 +20,7 @@ import json
 import os
 import tempfile
 import threading
+import warnings
 from collections.abc import Callable, Hashable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -30,7 +31,7 @@ import numpy as np
 import rioxarray  # noqa: F401  (registers the .rio accessor)
 import xarray as xr
 
-from pixels_xr.errors import ModelError
+from pixels_xr.errors import ModelError, OutputError, PixelsError
 from pixels_xr.io import storage
 from pixels_xr.model_spec import MODEL_SUFFIXES, ModelSpec, load_spec, sidecar_path
 
@@ -413,6 +414,8 @@ def predict(
     loaded = load_model(path)
     names = list(bands) if bands is not None else list(spec.bands)
     ds = _select_time(dataset, time)
+    if "spatial_ref" in ds.data_vars:  # a store read without decode_coords="all"
+        ds = ds.set_coords("spatial_ref")
     _check_inputs(ds, names, spec, loaded)
     if len(names) != len(spec.bands) and (isinstance(spec.scale, list) or isinstance(spec.offset, list)):
         raise ModelError(f"{len(names)} bands but the sidecar normalises {len(spec.bands)}", "bands")
@@ -453,14 +456,16 @@ def _blockwise(data: da.Array, plan: _Plan, model: LoadedModel, timed: bool) -> 
             raise ModelError(f"tile {axis} size {tile} must exceed twice the margin ({plan.margin})",
                              "overlap")
     minimum = [max(fixed[k] or 1, 2 * plan.margin + 1) for k in range(2)]
-    data = data.rechunk({2: _merged_chunks(data.chunks[2], minimum[0]),
-                         3: _merged_chunks(data.chunks[3], minimum[1])})
+    planned = {2: _merged_chunks(data.chunks[2], minimum[0]), 3: _merged_chunks(data.chunks[3], minimum[1])}
+    given = {2: data.chunks[2], 3: data.chunks[3]}
+    data = data.rechunk(planned)
     depth = {0: 0, 1: 0, 2: plan.margin, 3: plan.margin}
     extended = da.overlap.overlap(data, depth=depth, boundary="none") if plan.margin else data
     chunks = ((c,), (1,) if timed else extended.chunks[1], extended.chunks[2], extended.chunks[3])
     out = extended.map_blocks(_image_block, plan=plan, timed=timed, chunks=chunks, dtype=np.float32,
                               meta=np.empty((0, 0, 0, 0), np.float32))
-    return da.overlap.trim_internal(out, depth, boundary="none") if plan.margin else out
+    out = da.overlap.trim_internal(out, depth, boundary="none") if plan.margin else out
+    return out.rechunk(given) if planned != given else out  # the output keeps the input's chunks
 
 
 def _assemble(prob: da.Array, arr: xr.DataArray, ds: xr.Dataset, plan: _Plan, spec: ModelSpec,
@@ -506,3 +511,72 @@ def colormap_of(dataset: xr.Dataset) -> dict[int, tuple[int, int, int, int]] | N
         return None
     table = {int(k): tuple(int(c) for c in v) for k, v in json.loads(raw).items()}
     return {**table, NODATA_U8: (0, 0, 0, 0)}  # type: ignore[dict-item]
+
+
+# ----------------------------------------------------------------------------------------------------
+# Stores: engine Zarr in, Zarr or COGs out (the ``pixels-xr predict`` command)
+# ----------------------------------------------------------------------------------------------------
+
+
+def open_input(url: str, group: str | None = None) -> xr.Dataset:
+    """An engine Dataset from a Zarr store: its root, its ``group``, or a group path ``run.zarr/f1``."""
+    try:
+        with warnings.catch_warnings():  # stores without consolidated metadata are fine (and warn)
+            warnings.simplefilter("ignore", RuntimeWarning)
+            ds = xr.open_zarr(url, group=group, consolidated=None, chunks={}, decode_coords="all")
+    except (FileNotFoundError, KeyError, ValueError, OSError) as exc:
+        where = f"{url} (group {group})" if group else url
+        raise PixelsError(f"not a readable Zarr dataset: {_first_line(exc)}", where) from None
+    if not ds.data_vars:
+        import zarr
+
+        try:
+            children = sorted(zarr.open_group(url, mode="r", path=group or "").group_keys())
+        except Exception:  # noqa: BLE001 - only used to improve the message
+            children = []
+        hint = f"; it holds the groups {', '.join(children)}: pick one with --group" if children else ""
+        raise PixelsError(f"no data variables{hint}", url if not group else f"{url} (group {group})")
+    return ds
+
+
+def output_name(var: str, time: Any, taken: set[str]) -> str:
+    """File name of one COG: ``classes.tif`` or ``classes_2021-11-01.tif`` (a counter when dates repeat)."""
+    stem = var if time is None else f"{var}_{str(np.datetime_as_string(time, unit='D'))}"
+    name, k = f"{stem}.tif", 1
+    while name in taken:
+        name, k = f"{stem}_{k}.tif", k + 1
+    taken.add(name)
+    return name
+
+
+def write_predictions(result: xr.Dataset, out: str, fmt: Literal["zarr", "cog"] = "zarr") -> list[str]:
+    """Write ``predict``'s result to a Zarr store or one COG per date in folder ``out``; returns the paths."""
+    from zarr.errors import ContainsArrayError, ContainsGroupError
+
+    from pixels_xr.io.cog import write_cog
+
+    if fmt == "zarr":
+        regular = result.chunk({d: max(c) for d, c in result.chunks.items()})  # Zarr needs regular chunks
+        try:
+            regular.to_zarr(out, mode="w-", consolidated=False)
+        except (FileExistsError, ContainsGroupError, ContainsArrayError) as exc:
+            raise OutputError(f"already exists ({type(exc).__name__}); remove it first", out) from None
+        return [out]
+    var = "classes" if "classes" in result else "probability"
+    data = result[var]
+    taken: set[str] = set()
+    written: list[str] = []
+    times = data["time"].values if "time" in data.dims else [None]
+    for k, when in enumerate(times):
+        layer = data.isel(time=k) if when is not None else data
+        if var == "probability":
+            layer = layer.rename({"class": "band"})
+        path = storage.join(out, output_name(var, when, taken))
+        nodata = data.attrs.get("nodata")
+        write_cog(layer, path, nodata=nodata, band_names=[str(c) for c in result["class"].values]
+                  if var == "probability" else ["classes"],
+                  tags={"model": result.attrs.get("model"), "classes": result.attrs.get("classes"),
+                        "datetime": str(when)[:19] if when is not None else None},
+                  colormap=colormap_of(result) if var == "classes" else None)
+        written.append(path)
+    return written

@@ -17,16 +17,12 @@ FILES = sorted(p for p in CONFIGS.iterdir() if p.is_file())
 
 
 def kind(path: Path) -> str:
-    """What a file in configs/ is: readme, pxm manifest, cluster options or pixels config; else unknown."""
+    """What a file in configs/ is: readme, pxm manifest or pixels configuration; else unknown."""
     if path.name == "README.md":
         return "readme"
     if path.suffix != ".json":
         return "unknown"
-    if path.name.startswith("pxm_"):
-        return "pxm"
-    if path.name.startswith("cluster_"):
-        return "cluster"
-    return "pixels"
+    return "pxm" if path.name.startswith("pxm_") else "pixels"
 
 
 def documented() -> list[str]:
@@ -39,8 +35,8 @@ def documented() -> list[str]:
 def test_every_file_is_a_known_kind_and_valid(path: Path, sample_features: list) -> None:
     k = kind(path)
     if k == "unknown":
-        pytest.fail(f"{path.name}: unknown file type in configs/ (expected README.md, pxm_*.json, "
-                    "cluster_*.json or a pixels configuration *.json)")
+        pytest.fail(f"{path.name}: unknown file type in configs/ (expected README.md, pxm_*.json or a pixels "
+                    "configuration *.json)")
     if k == "readme":
         return
     data = json.loads(path.read_text())
@@ -51,15 +47,10 @@ def test_every_file_is_a_known_kind_and_valid(path: Path, sample_features: list)
         manifest = validate_manifest(path)
         assert manifest.sources and manifest.info.tilesets
         assert ("version" in data) == (manifest.version == "0.5")
-    elif k == "cluster":
-        from pixels_xr.cluster import ClusterOptions
-
-        options = ClusterOptions(**data)
-        assert options.model_dump(exclude_defaults=True), "an empty cluster file shows nothing"
-        assert options.gateway_password is None, "passwords never go in files"
     else:
         assert "sources" not in data, f"{path.name}: a PXM manifest must be named pxm_*.json"
         cfg = load_config(path)
+        assert cfg.cluster.gateway_password is None, "passwords never go in files"
         from pixels_xr.plan import plan
 
         plans = plan(cfg, sample_features)  # dynamic dates resolve per feature; grids fit the size limit
@@ -87,8 +78,10 @@ def test_examples_cover_every_mode_and_method_for_both_platforms() -> None:
         for dynamic in (True, False):
             assert any(p == platform and d == dynamic for p, _, d in seen), (platform, dynamic)
     assert any(w == "quality" for _, w, _ in seen) and ("landsat", "qa_pixel", False) in seen
-    kinds = [kind(p) for p in FILES]
-    assert kinds.count("pxm") >= 2 and kinds.count("cluster") >= 2
+    assert [kind(p) for p in FILES].count("pxm") >= 2
+    clusters = [c.cluster for c in configs if c.cluster.model_dump(exclude_defaults=True)]
+    assert any(c.gateway_address for c in clusters)
+    assert any(c.workers and not c.gateway_address for c in clusters)
 
 
 def test_unknown_file_kinds_are_refused() -> None:

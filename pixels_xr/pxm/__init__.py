@@ -1,4 +1,4 @@
-"""PXM (Mapbox Pixelmonster) renderer wing: manifests, sources with their masks, and rio-color colour."""
+"""PXM (Mapbox Pixelmonster) renderer wing: manifests, sources with their masks, colour, tile rendering."""
 
 from __future__ import annotations
 
@@ -11,6 +11,7 @@ from pixels_xr.pxm.manifest import (
     check_sources,
     validate_manifest,
 )
+from pixels_xr.pxm.renderer import RenderReport, render
 from pixels_xr.pxm.sources import MaskKind, SourceHandle, gdal_path, open_source, read_source
 
 __all__ = [
@@ -21,6 +22,7 @@ __all__ = [
     "ManifestInfo",
     "MaskKind",
     "Op",
+    "RenderReport",
     "SourceHandle",
     "apply_color",
     "check_sources",
@@ -29,5 +31,6 @@ __all__ = [
     "open_source",
     "parse_formula",
     "read_source",
+    "render",
     "validate_manifest",
 ]

@@ -64,3 +64,35 @@ def validate(
     except PixelsError as exc:
         typer.echo(f"error: {exc}", err=True)
         raise typer.Exit(1) from None
+
+
+@pxm_app.command("render")
+def render_cmd(
+    manifest: Annotated[Path, typer.Argument(help="PXM manifest JSON file.")],
+    out: Annotated[Path, typer.Option("--out", help="Output folder: one tileset per info.tilesets id.")],
+    fmt: Annotated[str, typer.Option("--format", help="mbtiles, pmtiles or xyz.")] = "mbtiles",
+    tile_format: Annotated[str, typer.Option("--tile-format", help="auto, png, jpeg or webp.")] = "auto",
+    tile_size: Annotated[int, typer.Option("--tile-size", help="256 or 512 px.")] = 256,
+    minzoom: Annotated[int | None, typer.Option("--minzoom", help="Lowest zoom (default: mosaic fits 2x2).")]
+    = None,
+    maxzoom: Annotated[int | None, typer.Option("--maxzoom", help="Highest zoom (default: from resolution).")]
+    = None,
+    resampling: Annotated[str, typer.Option("--resampling", help="Warp resampling.")] = "bilinear",
+    cluster: Annotated[str, typer.Option("--cluster", help="local, a scheduler address or gateway.")]
+    = "local",
+    workers: Annotated[int | None, typer.Option("--workers", help="Local cluster worker processes.")] = None,
+    overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace outputs made differently.")] = False,
+) -> None:
+    """Render MANIFEST's sources to Web Mercator tilesets in OUT (a re-run resumes, or does nothing)."""
+    from pixels_xr.pxm.renderer import render
+
+    try:
+        report = render(manifest, out, format=fmt, tile_format=tile_format,  # type: ignore[arg-type]
+                        tile_size=tile_size, minzoom=minzoom, maxzoom=maxzoom, resampling=resampling,
+                        cluster=cluster,
+                        cluster_options={"workers": workers} if workers else None, overwrite=overwrite,
+                        progress=True)
+    except PixelsError as exc:
+        typer.echo(f"error: {exc}", err=True)
+        raise typer.Exit(1) from None
+    typer.echo(str(report))

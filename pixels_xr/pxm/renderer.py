@@ -1,0 +1,355 @@
+"""Render a PXM manifest to web-map tilesets on Dask: meta-tile tasks, a pyramid of stages, atomic outputs.
+
+Work is cut into blocks of ``n`` × ``n`` tiles (n·tile_size = 2048 px). **Stage 0** renders each block of
+the max zoom from the sources (``warp.render_block``: mosaic, first source wins) and reduces it inside the
+task down to one tile (zooms z … z − log2 n). **Later stages** gather the one-tile tops of n × n finished
+blocks (alpha-weighted 2× reductions only, from ``pyramid``) and reduce them again, until the min zoom: full
+resolution is read once, never per zoom. Tasks run on a Dask client, at most two per worker thread in flight;
+their tiles are recorded in a resumable scratch store and written to every tileset at the end (``archives``).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import math
+import shutil
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import mercantile
+import numpy as np
+from rasterio.enums import Resampling
+
+from pixels_xr.errors import OutputError, PixelsError
+from pixels_xr.pxm.archives import (
+    OUTPUT_FORMATS,
+    OutputFormat,
+    TileRow,
+    TileStore,
+    TilesetMeta,
+    output_fingerprint,
+    output_path,
+    write_output,
+)
+from pixels_xr.pxm.color import format_formula
+from pixels_xr.pxm.encode import TILE_FORMATS, TileFormat, encode_tile
+from pixels_xr.pxm.manifest import Manifest, validate_manifest
+from pixels_xr.pxm.pyramid import downsample, pack, split_tiles, unpack
+from pixels_xr.pxm.tiles import MAX_ZOOM, Bounds, default_minzoom, morton, native_zoom, tiles_in
+from pixels_xr.pxm.warp import SourceSpec, describe_source, render_block
+
+__all__ = ["BLOCK_PIXELS", "RESAMPLING", "RenderReport", "render"]
+
+RENDER_VERSION = 1
+BLOCK_PIXELS = 2048
+RESAMPLING: tuple[str, ...] = ("nearest", "bilinear", "cubic", "cubic_spline", "lanczos", "average")
+TaskOut = tuple[list[TileRow], tuple[int, int, int, bytes] | None]
+
+
+@dataclass(frozen=True)
+class RenderReport:
+    """What a render did: outputs per tileset id, zooms, tiles written (per zoom/format), bytes, time."""
+
+    outputs: dict[str, Path]
+    format: str
+    tile_format: str
+    tile_size: int
+    minzoom: int
+    maxzoom: int
+    tiles: int
+    tiles_by_zoom: dict[int, int] = field(default_factory=dict)
+    tiles_by_format: dict[str, int] = field(default_factory=dict)
+    bytes: int = 0
+    tasks: int = 0
+    resumed_tasks: int = 0
+    seconds: float = 0.0
+    skipped: bool = False
+
+    def __str__(self) -> str:
+        if self.skipped:
+            return f"up to date: {', '.join(map(str, self.outputs.values()))} (nothing to do)"
+        rate = self.tiles / self.seconds if self.seconds else 0.0
+        return (f"{self.tiles} tiles, zooms {self.minzoom}-{self.maxzoom}, {self.bytes / 1e6:.1f} MB, "
+                f"{self.seconds:.1f} s ({rate:.0f} tiles/s), {self.tasks} tasks"
+                + (f" ({self.resumed_tasks} resumed)" if self.resumed_tasks else "")
+                + f" -> {', '.join(map(str, self.outputs.values()))}")
+
+
+# ------------------------------------------------------------------------------------------------ tasks
+
+
+def _emit(img: np.ndarray, z: int, x0: int, y0: int, n: int, tile_size: int, tile_format: TileFormat,
+          minzoom: int) -> TaskOut:
+    """Encode the tiles of a block image and reduce it zoom by zoom to one tile (or to ``minzoom``)."""
+    tiles: list[TileRow] = []
+    while True:
+        for i, j, tile in split_tiles(img, tile_size):
+            enc = encode_tile(tile, tile_format)
+            if enc is not None:
+                tiles.append((z, x0 + i, y0 + j, *enc))
+        if n == 1 or z == minzoom:
+            break
+        img, z, n, x0, y0 = downsample(img), z - 1, n // 2, x0 // 2, y0 // 2
+    packed = pack(img) if n == 1 and z > minzoom else None
+    return tiles, None if packed is None else (z, x0, y0, packed)
+
+
+def leaf_task(specs: tuple[SourceSpec, ...], z: int, bx: int, by: int, n: int, tile_size: int,
+              resampling: Resampling, tile_format: TileFormat, minzoom: int) -> TaskOut:
+    """Stage 0: render block (bx, by) of the max zoom from the sources, then its reductions."""
+    img = render_block(specs, z, bx * n, by * n, n, tile_size, resampling)
+    if img is None:
+        return [], None
+    return _emit(img, z, bx * n, by * n, n, tile_size, tile_format, minzoom)
+
+
+def stage_task(children: dict[tuple[int, int], bytes], zc: int, bx: int, by: int, n: int, tile_size: int,
+               tile_format: TileFormat, minzoom: int) -> TaskOut:
+    """Later stages: n × n child tiles of zoom ``zc`` (packed RGBA) → their parents down to one tile."""
+    size = n * tile_size
+    img = np.zeros((size, size, 4), dtype=np.uint8)
+    for (i, j), data in children.items():
+        img[j * tile_size:(j + 1) * tile_size, i * tile_size:(i + 1) * tile_size] = unpack(data)
+    return _emit(downsample(img), zc - 1, bx * n // 2, by * n // 2, n // 2, tile_size, tile_format, minzoom)
+
+
+# ---------------------------------------------------------------------------------------------- planning
+
+
+def _block_counts(cand: np.ndarray, shifts: range, m: int) -> dict[tuple[int, int], int]:
+    """Candidate tiles per block over the zooms a task emits (``cand`` at the task's input zoom)."""
+    counts: dict[tuple[int, int], int] = {}
+    for s in shifts:
+        tiles = np.unique(cand >> s, axis=0)
+        keys, num = np.unique(tiles >> (m - s), axis=0, return_counts=True)
+        for (bx, by), k in zip(keys.tolist(), num.tolist(), strict=True):
+            counts[(bx, by)] = counts.get((bx, by), 0) + k
+    return counts
+
+
+def _check_options(fmt: str, tile_format: str, tile_size: int, resampling: str | Resampling) -> Resampling:
+    if fmt not in OUTPUT_FORMATS:
+        raise OutputError(f"unknown output format {fmt!r}; use {', '.join(OUTPUT_FORMATS)}", where="format")
+    if tile_format not in TILE_FORMATS:
+        raise OutputError(f"unknown tile format {tile_format!r}; use {', '.join(TILE_FORMATS)}",
+                          where="tile_format")
+    if tile_size not in (256, 512):
+        raise OutputError(f"tile size must be 256 or 512, got {tile_size!r}", where="tile_size")
+    name = resampling.name if isinstance(resampling, Resampling) else str(resampling)
+    if name not in RESAMPLING:
+        raise OutputError(f"unknown resampling {name!r}; use {', '.join(RESAMPLING)}", where="resampling")
+    return Resampling[name]
+
+
+def _zooms(specs: tuple[SourceSpec, ...], tile_size: int, minzoom: int | None,
+           maxzoom: int | None) -> tuple[int, int]:
+    for name, value in (("minzoom", minzoom), ("maxzoom", maxzoom)):
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int)
+                                  or not 0 <= value <= MAX_ZOOM):
+            raise OutputError(f"must be an integer 0-{MAX_ZOOM}, got {value!r}", where=name)
+    top = maxzoom if maxzoom is not None else max(native_zoom(s.res, tile_size) for s in specs)
+    low = minzoom if minzoom is not None else default_minzoom(_union(specs), top)
+    if low > top:
+        raise OutputError(f"minzoom {low} is above maxzoom {top}", where="minzoom")
+    return low, top
+
+
+def _union(specs: tuple[SourceSpec, ...]) -> Bounds:
+    return (min(s.bounds[0] for s in specs), min(s.bounds[1] for s in specs),
+            max(s.bounds[2] for s in specs), max(s.bounds[3] for s in specs))
+
+
+def _lonlat(bounds: Bounds) -> tuple[float, float, float, float]:
+    west, south = mercantile.lnglat(bounds[0], bounds[1])
+    east, north = mercantile.lnglat(bounds[2], bounds[3])
+    return west, south, east, north
+
+
+def _fingerprint(manifest: Manifest, specs: tuple[SourceSpec, ...], opts: dict[str, Any]) -> str:
+    info = manifest.info
+    doc = {
+        "render": RENDER_VERSION, **opts,
+        "sources": [[s.uri, s.bidx, s.crs, s.ndv, format_formula(list(s.ops)) if s.ops else ""]
+                    for s in specs],
+        "info": [info.license, info.notes, info.product, info.date],
+    }
+    return hashlib.sha256(json.dumps(doc, sort_keys=True, default=str).encode()).hexdigest()
+
+
+# ----------------------------------------------------------------------------------------------- running
+
+
+@contextlib.contextmanager
+def _client(cluster: str | None, client: Any, cluster_options: dict[str, Any] | None,
+            quiet: bool) -> Iterator[Any]:
+    """The given client (its workers get the GDAL/AWS environment), or one from ``cluster.open_client``."""
+    from pixels_xr.cluster import EnvironmentPlugin, open_client, worker_environment
+
+    if client is not None:
+        client.register_plugin(EnvironmentPlugin(worker_environment()))
+        yield client
+        return
+    with open_client(cluster, cluster_options, quiet=quiet) as made:
+        yield made
+
+
+def _run(client: Any, fn: Callable[..., TaskOut], jobs: Iterator[tuple[tuple[int, int], tuple[Any, ...]]],
+         done: Callable[[tuple[int, int], TaskOut], None]) -> int:
+    """Submit ``fn(*args)`` per job (args made lazily) with at most 2 per worker thread in flight.
+
+    ``done(key, result)`` runs on each result in completion order; returns the number of tasks run.
+    """
+    from distributed import as_completed
+
+    window = max(2, 2 * sum(client.nthreads().values()))
+    running: dict[Any, tuple[int, int]] = {}
+    queue = as_completed()
+    count = 0
+
+    def submit() -> None:
+        nonlocal count
+        job = next(jobs, None)
+        if job is not None:
+            fut = client.submit(fn, *job[1], pure=False)
+            running[fut] = job[0]
+            queue.add(fut)
+            count += 1
+
+    for _ in range(window):
+        submit()
+    for fut in queue:
+        key = running.pop(fut)
+        result = fut.result()
+        fut.release()
+        done(key, result)
+        submit()
+    return count
+
+
+def _progress(enabled: bool, total: int) -> Any:
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+    bar = Progress(TextColumn("rendering tiles"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
+                   disable=not enabled, transient=False)
+    task = bar.add_task("tiles", total=total)
+    return bar, lambda k: bar.advance(task, k)
+
+
+def render(
+    manifest: Manifest | str | Path | dict,
+    out: str | Path,
+    *,
+    format: OutputFormat = "mbtiles",
+    tile_format: TileFormat = "auto",
+    tile_size: int = 256,
+    minzoom: int | None = None,
+    maxzoom: int | None = None,
+    resampling: str | Resampling = "bilinear",
+    cluster: str | None = "local",
+    client: Any = None,
+    cluster_options: dict[str, Any] | None = None,
+    overwrite: bool = False,
+    progress: bool = False,
+) -> RenderReport:
+    """Render a PXM manifest's sources to one tileset per ``info.tilesets`` id under the folder ``out``.
+
+    ``format``: ``mbtiles`` (``out/<id>.mbtiles``), ``pmtiles`` (``out/<id>.pmtiles``) or ``xyz``
+    (``out/<id>/{z}/{x}/{y}.<ext>``). Zooms default to the rules in :mod:`pixels_xr.pxm.tiles`. ``cluster``
+    and ``cluster_options`` go to :func:`pixels_xr.cluster.open_client` unless a ``client`` is given.
+    An output already made from the same manifest and options is kept (no-op); one made differently is an
+    error unless ``overwrite``. An interrupted render resumes from ``out/.pxm-render-*`` (removed on success).
+    """
+    t0 = time.perf_counter()
+    if not isinstance(manifest, Manifest):
+        manifest = validate_manifest(manifest)
+    rs = _check_options(format, tile_format, tile_size, resampling)
+    out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise OutputError("exists and is not a folder", where=str(out))
+    specs = tuple(describe_source(uri, manifest.info, manifest.color_ops(uri)) for uri in manifest.sources)
+    low, top = _zooms(specs, tile_size, minzoom, maxzoom)
+    fp = _fingerprint(manifest, specs, {"tile_format": tile_format, "tile_size": tile_size, "minzoom": low,
+                                        "maxzoom": top, "resampling": rs.name})
+    paths = {ts: output_path(out, ts, format) for ts in manifest.info.tilesets}
+    todo = {}
+    for ts, path in paths.items():
+        found = output_fingerprint(path, format)
+        if found != fp and path.exists() and not overwrite:
+            raise OutputError("exists from another manifest or other options (pass overwrite to replace it)",
+                              where=str(path))
+        if found != fp:
+            todo[ts] = path
+    common = dict(outputs=paths, format=format, tile_format=tile_format, tile_size=tile_size, minzoom=low,
+                  maxzoom=top)
+    if not todo:
+        return RenderReport(**common, tiles=0, seconds=time.perf_counter() - t0, skipped=True)
+    work = out / f".pxm-render-{fp[:16]}"
+    try:
+        work.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise OutputError(f"cannot create: {err.strerror or err}", where=str(work)) from None
+    store = TileStore(work / "store.sqlite", fp)
+    try:
+        with _client(cluster, client, cluster_options, quiet=not progress) as cl:
+            tasks, resumed = _pyramid(cl, store, specs, low, top, tile_size, rs, tile_format, progress)
+        by_zoom, by_fmt, size = store.summary()
+        if not by_zoom:
+            raise OutputError(f"no valid pixel in zooms {low}-{top}: nothing to write", where=str(out))
+        declared = next(iter(by_fmt)) if len(by_fmt) == 1 else "png"
+        info = manifest.info
+        for ts, path in todo.items():
+            meta = TilesetMeta(name=ts, format=declared, bounds=_lonlat(_union(specs)), minzoom=min(by_zoom),
+                               maxzoom=max(by_zoom), attribution=info.license, description=info.notes,
+                               product=info.product, date=info.date, tile_size=tile_size, fingerprint=fp)
+            write_output(store, path, format, meta)
+    finally:
+        store.close()
+    shutil.rmtree(work, ignore_errors=True)
+    return RenderReport(**common, tiles=sum(by_zoom.values()), tiles_by_zoom=by_zoom, tiles_by_format=by_fmt,
+                        bytes=size, tasks=tasks, resumed_tasks=resumed, seconds=time.perf_counter() - t0)
+
+
+def _pyramid(client: Any, store: TileStore, specs: tuple[SourceSpec, ...], low: int, top: int,
+             tile_size: int, rs: Resampling, tile_format: TileFormat, progress: bool) -> tuple[int, int]:
+    """Run stage 0 and the reduction stages; returns (tasks run, tasks reused from an earlier run)."""
+    n = BLOCK_PIXELS // tile_size
+    m = int(math.log2(n))
+    cand = tiles_in((s.bounds for s in specs), top)
+    total = sum(len(np.unique(cand >> s, axis=0)) for s in range(top - low + 1))
+    bar, advance = _progress(progress, total)
+    tasks = resumed = 0
+    with bar:
+        spec_future = client.scatter(specs, broadcast=True)
+        stage, zc = 0, top
+        while True:
+            first = stage == 0
+            shifts = range(0, min(m, zc - low) + 1) if first else range(1, min(m, zc - low) + 1)
+            counts = _block_counts(cand, shifts, m)
+            done = store.done(stage)
+            present = None if first else {(x >> m, y >> m) for x, y in store.top_tiles(zc)}
+            run = [b for b in sorted(counts, key=lambda b: morton(*b))
+                   if b not in done and (present is None or b in present)]
+            resumed += len(done & counts.keys())
+            advance(sum(counts.values()) - sum(counts[b] for b in run))
+
+            def args(block: tuple[int, int]) -> tuple[Any, ...]:
+                bx, by = block
+                if first:
+                    return (spec_future, zc, bx, by, n, tile_size, rs, tile_format, low)
+                return (store.tops(zc, bx * n, by * n, n), zc, bx, by, n, tile_size, tile_format, low)
+
+            def finished(block: tuple[int, int], result: TaskOut) -> None:
+                store.add(stage, block, result[0], result[1])
+                advance(counts[block])
+
+            tasks += _run(client, leaf_task if first else stage_task, ((b, args(b)) for b in run), finished)
+            zc -= m
+            if zc <= low or not store.top_tiles(zc):
+                return tasks, resumed
+            cand = np.unique(cand >> m, axis=0)
+            stage += 1

@@ -38,7 +38,7 @@ from pixels_xr.io import storage
 from pixels_xr.io.cog import write_cog
 from pixels_xr.io.manifest import RunManifest, safe_label
 from pixels_xr.io.stac_out import write_output_catalog
-from pixels_xr.io.zarr_store import aligned, region_writes, write_template
+from pixels_xr.io.zarr_store import aligned, region_write, write_template
 
 OutputFormat = Literal["zarr", "cog"]
 SOURCE_TIME_NODATA = -2147483648
@@ -120,13 +120,13 @@ def run_batch(config: PixelsConfig, features: Sequence[Feature], out: str, *, cl
         raise OutputError(f"unknown format {output_format!r}; use zarr or cog", "format")
     out = out if storage.is_remote(out) else os.path.abspath(storage.local_path(out))
     manifest = RunManifest(out, config.output_identity, f"{output_format}{zarr_format}")
-    manifest.open(overwrite=overwrite)
     started = time.perf_counter()
     report = RunReport(out, output_format)
     with contextlib.ExitStack() as stack:
         if client is None:
             options = cluster_options if cluster_options is not None else config.cluster
             client = stack.enter_context(open_client(cluster, options, quiet=not progress))
+        manifest.open(overwrite=overwrite)
         threads = sum(client.nthreads().values()) or 1
         window = window or max(4, 2 * threads)
         bar = stack.enter_context(_progress(len(features), enabled=progress))
@@ -228,7 +228,7 @@ def _write_unit(client: Client, plan: _Planned, i: int, config: PixelsConfig, ou
     assert plan.ds is not None
     started = time.perf_counter()
     if output_format == "zarr":
-        write = region_writes(plan.ds.isel(time=slice(i, i + 1)), out, plan.feature.id)[0]
+        write = region_write(plan.ds, out, plan.feature.id, i)
         client.compute(write, retries=retries).result()
     else:
         with _computing_on(client):

@@ -10,6 +10,7 @@ every source item used. Asset hrefs are relative to the item so the output can b
 from __future__ import annotations
 
 import json
+import math
 from typing import Any
 
 import pystac
@@ -59,7 +60,7 @@ def _save(catalog: pystac.Catalog, root: str) -> None:
         relative = href[len(root):].lstrip("/")
         storage.write_bytes(storage.join(root, *relative.split("/")),
                             json.dumps(obj.to_dict(include_self_link=False, transform_hrefs=True),
-                                       indent=1).encode())
+                                       indent=1, allow_nan=False).encode())
 
 
 def _grid_properties(crs: Any, transform: Any, height: int, width: int) -> tuple[dict, list[float]]:
@@ -109,8 +110,8 @@ def _cog_item(out: str, fid: str, label: str, sources: dict[str, str]) -> pystac
         with rasterio.open(path) as src:
             props, lonlat = _grid_properties(src.crs, src.transform, src.height, src.width)
             tags = src.tags()
-            bands = [RasterBand.create(nodata=src.nodata, data_type=DataType(src.dtypes[i]))
-                     for i in range(src.count)]
+            nodata = "nan" if src.nodata is not None and math.isnan(src.nodata) else src.nodata  # STAC's NaN
+            bands = [RasterBand.create(nodata=nodata, data_type=DataType(src.dtypes[i])) for i in range(src.count)]
             names = list(src.descriptions)
     except rasterio.errors.RasterioIOError as exc:
         raise OutputError(f"cannot read output COG: {exc}", href) from None

@@ -8,7 +8,7 @@ concurrent writers never touch a shared object)::
     OUT.zarr/.pixels_xr/…              run manifest (see batch), never a Zarr node
 
 ``write_template`` writes every array's metadata and the coordinates (``compute=False`` for the data);
-``region_writes`` returns one delayed write per time bin, so bins and features can be written independently
+``region_write`` gives the delayed write of one time bin, so bins and features can be written independently
 and in parallel. Dask chunks are aligned to Zarr chunks (one time step × ``chunksize`` pixels) before
 writing; a misaligned chunking raises instead of silently corrupting neighbouring regions.
 """
@@ -74,17 +74,13 @@ def write_template(ds: xr.Dataset, store: str, group: str, *, zarr_format: int =
     ds.to_zarr(store, group=group, mode="w", compute=False, zarr_format=zarr_format, consolidated=False)
 
 
-def region_writes(ds: xr.Dataset, store: str, group: str) -> list[Delayed]:
-    """One delayed write per time step of ``ds`` into an existing template (see ``write_template``)."""
+def region_write(ds: xr.Dataset, store: str, group: str, index: int) -> Delayed:
+    """The delayed write of time step ``index`` of ``ds`` into its existing template (``write_template``)."""
     per_time = [name for name, var in ds.data_vars.items() if "time" in var.dims]
-    keep = ds[per_time]
-    keep = keep.drop_vars([c for c in keep.coords if "time" not in keep[c].dims])
-    writes = []
-    for i in range(ds.sizes["time"]):
-        part = keep.isel(time=slice(i, i + 1))
-        writes.append(part.to_zarr(store, group=group, mode="r+", region={"time": slice(i, i + 1)},
-                                   compute=False, consolidated=False))
-    return writes
+    part = ds[per_time].isel(time=slice(index, index + 1))
+    part = part.drop_vars([c for c in part.coords if "time" not in part[c].dims])
+    return part.to_zarr(store, group=group, mode="r+", region={"time": slice(index, index + 1)},
+                        compute=False, consolidated=False)
 
 
 def open_feature(store: str, feature_id: str, **kwargs: Any) -> xr.Dataset:

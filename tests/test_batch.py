@@ -1,0 +1,323 @@
+"""Batch runs on real clusters and real object storage: resumable, fault tolerant, identical outputs.
+
+The sample catalog (real COGs written by ``make_sample``) is collected into Zarr or COGs by ``run_batch``
+on a real scheduler with two worker processes (``dask_scheduler``), on a LocalCluster, and on a real
+dask-gateway-server; outputs are compared with the engine's in-memory result and with each other.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import rasterio
+import xarray as xr
+from distributed import Client
+from rio_cogeo.cogeo import cog_validate
+
+from pixels_xr.batch import run_batch, unit_labels
+from pixels_xr.compose import collect
+from pixels_xr.config import PixelsConfig, load_config
+from pixels_xr.errors import OutputError
+from pixels_xr.features import Feature, load_features
+from pixels_xr.io.manifest import MANIFEST_DIR
+from pixels_xr.io.zarr_store import open_feature
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def sample(tmp_path_factory: pytest.TempPathFactory):
+    from pixels_xr.sample import make_sample
+
+    return make_sample(tmp_path_factory.mktemp("batch") / "sample", n_dates=12, width=96, height=96,
+                       every_days=5)
+
+
+def make_config(catalog: Path | str, **overrides) -> PixelsConfig:
+    base = {"start": "2021-11-01", "end": "2021-12-31", "mode": "latest_pixel", "interval": "months",
+            "platforms": "SENTINEL_2", "bands": ["blue", "red", "nir"], "catalog": str(catalog),
+            "chunksize": 64}
+    return load_config({**base, **overrides})
+
+
+@pytest.fixture(scope="module")
+def config(sample) -> PixelsConfig:
+    return make_config(sample.catalog)
+
+
+@pytest.fixture(scope="module")
+def features(sample) -> list[Feature]:
+    return load_features(sample.features)
+
+
+@pytest.fixture
+def client(dask_scheduler):
+    with Client(dask_scheduler.address, set_as_default=False) as c:
+        yield c
+
+
+def store_arrays(out: str, feature_ids: list[str]) -> dict[tuple[str, str], np.ndarray]:
+    """Every variable of every feature group, as numpy arrays (NaN-aware comparisons by the caller)."""
+    arrays = {}
+    for fid in feature_ids:
+        ds = open_feature(out, fid).load()
+        for name, var in ds.data_vars.items():
+            arrays[(fid, name)] = var.values
+    return arrays
+
+
+def assert_same_arrays(a: dict, b: dict) -> None:
+    assert a.keys() == b.keys()
+    for key in a:
+        assert a[key].dtype == b[key].dtype, key
+        np.testing.assert_array_equal(a[key], b[key], err_msg=str(key))
+
+
+def unit_markers(out: str) -> list[Path]:
+    return sorted(p for p in (Path(out) / MANIFEST_DIR / "units").rglob("*.json") if not p.name.startswith("_"))
+
+
+@pytest.fixture(scope="module")
+def clean_run(tmp_path_factory, sample, config, features, dask_scheduler) -> str:
+    """A reference run on the real scheduler, nothing interrupted."""
+    out = str(tmp_path_factory.mktemp("clean") / "run.zarr")
+    with Client(dask_scheduler.address, set_as_default=False) as c:
+        report = run_batch(config, features, out, client=c, progress=False)
+    assert report.ok, report.to_dict()
+    return out
+
+
+def test_zarr_output_equals_engine_result_and_is_georeferenced(clean_run, config, features) -> None:
+    for feature in features:
+        ref = collect(config, feature).compute()
+        back = open_feature(clean_run, feature.id)
+        assert back.rio.crs == ref.rio.crs
+        assert back.rio.transform() == ref.rio.transform()
+        assert list(back["time"].values) == list(ref["time"].values)
+        for name in ref.data_vars:
+            assert back[name].dtype == ref[name].dtype, name
+            np.testing.assert_array_equal(back[name].values, ref[name].values, err_msg=f"{feature.id} {name}")
+        assert json.loads(back.attrs["config"])["mode"] == "latest_pixel"
+        assert back.attrs["software"].startswith("pixels_xr ")
+        assert json.loads(back.attrs["item_ids"]) == json.loads(ref.attrs["item_ids"])
+        assert back["blue"].encoding["chunks"][0] == 1  # one bin per Zarr chunk: regions never overlap
+
+
+def test_run_report_and_manifest(clean_run, features) -> None:
+    report = json.loads((Path(clean_run) / MANIFEST_DIR / "report.json").read_text())
+    assert report["ok"] is True
+    assert report["units_written"] == 2 * len(features) and report["units_skipped"] == 0
+    assert {f["id"] for f in report["features"]} == {f.id for f in features}
+    assert len(unit_markers(clean_run)) == 2 * len(features)
+    run = json.loads((Path(clean_run) / MANIFEST_DIR / "run.json").read_text())
+    assert run["format"] == "zarr3" and run["config"]["mode"] == "latest_pixel"
+
+
+def test_stac_catalog_of_outputs(clean_run, features) -> None:
+    import pystac
+    from pystac.validation import validate_dict
+
+    catalog = pystac.Catalog.from_file(str(Path(clean_run) / "stac" / "catalog.json"))
+    items = {item.id: item for item in catalog.get_items(recursive=True)}
+    assert set(items) == {f.id for f in features}
+    for fid, item in items.items():
+        ds = open_feature(clean_run, fid)
+        assert item.properties["proj:code"] == ds.rio.crs.to_string()
+        assert item.properties["proj:shape"] == [ds.sizes["y"], ds.sizes["x"]]
+        assert Path(item.assets["data"].get_absolute_href()).resolve() == (Path(clean_run) / fid).resolve()
+        sources = [link for link in item.links if link.rel == "derived_from"]
+        used = {i for ids in json.loads(ds.attrs["item_ids"]).values() for i in ids}
+        assert {link.title for link in sources} == used and all(Path(link.href).exists() for link in sources)
+        core = item.to_dict()
+        core["stac_extensions"] = []  # extension schemas are remote; the core schema ships with pystac
+        validate_dict(core)
+        west, south, east, north = item.bbox
+        assert -10 < west < east < -8 and 29 < south < north < 32
+
+
+def test_rerun_is_a_no_op_and_resumes_missing_units(tmp_path, clean_run, config, features, client) -> None:
+    out = str(tmp_path / "run.zarr")
+    first = run_batch(config, features, out, client=client, progress=False)
+    assert first.units_written == 2 * len(features)
+    again = run_batch(config, features, out, client=client, progress=False)
+    assert again.units_written == 0 and again.units_skipped == 2 * len(features)
+    assert all(f.status == "skipped" for f in again.features)
+    lost = unit_markers(out)[::4]  # as if the run had died before recording these units
+    for marker in lost:
+        marker.unlink()
+    written: list[tuple[str, str]] = []
+    resumed = run_batch(config, features, out, client=client, progress=False,
+                        on_unit=lambda fid, label: written.append((fid, label)))
+    assert resumed.units_written == len(lost) == len(written)
+    assert sorted(f"{fid}/{label.replace('/', '_')}.json" for fid, label in written) == sorted(
+        f"{m.parent.name}/{m.name}" for m in lost)
+    assert_same_arrays(store_arrays(out, [f.id for f in features]),
+                       store_arrays(clean_run, [f.id for f in features]))
+
+
+def test_other_config_needs_overwrite(tmp_path, sample, config, features, client) -> None:
+    out = str(tmp_path / "run.zarr")
+    run_batch(config, features[:1], out, client=client, progress=False)
+    other = make_config(sample.catalog, mode="composite", composite_method="median")
+    with pytest.raises(OutputError, match="another config"):
+        run_batch(other, features[:1], out, client=client, progress=False)
+    report = run_batch(other, features[:1], out, client=client, progress=False, overwrite=True)
+    assert report.ok and report.units_written == 2
+    assert "source_time" not in open_feature(out, features[0].id)
+
+
+def test_failing_feature_is_reported_and_others_complete(tmp_path, sample, features, client) -> None:
+    tight = make_config(sample.catalog, max_pixels=1000)  # the big fields exceed it, the small ones do not
+    out = str(tmp_path / "run.zarr")
+    report = run_batch(tight, features, out, client=client, progress=False)
+    failed = {f.id: f for f in report.failed}
+    assert failed and len(failed) < len(features) and not report.ok
+    for f in failed.values():
+        assert f.stage == "build" and "max_pixels" in f.error and "\n" not in f.error
+    for f in report.features:
+        if f.id not in failed:
+            assert f.status == "done" and open_feature(out, f.id).sizes["time"] == 2
+    saved = json.loads((Path(out) / MANIFEST_DIR / "report.json").read_text())
+    assert {f["id"] for f in saved["features"] if f["status"] == "failed"} == set(failed)
+
+
+def test_worker_killed_mid_run_output_identical(tmp_path, clean_run, config, features, dask_scheduler,
+                                                 client) -> None:
+    out = str(tmp_path / "run.zarr")
+    killed = []
+
+    def kill_once(fid: str, label: str) -> None:
+        if not killed:
+            dask_scheduler.kill_worker(0)
+            killed.append(fid)
+
+    try:
+        report = run_batch(config, features, out, client=client, progress=False, window=2, on_unit=kill_once)
+    finally:
+        dask_scheduler.restart_worker(0)
+    assert killed and report.ok, report.to_dict()
+    assert_same_arrays(store_arrays(out, [f.id for f in features]),
+                       store_arrays(clean_run, [f.id for f in features]))
+
+
+def test_s3_inputs_and_outputs(tmp_path, s3_server, sample, clean_run, features, client) -> None:
+    bucket = s3_server.make_bucket("pixels-batch")
+    s3_server.upload_dir(Path(sample.catalog).parent, bucket, "sample")
+    root = str(Path(sample.catalog).parent)
+    collection = tmp_path / "items.json"  # the same items, their assets read from S3
+    items = []
+    for path in Path(root).rglob("*.json"):
+        data = json.loads(path.read_text())
+        if data.get("type") == "Feature":
+            for asset in data["assets"].values():
+                href = asset["href"]
+                absolute = (path.parent / href).resolve() if not href.startswith("/") else Path(href)
+                asset["href"] = f"s3://{bucket}/sample/{absolute.relative_to(root).as_posix()}"
+            items.append(data)
+    collection.write_text(json.dumps({"type": "FeatureCollection", "features": items}))
+    config = make_config(collection)
+    out = f"s3://{bucket}/runs/run.zarr"
+    report = run_batch(config, features, out, client=client, progress=False)
+    assert report.ok, report.to_dict()
+    assert_same_arrays(store_arrays(out, [f.id for f in features]),
+                       store_arrays(clean_run, [f.id for f in features]))
+    keys = {o["Key"] for o in s3_server.client.list_objects_v2(Bucket=bucket, Prefix="runs/")["Contents"]}
+    assert "runs/run.zarr/.pixels_xr/report.json" in keys and "runs/run.zarr/stac/catalog.json" in keys
+
+
+def test_cog_outputs(tmp_path, sample, config, features, client) -> None:
+    out = str(tmp_path / "cogs")
+    report = run_batch(config, features[:2], out, client=client, progress=False, output_format="cog")
+    assert report.ok and report.units_written == 4
+    for feature in features[:2]:
+        ref = collect(config, feature).compute()
+        for k, label in enumerate(unit_labels(ref)):
+            base = Path(out) / feature.id / label.replace("/", "_")
+            for suffix in ("", "_clear_count", "_source_time"):
+                valid, errors, _ = cog_validate(f"{base}{suffix}.tif", quiet=True)
+                assert valid, errors
+            with rasterio.open(f"{base}.tif") as src:
+                assert src.descriptions == tuple(config.band_names)
+                assert src.tags()["datetime"].startswith(str(ref.time.values[k])[:10])
+                assert src.crs == ref.rio.crs and src.transform == ref.rio.transform()
+                np.testing.assert_array_equal(src.read(), np.stack([ref[b].values[k] for b in config.band_names]))
+            with rasterio.open(f"{base}_clear_count.tif") as src:
+                np.testing.assert_array_equal(src.read(1), ref.clear_count.values[k])
+            with rasterio.open(f"{base}_source_time.tif") as src:
+                days = ref.source_time.values[k].astype("datetime64[D]").astype(np.int64)
+                expected = np.where(np.isnat(ref.source_time.values[k]), src.nodata, days)
+                np.testing.assert_array_equal(src.read(1), expected)
+    import pystac
+
+    items = list(pystac.Catalog.from_file(f"{out}/stac/catalog.json").get_items(recursive=True))
+    assert len(items) == 4 and all(set(i.assets) == {"data", "clear_count", "source_time"} for i in items)
+    assert all(Path(i.assets["data"].get_absolute_href()).exists() for i in items)
+
+
+def test_gateway_run_equals_scheduler_run(tmp_path, gateway_server, clean_run, config, features) -> None:
+    options = {"workers": 2, "gateway_address": gateway_server.address,
+               "gateway_proxy_address": gateway_server.proxy_address, "gateway_auth": "basic",
+               "gateway_username": gateway_server.username, "gateway_password": gateway_server.password}
+    out = str(tmp_path / "run.zarr")
+    report = run_batch(config, features, out, cluster="gateway", cluster_options=options, progress=False)
+    assert report.ok, report.to_dict()
+    assert_same_arrays(store_arrays(out, [f.id for f in features]),
+                       store_arrays(clean_run, [f.id for f in features]))
+
+
+def test_cli_collect_interrupted_then_resumed(tmp_path, sample, clean_run, features, dask_scheduler) -> None:
+    config_path = tmp_path / "config.json"
+    config_path.write_text(make_config(sample.catalog).model_dump_json(exclude_none=True))
+    out = tmp_path / "run.zarr"
+    cmd = [sys.executable, "-m", "pixels_xr.cli", "collect", str(config_path), "--features",
+           str(sample.features), "--out", str(out), "--cluster", dask_scheduler.address, "--window", "1"]
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            start_new_session=True)
+    deadline = time.monotonic() + 240
+    while len(unit_markers(str(out))) < 3 and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.05)
+    os.killpg(proc.pid, signal.SIGKILL)  # a crash: no clean-up code runs
+    proc.wait()
+    done_before = len(unit_markers(str(out)))
+    total = 2 * len(features)
+    assert 3 <= done_before < total, "the run finished before it could be interrupted"
+    result = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stdout + result.stderr
+    report = json.loads((out / MANIFEST_DIR / "report.json").read_text())
+    assert report["units_written"] == total - done_before and report["units_skipped"] == done_before
+    assert_same_arrays(store_arrays(str(out), [f.id for f in features]),
+                       store_arrays(clean_run, [f.id for f in features]))
+    again = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert again.returncode == 0 and "0 units written" in again.stdout + again.stderr
+
+
+def test_cli_collect_bad_input_is_one_line(tmp_path, sample) -> None:
+    config_path = tmp_path / "config.json"
+    config_path.write_text(make_config(sample.catalog).model_dump_json(exclude_none=True))
+    base = [sys.executable, "-m", "pixels_xr.cli", "collect", str(config_path), "--features",
+            str(sample.features), "--out", str(tmp_path / "o.zarr")]
+    for extra, needle in ((["--format", "tiff"], "format"), (["--cluster", "nowhere"], "cluster")):
+        result = subprocess.run(base + extra, capture_output=True, text=True, timeout=120)
+        assert result.returncode == 1
+        lines = result.stderr.strip().splitlines()
+        assert len(lines) == 1 and lines[0].startswith("error:") and needle in lines[0], result.stderr
+    assert not (tmp_path / "o.zarr" / MANIFEST_DIR / "units").exists()
+
+
+def test_misaligned_chunks_are_refused() -> None:
+    from pixels_xr.io.zarr_store import check_alignment
+
+    ds = xr.Dataset({"red": (("time", "y", "x"), np.zeros((2, 100, 100), np.float32))}).chunk(
+        {"time": 1, "y": 30, "x": 64})
+    ds["red"].encoding["chunks"] = (1, 64, 64)
+    with pytest.raises(OutputError, match="do not match the Zarr chunk"):
+        check_alignment(ds)

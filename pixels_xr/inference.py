@@ -18,6 +18,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import shutil
 import tempfile
 import threading
 import warnings
@@ -101,14 +102,28 @@ def _local_model(path: str) -> Path:
     if not storage.is_remote(path):
         return Path(storage.local_path(path))
     fs, remote = storage.filesystem(path)
-    name = remote.rstrip("/").rsplit("/", 1)[-1]
-    digest = hashlib.sha1(path.encode()).hexdigest()[:16]
-    target = Path(tempfile.gettempdir()) / "pixels-xr-models" / digest / name
-    if not target.exists():
+    remote = remote.rstrip("/")
+    try:
+        folder = fs.isdir(remote)
+        files = fs.find(remote, detail=True) if folder else {remote: fs.info(remote)}
+    except (OSError, ValueError) as exc:
+        raise ModelError(f"cannot read the model: {_first_line(exc)}", path) from None
+    if not files:
+        raise ModelError("model not found", path)
+    version = json.dumps(sorted((k, str(v.get("ETag") or v.get("LastModified") or v.get("size")))
+                                for k, v in files.items()))
+    digest = hashlib.sha1(f"{path}\n{version}".encode()).hexdigest()[:16]
+    target = Path(tempfile.gettempdir()) / "pixels-xr-models" / digest / remote.rsplit("/", 1)[-1]
+    if not target.exists():  # download beside it, then rename: other processes never see half a model
+        target.parent.mkdir(parents=True, exist_ok=True)
+        partial = target.with_name(f".{target.name}.{os.getpid()}.{threading.get_ident()}")
         try:
-            fs.get(remote.rstrip("/"), str(target), recursive=fs.isdir(remote))
-        except (OSError, ValueError) as exc:
-            raise ModelError(f"cannot download the model: {exc}", path) from None
+            fs.get(remote, str(partial), recursive=folder)
+            os.replace(partial, target)
+        except OSError as exc:
+            shutil.rmtree(partial, ignore_errors=True)
+            if not target.exists():
+                raise ModelError(f"cannot download the model: {_first_line(exc)}", path) from None
     return target
 
 
@@ -410,8 +425,14 @@ def predict(
     if probability_dtype not in ("float32", "uint8"):
         raise ModelError(f"unknown probability dtype {probability_dtype!r}; use float32 or uint8", "dtype")
     path = str(model)
-    spec = load_spec(sidecar if sidecar is not None else sidecar_path(path))
+    source = sidecar if sidecar is not None else sidecar_path(path)
+    spec = load_spec(source)
     loaded = load_model(path)
+    try:
+        spec.class_names(loaded.channels)
+    except ModelError as exc:
+        where = "sidecar" if isinstance(source, dict) else str(source)
+        raise ModelError(exc.message, f"{where}: {exc.where}") from None
     names = list(bands) if bands is not None else list(spec.bands)
     ds = _select_time(dataset, time)
     if "spatial_ref" in ds.data_vars:  # a store read without decode_coords="all"
@@ -494,7 +515,8 @@ def _assemble(prob: da.Array, arr: xr.DataArray, ds: xr.Dataset, plan: _Plan, sp
         if probability_dtype == "uint8":
             prob = prob.map_blocks(_uint8_block, dtype=np.uint8)
             var_attrs = {"nodata": NODATA_U8, "scale": 1 / PROBABILITY_U8_SCALE}
-        var = xr.DataArray(prob, dims=("class", *dims), coords={**coords, "class": names}, attrs=var_attrs)
+        labels = np.array(names, dtype=object)  # variable-length strings: specified in Zarr v3
+        var = xr.DataArray(prob, dims=("class", *dims), coords={**coords, "class": labels}, attrs=var_attrs)
         var = var.transpose(*dims[:-2], "class", "y", "x")
         out = xr.Dataset({"probability": var}, attrs=attrs)
     if drop_time and "time" in arr.coords and arr["time"].size and np.issubdtype(arr["time"].dtype,

@@ -7,7 +7,7 @@ A model ``cloud.keras`` (or a SavedModel folder ``cloud/``) is described by ``cl
      "input": "reflectance",                          # what the values must be: reflectance | raw | any
      "nodata": {"value": 0, "when": "any", "fill": 0.0},
      "classes": ["clear", "cloud", "shadow"],         # names of the model's output channels
-     "colors": {"clear": [0, 160, 0], "cloud": [255, 255, 255, 255]},
+     "colors": {"clear": [0, 160, 0], "cloud": [255, 255, 255, 255]},   # RGB or RGBA per class
      "margin": 2,                                     # receptive-field margin in pixels (image models)
      "patch": [256, 256]}                             # tile size when the model's input size is not fixed
 
@@ -60,7 +60,7 @@ class ModelSpec(BaseModel):
     input: Literal["reflectance", "raw", "any"] = "any"
     nodata: NodataRule = Field(default_factory=NodataRule)
     classes: list[Annotated[str, Field(min_length=1)]] | None = None
-    colors: dict[str, RGB] | list[RGB] | None = None
+    colors: dict[str, RGB] | None = None
     margin: int = Field(0, ge=0, le=1024)
     patch: tuple[Annotated[int, Field(ge=1)], Annotated[int, Field(ge=1)]] | None = None
 
@@ -74,10 +74,9 @@ class ModelSpec(BaseModel):
             raise ValueError("bands: repeated band name")
         if self.classes is not None and len(set(self.classes)) != len(self.classes):
             raise ValueError("classes: repeated class name")
-        if isinstance(self.colors, dict):
-            unknown = sorted(set(self.colors) - set(self.classes or ()))
-            if unknown:
-                raise ValueError(f"colors: {unknown[0]!r} is not one of the classes")
+        unknown = sorted(set(self.colors or ()) - set(self.classes or ()))
+        if unknown:
+            raise ValueError(f"colors: {unknown[0]!r} is not one of the classes")
         if self.patch is not None and min(self.patch) <= 2 * self.margin:
             raise ValueError(f"patch {list(self.patch)} must exceed twice the margin ({self.margin})")
         return self
@@ -101,11 +100,14 @@ class ModelSpec(BaseModel):
         """GDAL colour table: class index → RGBA (the sidecar's colours, else a default palette)."""
         table: dict[int, tuple[int, int, int, int]] = {}
         for k, name in enumerate(names):
-            given = (self.colors.get(name) if isinstance(self.colors, dict) else
-                     self.colors[k] if self.colors is not None and k < len(self.colors) else None)
+            given = (self.colors or {}).get(name)
             rgb = tuple(given) if given is not None else DEFAULT_PALETTE[k % len(DEFAULT_PALETTE)]
             table[k] = (*rgb, 255) if len(rgb) == 3 else rgb  # type: ignore[assignment]
         return table
+
+
+#: Location parts pydantic adds for members of ``float | list[float]`` unions (not keys of the file).
+_UNION_TAGS = {"float", "list[float]", "tuple[int, int]"}
 
 
 def sidecar_path(model: str | Path) -> str:
@@ -141,7 +143,7 @@ def load_spec(source: str | Path | dict) -> ModelSpec:
         return ModelSpec.model_validate(data)
     except ValidationError as exc:
         err = exc.errors()[0]
-        field = ".".join(str(p) for p in err.get("loc", ()))
+        field = ".".join(str(p) for p in err.get("loc", ()) if str(p) not in _UNION_TAGS)
         msg = str(err.get("msg", "invalid value")).removeprefix("Value error, ")
         if err["type"] == "extra_forbidden":
             msg = "unknown key"

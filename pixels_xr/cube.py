@@ -1,4 +1,4 @@
-"""Normalised items + a feature → a lazy, pixel-aligned ``(time, band, y, x)`` DataArray (stackstac or odc-stac).
+"""Normalised items + a feature → a lazy, pixel-aligned ``(time, band, y, x)`` DataArray (stackstac/odc-stac).
 
 Grid: the feature's bounds in the output CRS snapped to ``scale`` on the sources' grid phase (see ``grid``),
 read with ``snap_bounds=False`` so that at native scale output pixels are source pixels (bit-identical reads).
@@ -11,9 +11,13 @@ geometry (GDAL's default rasterisation, ``all_touched=False``).
 
 from __future__ import annotations
 
-import concurrent.futures
+import contextlib
+import datetime as dt
+import functools
+import gc
 import logging
 import re
+from collections.abc import Iterator
 from typing import Any, Literal
 
 import numpy as np
@@ -23,10 +27,12 @@ from rasterio.enums import Resampling
 
 from pixels_xr.catalog import SIGNERS, item_datetime
 from pixels_xr.config import PixelsConfig
-from pixels_xr.errors import AssetReadError
+from pixels_xr.errors import AssetReadError, ConfigError
 from pixels_xr.features import Feature
 from pixels_xr.grid import Grid, common_phase
 from pixels_xr.plan import check_size, feature_grid
+from pixels_xr.readers import BoundedRioDriver, PixelsReader, ReaderOptions, fetch_block, open_readers, \
+    read_pool, read_slots
 
 log = logging.getLogger(__name__)
 
@@ -48,16 +54,13 @@ Loader = Literal["stackstac", "odc"]
 def output_grid(items: list[dict], feature: Feature, config: PixelsConfig) -> Grid:
     """The feature's grid, anchored on the sources' phase when every source in the output CRS shares one."""
     grid = feature_grid(config, feature)
-    origins = []
-    for item in items:
-        for asset in item["assets"].values():
-            tr = asset.get("proj:transform")
-            if asset.get("proj:epsg") == grid.epsg and tr and len(tr) >= 6:
-                origins.append((float(tr[2]), float(tr[5])))
+    epsg = grid.epsg
+    origins = {(float(tr[2]), float(tr[5])) for item in items for asset in item["assets"].values()
+               if asset.get("proj:epsg") == epsg and (tr := asset.get("proj:transform")) and len(tr) >= 6}
     if not origins and items:
-        origins = _header_origins(items[0], grid.epsg)
+        origins = set(_header_origins(items[0], epsg))
     if origins:
-        grid = feature_grid(config, feature, common_phase(origins, config.resolved_scale))
+        grid = feature_grid(config, feature, common_phase(sorted(origins), config.resolved_scale))
     check_size(config, feature, grid)
     return grid
 
@@ -92,16 +95,11 @@ def _fill_value(items: list[dict], names: list[str], dtype: np.dtype) -> Any:
     nodata.discard(None)
     if len(nodata) == 1:
         value = nodata.pop()
-        if np.can_cast(np.min_scalar_type(value), dtype) or (np.iinfo(dtype).min <= value <= np.iinfo(dtype).max
-                                                             if dtype.kind in "iu" else True):
+        fits = np.iinfo(dtype).min <= value <= np.iinfo(dtype).max if dtype.kind in "iu" else True
+        if np.can_cast(np.min_scalar_type(value), dtype) or fits:
             return dtype.type(value)
     return dtype.type(0) if dtype.kind == "u" else (dtype.type(np.iinfo(dtype).min) if dtype.kind == "i"
                                                     else dtype.type(np.nan))
-
-
-def _sign(items: list[dict], config: PixelsConfig) -> list[dict]:
-    signer = SIGNERS.get(config.catalog)
-    return [signer(i) for i in items] if signer else items
 
 
 def _empty(grid: Grid, names: list[str], dtype: np.dtype, fill: Any, reason: str) -> xr.DataArray:
@@ -116,14 +114,19 @@ def _empty(grid: Grid, names: list[str], dtype: np.dtype, fill: Any, reason: str
     return cube
 
 
-def build_cube(items: list[dict], feature: Feature, config: PixelsConfig, *,
-               loader: Loader = "stackstac") -> xr.DataArray:
+def build_cube(items: list[dict], feature: Feature, config: PixelsConfig, *, loader: Loader = "stackstac",
+               time_chunks: int | None = None) -> xr.DataArray:
     """Lazy ``(time, band, y, x)`` cube of a feature from normalised items (``catalog.search`` output).
 
     Bands are the configuration's common names plus the mask asset (last). Coordinates: ``time``, ``band``,
     ``y``/``x`` (pixel centres), ``id``, ``eo:cloud_cover``, ``platform`` per time, ``scale``/``offset`` per
     (time, band). Attrs: ``nodata``, ``crs``/transform (rioxarray), ``mask_asset``. No items → an empty
     cube (time length 0) on the right grid with ``attrs["empty_reason"]``.
+
+    Chunks (loader ``stackstac``): all bands together, ``chunksize`` pixels square, and along time one chunk
+    per time bin of the configuration (per acquisition day in mode ``all``), so a bin's reduction needs no
+    rechunk; ``time_chunks=N`` gives chunks of N items instead. Items whose assets all miss the grid are
+    left out.
     """
     names = list(config.band_names)
     spec = config.mask_spec
@@ -135,31 +138,25 @@ def build_cube(items: list[dict], feature: Feature, config: PixelsConfig, *,
     if not items:
         cube = _empty(grid, names, dtype, fill, "no items matched the search")
     else:
-        items = _sign(sorted(items, key=lambda i: (item_datetime(i), i["id"])), config)
+        items = sorted(items, key=lambda i: (item_datetime(i), i["id"]))
         mask_names = [n for n in names if not items[0]["assets"][n].get("pixels_xr:reflectance")]
-        refl_names = [n for n in names if n not in mask_names]
         if loader == "odc":
             cube = _load_odc(items, names, mask_names, grid, dtype, fill, config)
         elif loader == "stackstac":
-            parts = []
-            if config.resampling == "nearest":
-                parts.append(_load_stackstac(items, names, grid, dtype, fill, Resampling.nearest, config))
-            else:
-                parts.append(_load_stackstac(items, refl_names, grid, dtype, fill,
-                                             Resampling[config.resampling], config))
-                if mask_names:
-                    parts.append(_load_stackstac(items, mask_names, grid, dtype, fill, Resampling.nearest, config))
-            cube = parts[0] if len(parts) == 1 else xr.concat(parts, dim="band").sel(band=names)
+            cube, items = _load_stackstac(items, names, mask_names, grid, dtype, fill, config, feature,
+                                          time_chunks)
         else:
             raise ValueError(f"unknown loader {loader!r}")
-        scale = np.array([[i["assets"][n]["raster:bands"][0]["scale"] for n in names] for i in items], "float32")
-        offset = np.array([[i["assets"][n]["raster:bands"][0]["offset"] for n in names] for i in items],
-                          "float32")
+        bands = [[i["assets"][n]["raster:bands"][0] for n in names] for i in items]
+        scale = np.array([[b["scale"] for b in row] for row in bands], "float32")
+        offset = np.array([[b["offset"] for b in row] for row in bands], "float32")
+        props = [i["properties"] for i in items]
         cube = cube.assign_coords(
             id=("time", np.array([i["id"] for i in items], dtype=object)),
-            cloud_cover=("time", np.array([float(i["properties"].get("eo:cloud_cover", np.nan)) for i in items])),
-            platform=("time", np.array([str(i["properties"].get("platform", "")) for i in items], dtype=object)),
-            scale=(("time", "band"), scale), offset=(("time", "band"), offset))
+            cloud_cover=("time", np.array([float(p.get("eo:cloud_cover", np.nan)) for p in props])),
+            platform=("time", np.array([str(p.get("platform", "")) for p in props], dtype=object)),
+            scale=(("time", "band"), scale.reshape(len(items), len(names))),
+            offset=(("time", "band"), offset.reshape(len(items), len(names))))
         if config.clip:
             cube = cube.where(_inside(feature, grid), fill)
     cube = cube.assign_coords(reflectance=("band", np.array(
@@ -198,17 +195,143 @@ def _errors_as_nodata(config: PixelsConfig) -> tuple[Exception, ...]:
     return (RasterioIOError(".*"), RuntimeError("Error (opening|reading)"))
 
 
-def _load_stackstac(items: list[dict], names: list[str], grid: Grid, dtype: np.dtype, fill: Any,
-                    resampling: Resampling, config: PixelsConfig) -> xr.DataArray:
+def _load_stackstac(items: list[dict], names: list[str], mask_names: list[str], grid: Grid, dtype: np.dtype,
+                    fill: Any, config: PixelsConfig, feature: Feature,
+                    time_chunks: int | None) -> tuple[xr.DataArray, list[dict]]:
+    """stackstac's readers and windows under a graph built here (see ``_read_graph``); returns the cube and
+    the items kept (those overlapping the grid)."""
     import stackstac
+    from stackstac.prepare import to_coords
+    from stackstac.raster_spec import RasterSpec
 
+    if grid.epsg is None:
+        raise ConfigError("the stackstac loader needs an output CRS with an EPSG code; use loader='odc'",
+                          "crs")
+    spec = RasterSpec(epsg=grid.epsg, bounds=grid.bounds, resolutions_xy=(grid.scale, grid.scale))
+    table = asset_table(items, names, grid)
+    keep = ~np.isnan(table["bounds"]).all(axis=(1, 2))
+    if not keep.all():
+        table = table[keep]
+        items = [i for i, k in zip(items, keep) if k]
+    if not items:
+        return _empty(grid, names, dtype, fill, "no item overlaps the output grid"), items
+    resampling = [Resampling.nearest if (n in mask_names or config.resampling == "nearest")
+                  else Resampling[config.resampling] for n in names]
     env = stackstac.DEFAULT_GDAL_ENV.updated(always=GDAL_CLOUD_ENV)
-    cube = stackstac.stack(
-        items, assets=names, epsg=grid.epsg, resolution=grid.scale, bounds=grid.bounds, snap_bounds=False,
-        resampling=resampling, chunksize=(1, 1, config.chunksize, config.chunksize), dtype=dtype,
-        fill_value=fill, rescale=False, sortby_date=False, xy_coords="center", properties=False,
-        band_coords=False, gdal_env=env, errors_as_nodata=_errors_as_nodata(config))
-    return cube.drop_vars([c for c in cube.coords if c not in {"time", "band", "x", "y"}])
+    reader = functools.partial(PixelsReader, pool_size=config.pool_size)
+    data = _read_graph(table, spec, _time_groups(items, config, feature, time_chunks), config.chunksize,
+                       ReaderOptions(reader, tuple(resampling), dtype, fill, env, _errors_as_nodata(config)),
+                       config.pool_size)
+    coords, dims = to_coords(items, names, spec, xy_coords="center", properties=False, band_coords=False)
+    cube = xr.DataArray(data, coords=coords, dims=dims)
+    return cube.drop_vars([c for c in cube.coords if c not in {"time", "band", "x", "y"}]), items
+
+
+def asset_table(items: list[dict], names: list[str], grid: Grid) -> np.ndarray:
+    """stackstac's ``(item, band)`` asset table (href, bounds in the grid's CRS, scale/offset 1/0), built
+    with array arithmetic: bounds from ``proj:transform``/``proj:shape`` (corners reprojected once per
+    source CRS) or, without them, from the item's lon/lat ``bbox``. Assets missing the grid get no href
+    and NaN bounds."""
+    from stackstac.prepare import ASSET_TABLE_DT
+
+    n, m = len(items), len(names)
+    assets = [i["assets"].get(name) or {} for i in items for name in names]
+    tr = np.full((n * m, 6), np.nan)
+    shape = np.full((n * m, 2), np.nan)
+    epsg = np.array([a.get("proj:epsg") or -1 for a in assets], dtype=np.int64)
+    for k, a in enumerate(assets):
+        t, s = a.get("proj:transform"), a.get("proj:shape")
+        if t and s and len(t) >= 6:
+            tr[k], shape[k] = t[:6], s[:2]
+    has_grid = ~np.isnan(tr).any(axis=1) & (epsg > 0)
+    # corners (ul, ll, lr, ur) of each raster: x = a·col + b·row + c, y = d·col + e·row + f
+    cols = np.array([0, 0, 1, 1])[None, :] * shape[:, 1:2]
+    rows = np.array([0, 1, 1, 0])[None, :] * shape[:, 0:1]
+    xs = tr[:, 0:1] * cols + tr[:, 1:2] * rows + tr[:, 2:3]
+    ys = tr[:, 3:4] * cols + tr[:, 4:5] * rows + tr[:, 5:6]
+    bbox = np.repeat(np.array([_lonlat_bbox(i) for i in items], dtype=float), m, axis=0)
+    no_grid = ~has_grid
+    xs[no_grid] = bbox[no_grid][:, [0, 0, 2, 2]]
+    ys[no_grid] = bbox[no_grid][:, [3, 1, 1, 3]]
+    src = np.where(has_grid, epsg, 4326)
+    for code in np.unique(src):
+        if code == grid.epsg:
+            continue
+        sel = src == code
+        xs[sel], ys[sel] = _transformer(int(code), grid.epsg).transform(xs[sel], ys[sel])
+    bounds = np.stack([xs.min(1), ys.min(1), xs.max(1), ys.max(1)], axis=1)
+    left, bottom, right, top = grid.bounds
+    overlap = (bounds[:, 0] < right) & (bounds[:, 2] > left) & (bounds[:, 1] < top) & (bounds[:, 3] > bottom)
+    table = np.full(n * m, None, dtype=ASSET_TABLE_DT)
+    table["url"] = np.array([a.get("href") if ok else None for a, ok in zip(assets, overlap)], dtype=object)
+    table["bounds"] = np.where(overlap[:, None], bounds, np.nan)
+    table["scale_offset"] = (1.0, 0.0)
+    return table.reshape(n, m)
+
+
+def _lonlat_bbox(item: dict) -> list[float]:
+    """An item's 2-D lon/lat bbox (a 3-D bbox loses its heights; none → NaN)."""
+    bbox = item.get("bbox") or []
+    if len(bbox) == 6:
+        return [bbox[0], bbox[1], bbox[3], bbox[4]]
+    return list(bbox[:4]) if len(bbox) == 4 else [np.nan] * 4
+
+
+def _transformer(src: int, dst: int | None) -> Any:
+    from pyproj import Transformer
+
+    return Transformer.from_crs(src, dst, always_xy=True)
+
+
+def _time_groups(items: list[dict], config: PixelsConfig, feature: Feature,
+                 time_chunks: int | None) -> list[tuple[int, int]]:
+    """Contiguous ``[start, stop)`` item ranges, one per time chunk: a bin (a day in mode ``all``) or N
+    items."""
+    from pixels_xr.timeslices import assign_bins
+
+    n = len(items)
+    if time_chunks is not None:
+        return [(k, min(k + time_chunks, n)) for k in range(0, n, time_chunks)]
+    days = [item_datetime(i).astimezone(dt.timezone.utc).date() for i in items]
+    labels: list[Any] = days if config.mode == "all" else assign_bins(days, config.bins(feature))
+    starts = [k for k in range(n) if k == 0 or labels[k] != labels[k - 1]]
+    return list(zip(starts, starts[1:] + [n]))
+
+
+def _read_graph(table: np.ndarray, spec: Any, groups: list[tuple[int, int]], chunksize: int,
+                options: ReaderOptions, pool_size: int) -> Any:
+    """Dask array over the asset table with one read task per (time chunk, y block, x block) and one
+    reader-table task per time chunk, written as plain tasks: no per-asset task, no blockwise layer to
+    expand at submit time, so the graph is ready to run as soon as it is built."""
+    import dask
+    import dask.array as da
+    from dask._task_spec import Task, TaskRef
+    from dask.highlevelgraph import HighLevelGraph
+
+    height, width = spec.shape
+    y_chunks, x_chunks = da.core.normalize_chunks((chunksize, chunksize), (height, width))
+    y_edges, x_edges = np.cumsum((0,) + y_chunks), np.cumsum((0,) + x_chunks)
+    windows = [(slice(int(y_edges[i]), int(y_edges[i + 1])), slice(int(x_edges[j]), int(x_edges[j + 1])))
+               for i in range(len(y_chunks)) for j in range(len(x_chunks))]
+    token = dask.base.tokenize(list(table["url"].ravel()), table["bounds"], spec.epsg, spec.bounds,
+                               spec.resolutions_xy, groups, chunksize, options.token(), pool_size)
+    open_name, read_name = f"pixels-readers-{token}", f"pixels-read-{token}"
+    fetch = functools.partial(fetch_block, dtype=options.dtype, fill_value=options.fill_value,
+                              pool_size=pool_size)
+    opener = functools.partial(open_readers, spec=spec, options=options)
+    opens, reads = {}, {}
+    nx = len(x_chunks)
+    with _gc_paused():  # tens of thousands of small objects: generational GC passes would cost 5x the build
+        for k, (start, stop) in enumerate(groups):
+            okey = (open_name, k)
+            opens[okey] = Task(okey, opener, table[start:stop])
+            ref = TaskRef(okey)
+            for w, window in enumerate(windows):
+                key = (read_name, k, 0, w // nx, w % nx)
+                reads[key] = Task(key, fetch, ref, window)
+    graph = HighLevelGraph({open_name: opens, read_name: reads}, {open_name: set(), read_name: {open_name}})
+    chunks = (tuple(stop - start for start, stop in groups), (table.shape[1],), y_chunks, x_chunks)
+    return da.Array(graph, read_name, chunks, meta=np.empty((0, 0, 0, 0), options.dtype))
 
 
 def _load_odc(items: list[dict], names: list[str], mask_names: list[str], grid: Grid, dtype: np.dtype,
@@ -220,8 +343,10 @@ def _load_odc(items: list[dict], names: list[str], mask_names: list[str], grid: 
     geobox = GeoBox(grid.shape, grid.transform, f"EPSG:{grid.epsg}")
     py_items = [pystac.Item.from_dict({**i, "links": []}, migrate=False) for i in items]
     resampling = {n: ("nearest" if n in mask_names else config.resampling) for n in names}
-    ds = odc.stac.load(py_items, bands=names, geobox=geobox, chunks={"x": config.chunksize, "y": config.chunksize},
-                       resampling=resampling, dtype=str(dtype), nodata=fill.item(), groupby="id",
+    ds = odc.stac.load(py_items, bands=names, geobox=geobox,
+                       chunks={"x": config.chunksize, "y": config.chunksize}, resampling=resampling,
+                       dtype=str(dtype), nodata=fill.item(), groupby="id",
+                       driver=BoundedRioDriver(config.pool_size),
                        fail_on_error=config.on_asset_error == "fail")
     cube = ds[names].to_array("band").transpose("time", "band", "y", "x")
     cube = cube.assign_coords(time=np.array([np.datetime64(item_datetime(i).replace(tzinfo=None), "ns")
@@ -229,12 +354,23 @@ def _load_odc(items: list[dict], names: list[str], mask_names: list[str], grid: 
     return cube.drop_vars([c for c in cube.coords if c not in {"time", "band", "x", "y"}])
 
 
+@contextlib.contextmanager
+def _gc_paused() -> Iterator[None]:
+    enabled = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if enabled:
+            gc.enable()
+
+
 def to_reflectance(cube: xr.DataArray) -> xr.DataArray:
     """Reflectance bands as float32: ``DN × scale + offset`` per item, nodata → NaN (mask bands dropped)."""
     refl = cube.sel(band=cube.reflectance.values)
     nodata = cube.attrs.get("nodata")
-    valid = refl != nodata if nodata is not None and not (isinstance(nodata, float) and np.isnan(nodata)) else \
-        refl.notnull()
+    has_nodata = nodata is not None and not (isinstance(nodata, float) and np.isnan(nodata))
+    valid = refl != nodata if has_nodata else refl.notnull()
     out = (refl.astype("float32") * refl.scale.astype("float32") + refl.offset.astype("float32"))
     out = out.where(valid)
     out.attrs = {**cube.attrs, "nodata": float("nan"), "units": "reflectance"}
@@ -253,17 +389,19 @@ def check_assets(items: list[dict], config: PixelsConfig) -> tuple[list[dict], l
 
     def probe(item: dict, name: str, asset: dict) -> dict | None:
         try:
-            with rasterio.Env(**GDAL_CLOUD_ENV), rasterio.open(asset["href"]) as ds:
+            with read_slots(config.pool_size), rasterio.Env(**GDAL_CLOUD_ENV), \
+                    rasterio.open(asset["href"]) as ds:
                 ds.read(1, window=((0, 1), (0, 1)))
         except Exception as exc:
             return {"item": item["id"], "asset": name, "href": _redact(asset["href"]),
                     "error": " ".join(str(exc).split())[:300]}
         return None
 
-    signed = _sign(items, config)
-    jobs = [(orig, name, asset) for orig, item in zip(items, signed) for name, asset in item["assets"].items()]
-    with concurrent.futures.ThreadPoolExecutor(max_workers=config.pool_size) as pool:
-        results = list(pool.map(lambda j: probe(*j), jobs))
+    signer = SIGNERS.get(config.catalog)
+    signed = [signer(i) for i in items] if signer else items
+    jobs = [(orig, name, asset) for orig, item in zip(items, signed)
+            for name, asset in item["assets"].items()]
+    results = list(read_pool(config.pool_size).map(lambda j: probe(*j), jobs))
     problems = [r for r in results if r is not None]
     if problems and config.on_asset_error == "fail":
         p = problems[0]

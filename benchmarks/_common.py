@@ -1,0 +1,54 @@
+"""Helpers shared by the pipeline benchmarks: timing, machine state, graph materialisation, RESULTS.md."""
+
+from __future__ import annotations
+
+import os
+import platform
+import re
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+RESULTS = Path(__file__).with_name("RESULTS.md")
+
+
+def timed(fn: Callable[[], Any], repeat: int = 1) -> tuple[float, Any]:
+    """(best wall-clock seconds of ``repeat`` runs, last result)."""
+    best, result = float("inf"), None
+    for _ in range(repeat):
+        t0 = time.perf_counter()
+        result = fn()
+        best = min(best, time.perf_counter() - t0)
+    return best, result
+
+
+def materialise(*collections: Any) -> dict:
+    """The low-level task graph ``dask.compute`` would hand to a scheduler: expression optimised, every layer
+    expanded into tasks (dask's own ``compute`` path up to the scheduler call)."""
+    from dask._expr import FinalizeCompute
+    from dask._task_spec import convert_legacy_graph
+    from dask.base import collections_to_expr
+
+    expr = FinalizeCompute(collections_to_expr(list(collections))).optimize()
+    return convert_legacy_graph(expr.__dask_graph__())
+
+
+def machine_state() -> str:
+    """One line: CPU, core count, load averages (the machine is shared: timings are noisy)."""
+    load = ", ".join(f"{v:.2f}" for v in os.getloadavg())
+    return (f"{platform.machine()}, {os.cpu_count()} CPUs, Python {platform.python_version()}, "
+            f"load average {load} (1/5/15 min)")
+
+
+def update_results(tag: str, section: str) -> None:
+    """Replace the ``<!-- tag -->`` … ``<!-- /tag -->`` section of RESULTS.md (append it when missing)."""
+    begin, end = f"<!-- {tag} -->", f"<!-- /{tag} -->"
+    text = RESULTS.read_text() if RESULTS.exists() else "# Benchmark results\n"
+    block = f"{begin}\n{section.rstrip()}\n{end}"
+    pattern = re.compile(re.escape(begin) + r".*?" + re.escape(end), re.S)
+    if pattern.search(text):
+        text = pattern.sub(lambda _: block, text)
+    else:
+        text = text.rstrip() + "\n\n" + block + "\n"
+    RESULTS.write_text(text)

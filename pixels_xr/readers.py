@@ -1,0 +1,170 @@
+"""Reading cube blocks: per-process read concurrency (``pool_size``) and the task that fills one block.
+
+A cube block holds one time chunk (a time bin, or one acquisition day in mode ``all``) × all bands × one
+spatial window. Its task reads every asset of the chunk that overlaps the window through a per-process
+thread pool of ``pool_size`` threads, so a bin of many scenes is read in parallel even when the block is a
+single task. Independently of who calls, every GDAL open and read holds one of the process's
+``pool_size`` read slots (``PixelsReader`` for stackstac, ``BoundedRioDriver`` for odc-stac), so a
+process never runs more than ``pool_size`` reads at once whatever the scheduler and its thread count.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+from odc.loader._rio import RioDriver, RioReader, rio_read
+from rasterio import windows
+
+_LOCK = threading.Lock()
+_POOLS: dict[int, ThreadPoolExecutor] = {}
+_SLOTS: dict[int, threading.BoundedSemaphore] = {}
+
+
+def _reset_after_fork() -> None:  # a forked child must not inherit the parent's threads or held locks
+    global _LOCK
+    _LOCK = threading.Lock()
+    _POOLS.clear()
+    _SLOTS.clear()
+
+
+os.register_at_fork(after_in_child=_reset_after_fork)
+
+
+def read_slots(pool_size: int) -> threading.BoundedSemaphore:
+    """This process's semaphore of ``pool_size`` read slots (one per size): every GDAL open and read of a
+    cube holds a slot, whichever scheduler and thread runs it."""
+    with _LOCK:
+        slots = _SLOTS.get(pool_size)
+        if slots is None:
+            slots = _SLOTS[pool_size] = threading.BoundedSemaphore(pool_size)
+        return slots
+
+
+def read_pool(pool_size: int) -> ThreadPoolExecutor:
+    """This process's thread pool for reads with ``pool_size`` threads (one per size, created once)."""
+    with _LOCK:
+        pool = _POOLS.get(pool_size)
+        if pool is None:
+            pool = _POOLS[pool_size] = ThreadPoolExecutor(pool_size, f"pixels-read-{pool_size}")
+        return pool
+
+
+@dataclass(frozen=True)
+class ReaderOptions:
+    """How the readers of a cube open their assets (one entry of ``resampling`` per band)."""
+
+    reader: Any  # a stackstac ``Reader`` class or factory
+    resampling: tuple[Any, ...]
+    dtype: np.dtype
+    fill_value: Any
+    gdal_env: Any
+    errors_as_nodata: tuple[Exception, ...]
+
+    def token(self) -> tuple:
+        """A deterministic summary for dask keys."""
+        return (repr(self.reader), tuple(str(r) for r in self.resampling), str(self.dtype),
+                repr(self.fill_value), repr(self.gdal_env), repr(self.errors_as_nodata))
+
+
+def open_readers(table: np.ndarray, spec: Any, options: ReaderOptions) -> np.ndarray:
+    """Reader table of a time chunk: ``(reader, asset window)`` per asset with an href, else ``None``.
+
+    Readers open nothing until their first read (stackstac's ``Reader`` protocol).
+    """
+    out = np.empty(table.shape, dtype=object)
+    for index, entry in np.ndenumerate(table):
+        url = entry["url"]
+        if url:
+            reader = options.reader(url=url, spec=spec, resampling=options.resampling[index[1]],
+                                    dtype=options.dtype, fill_value=options.fill_value,
+                                    scale_offset=(1.0, 0.0), gdal_env=options.gdal_env,
+                                    errors_as_nodata=options.errors_as_nodata)
+            out[index] = (reader, windows.from_bounds(*entry["bounds"], transform=spec.transform))
+    return out
+
+
+def fetch_block(reader_table: np.ndarray, slices: tuple[slice, slice], dtype: np.dtype, fill_value: Any,
+                pool_size: int) -> np.ndarray:
+    """One ``(time, band, y, x)`` block: read every ``(reader, asset_window)`` entry overlapping ``slices``.
+
+    ``reader_table`` is stackstac's reader table for the block's time chunk (entries ``None`` where an item
+    lacks the asset or misses the grid). A block no asset overlaps is a read-only broadcast of the fill
+    value (no memory), as in stackstac.
+    """
+    window = windows.Window.from_slices(*slices)
+    shape = reader_table.shape + (window.height, window.width)
+    jobs = [(index, entry[0]) for index, entry in np.ndenumerate(reader_table)
+            if entry is not None and windows.intersect(window, entry[1])]
+    if not jobs:
+        return np.broadcast_to(np.array(fill_value, dtype), shape)
+    out = np.full(shape, fill_value, dtype)
+
+    def read(job: tuple[tuple[int, ...], Any]) -> None:
+        index, reader = job
+        out[index] = reader.read(window)
+
+    if len(jobs) == 1 or pool_size == 1:
+        for job in jobs:
+            read(job)
+    else:
+        for _ in read_pool(pool_size).map(read, jobs):  # re-raises the first failed read
+            pass
+    return out
+
+
+class PixelsReader:
+    """stackstac ``Reader`` around ``AutoParallelRioReader``: each open and read holds one of the process's
+    ``pool_size`` read slots. Picklable (distributed workers rebuild it and use their own slots)."""
+
+    def __init__(self, *, url: str, spec: Any, resampling: Any, dtype: np.dtype, fill_value: Any,
+                 scale_offset: tuple[float, float], gdal_env: Any = None,
+                 errors_as_nodata: tuple[Exception, ...] = (), pool_size: int = 8) -> None:
+        from stackstac.rio_reader import AutoParallelRioReader
+
+        self.url = url
+        self.pool_size = pool_size
+        self._state = {"url": url, "spec": spec, "resampling": resampling, "dtype": dtype,
+                       "fill_value": fill_value, "scale_offset": scale_offset, "gdal_env": gdal_env,
+                       "errors_as_nodata": errors_as_nodata}
+        self._inner = AutoParallelRioReader(**self._state)
+
+    def read(self, window: windows.Window, **kwargs: Any) -> np.ndarray:
+        with read_slots(self.pool_size):
+            return self._inner.read(window, **kwargs)
+
+    def close(self) -> None:
+        self._inner.close()
+
+    def __getstate__(self) -> dict:
+        return {**self._state, "pool_size": self.pool_size}
+
+    def __setstate__(self, state: dict) -> None:
+        self.__init__(**state)  # type: ignore[misc]
+
+
+class _BoundedRioReader(RioReader):
+    def __init__(self, src: Any, ctx: Any, pool_size: int) -> None:
+        super().__init__(src, ctx)
+        self._pool_size = pool_size
+
+    def read(self, cfg: Any, dst_geobox: Any, *, dst: Any = None, selection: Any = None) -> Any:
+        with read_slots(self._pool_size):
+            return rio_read(self._src, cfg, dst_geobox, dst=dst, selection=selection)
+
+
+class BoundedRioDriver(RioDriver):
+    """odc-stac's rasterio driver with every read (odc opens the file in each read) holding a read slot."""
+
+    def __init__(self, pool_size: int) -> None:
+        from odc.stac._mdtools import StacAuxReader
+
+        super().__init__(aux_reader=StacAuxReader())
+        self.pool_size = pool_size
+
+    def open(self, src: Any, ctx: Any) -> Any:
+        return _BoundedRioReader(src, ctx, self.pool_size)

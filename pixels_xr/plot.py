@@ -407,6 +407,7 @@ def write_quicklooks(store: str, out_dir: str | Path, feature: str | None = None
                      dpi: int = 100) -> list[Path]:
     """PNG quicklooks of every feature (or one) of a run's Zarr store: ``OUT_DIR/<feature>_<name>.png``."""
     from pixels_xr.features import check_id
+    from pixels_xr.io.zarr_store import open_feature
 
     ids = store_features(store)
     if feature is not None:
@@ -419,7 +420,7 @@ def write_quicklooks(store: str, out_dir: str | Path, feature: str | None = None
     written = []
     for fid in ids:
         check_id(fid, f"{store}/{fid}")
-        ds = xr.open_zarr(store, group=fid, consolidated=False)
+        ds = open_feature(store, fid)
         for name, fig in figures(ds).items():
             path = out / f"{fid}_{name}.png"
             fig.savefig(path, dpi=dpi)

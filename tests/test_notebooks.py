@@ -1,0 +1,87 @@
+"""The notebooks run top to bottom, offline, in a temporary folder, on this venv's Python; a cell error fails."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+nbformat = pytest.importorskip("nbformat")
+nbclient = pytest.importorskip("nbclient")
+pytest.importorskip("ipykernel")
+pytest.importorskip("matplotlib")
+
+REPO = Path(__file__).resolve().parents[1]
+NOTEBOOKS = REPO / "notebooks"
+KERNEL = "pixels-xr-test-venv"
+
+
+@pytest.fixture
+def kernel_env(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """A kernelspec running *this* interpreter (not whatever "python3" means on the machine) and a work dir."""
+    spec = tmp_path / "jupyter" / "kernels" / KERNEL
+    spec.mkdir(parents=True)
+    (spec / "kernel.json").write_text(json.dumps({
+        "argv": [sys.executable, "-m", "ipykernel_launcher", "-f", "{connection_file}"],
+        "display_name": "pixels_xr test venv", "language": "python"}))
+    monkeypatch.setenv("JUPYTER_PATH", str(tmp_path / "jupyter"))
+    work = tmp_path / "work"
+    monkeypatch.setenv("PIXELS_XR_WORKDIR", str(work))
+    monkeypatch.setenv("PIXELS_XR_REPO", str(REPO))
+    monkeypatch.delenv("PIXELS_XR_CLUSTER", raising=False)
+    monkeypatch.delenv("PIXELS_XR_CLUSTER_OPTIONS", raising=False)
+    return work
+
+
+def execute(name: str, timeout: int = 600) -> nbformat.NotebookNode:
+    """Run a notebook in notebooks/ with the test kernel; raises CellExecutionError on the first failing cell."""
+    nb = nbformat.read(NOTEBOOKS / name, as_version=4)
+    client = nbclient.NotebookClient(nb, timeout=timeout, kernel_name=KERNEL, allow_errors=False,
+                                     resources={"metadata": {"path": str(NOTEBOOKS)}})
+    client.execute()
+    return nb
+
+
+def outputs(nb: nbformat.NotebookNode, mime: str) -> list:
+    return [o for c in nb.cells if c.cell_type == "code" for o in c.get("outputs", [])
+            if mime in o.get("data", {})]
+
+
+def stdout(nb: nbformat.NotebookNode) -> str:
+    return "".join(o.get("text", "") for c in nb.cells if c.cell_type == "code" for o in c.get("outputs", [])
+                   if o.get("name") == "stdout")
+
+
+def test_notebooks_are_stored_without_outputs() -> None:
+    """Committed notebooks carry no outputs or execution counts (small diffs; CI produces the outputs)."""
+    names = sorted(p.name for p in NOTEBOOKS.glob("*.ipynb"))
+    assert names == ["distributed.ipynb", "quickstart.ipynb"]
+    for name in names:
+        nb = nbformat.read(NOTEBOOKS / name, as_version=4)
+        nbformat.validate(nb)
+        for cell in nb.cells:
+            if cell.cell_type == "code":
+                assert not cell.outputs and cell.execution_count is None, f"{name}: stored outputs"
+
+
+def test_quickstart_runs_offline_and_draws_every_plot(kernel_env: Path) -> None:
+    nb = execute("quickstart.ipynb")
+    assert len(outputs(nb, "image/png")) == 9  # every quicklook, map and series is displayed as an image
+    figures = sorted(p.name for p in (kernel_env / "figures").iterdir())
+    assert figures == ["composite_field-2_rgb.png", "latest_field-2_clear_count.png", "latest_field-2_pixel.png",
+                       "latest_field-2_rgb.png", "latest_field-2_source_time.png"]
+    assert all((kernel_env / "figures" / f).stat().st_size > 10_000 for f in figures)
+    text = stdout(nb)
+    assert "72 items" in text and "used 2022-" in text
+
+
+def test_distributed_runs_on_a_local_cluster_through_its_scheduler_address(kernel_env: Path) -> None:
+    nb = execute("distributed.ipynb")
+    text = stdout(nb)
+    assert "cluster: tcp://127.0.0.1:" in text
+    assert "identical to the in-process result" in text
+    assert len(outputs(nb, "image/png")) >= 2
+    pngs = sorted(p.name for p in (kernel_env / "quicklooks").iterdir())
+    assert "field-2_rgb.png" in pngs and "field-2_source_time.png" in pngs

@@ -1,4 +1,4 @@
-"""The notebooks run top to bottom, offline, in a temporary folder, on this venv's Python; a cell error fails."""
+"""The notebooks run top to bottom, offline, in a temp folder, on this venv's Python; cell errors fail."""
 
 from __future__ import annotations
 
@@ -20,7 +20,7 @@ KERNEL = "pixels-xr-test-venv"
 
 @pytest.fixture
 def kernel_env(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
-    """A kernelspec running *this* interpreter (not whatever "python3" means on the machine) and a work dir."""
+    """A kernelspec running *this* interpreter (not whatever "python3" is on the machine) and a work dir."""
     spec = tmp_path / "jupyter" / "kernels" / KERNEL
     spec.mkdir(parents=True)
     (spec / "kernel.json").write_text(json.dumps({
@@ -36,7 +36,7 @@ def kernel_env(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
 
 
 def execute(name: str, timeout: int = 600) -> nbformat.NotebookNode:
-    """Run a notebook in notebooks/ with the test kernel; raises CellExecutionError on the first failing cell."""
+    """Run notebooks/NAME with the test kernel; raises CellExecutionError at the first failing cell."""
     nb = nbformat.read(NOTEBOOKS / name, as_version=4)
     client = nbclient.NotebookClient(nb, timeout=timeout, kernel_name=KERNEL, allow_errors=False,
                                      resources={"metadata": {"path": str(NOTEBOOKS)}})
@@ -70,8 +70,8 @@ def test_quickstart_runs_offline_and_draws_every_plot(kernel_env: Path) -> None:
     nb = execute("quickstart.ipynb")
     assert len(outputs(nb, "image/png")) == 9  # every quicklook, map and series is displayed as an image
     figures = sorted(p.name for p in (kernel_env / "figures").iterdir())
-    assert figures == ["composite_field-2_rgb.png", "latest_field-2_clear_count.png", "latest_field-2_pixel.png",
-                       "latest_field-2_rgb.png", "latest_field-2_source_time.png"]
+    assert figures == ["composite_field-2_rgb.png", "latest_field-2_clear_count.png",
+                       "latest_field-2_pixel.png", "latest_field-2_rgb.png", "latest_field-2_source_time.png"]
     assert all((kernel_env / "figures" / f).stat().st_size > 10_000 for f in figures)
     text = stdout(nb)
     assert "72 items" in text and "used 2022-" in text

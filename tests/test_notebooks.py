@@ -85,3 +85,22 @@ def test_distributed_runs_on_a_local_cluster_through_its_scheduler_address(kerne
     assert len(outputs(nb, "image/png")) >= 2
     pngs = sorted(p.name for p in (kernel_env / "quicklooks").iterdir())
     assert "field-2_rgb.png" in pngs and "field-2_source_time.png" in pngs
+
+
+def test_readme_figure_comes_from_the_quickstart() -> None:
+    """docs/quicklook.png is in the README; scripts/make_readme_figure.py takes it from the notebook."""
+    import importlib.util
+
+    from matplotlib.image import imread
+
+    path = REPO / "scripts" / "make_readme_figure.py"
+    spec = importlib.util.spec_from_file_location("make_readme_figure", path)
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    code = script.notebook_code(NOTEBOOKS / "quickstart.ipynb")
+    compile(code, "quickstart", "exec")  # magics dropped: plain Python
+    assert "%matplotlib" not in code and f'FIGURES / "{script.FIGURE}"' in code
+    assert "](docs/quicklook.png)" in (REPO / "README.md").read_text()
+    image = imread(script.TARGET)
+    assert script.TARGET == REPO / "docs" / "quicklook.png"
+    assert image.shape[0] > 400 and image.shape[1] > 600 and image[..., :3].std() > 0.1

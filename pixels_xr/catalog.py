@@ -8,6 +8,9 @@ configuration's common band names (``B04`` → ``red``) plus the mask asset, eac
 
 Same-day duplicates of one tile (reprocessings) keep one item: the highest processing baseline, then the
 latest ``updated``/``created``/processing time, then the greatest id.
+
+Hrefs stay unsigned here: the readers sign them just before opening, through the signer registered for
+the catalog (``SIGNERS``; Planetary Computer by default), and again when the signature expires.
 """
 
 from __future__ import annotations
@@ -16,7 +19,7 @@ import copy
 import datetime as dt
 import json
 import logging
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
@@ -29,6 +32,7 @@ from pixels_xr.errors import CatalogError
 from pixels_xr.features import Feature
 from pixels_xr.platforms import PROVIDERS, Band, Platform, asset_candidates, canonical_band, \
     reflectance_scale_offset
+from pixels_xr.signing import PlanetaryComputerSigner, Signer
 
 log = logging.getLogger(__name__)
 
@@ -38,14 +42,23 @@ RETRY_STATUSES = (429, 500, 502, 503, 504)
 RETRY_TOTAL = 5
 
 # ----------------------------------------------------------------------------------------------- signing
-Signer = Callable[[dict], dict]
-#: Provider name → function that returns an item with readable (signed) hrefs. Plug in your own.
-SIGNERS: dict[str, Signer] = {}
+#: Catalog (provider name, STAC API URL or local path) → signer of asset hrefs, called by the readers just
+#: before they open an asset and again when its signature expires (see ``pixels_xr.signing``).
+SIGNERS: dict[str, Signer] = {"planetary-computer": PlanetaryComputerSigner()}
 
 
-def register_signer(provider: str, signer: Signer) -> None:
-    """Register ``signer`` for items from ``provider`` (called by the cube just before reading)."""
-    SIGNERS[provider] = signer
+def register_signer(catalog: str, signer: Signer) -> None:
+    """Register ``signer`` (``href -> str | SignedHref``) for items of ``catalog`` (a provider name such as
+    ``planetary-computer``, a STAC API URL or a local catalog path)."""
+    SIGNERS[catalog] = signer
+
+
+def signer_for(catalog: str) -> Signer | None:
+    """The signer registered for a catalog, also when a provider is named by its API URL."""
+    if catalog in SIGNERS:
+        return SIGNERS[catalog]
+    names = [name for name, url in PROVIDERS.items() if url.rstrip("/") == catalog.rstrip("/")]
+    return SIGNERS.get(names[0]) if names else None
 
 
 # ----------------------------------------------------------------------------------------------- search
@@ -263,7 +276,8 @@ def _common_names(asset: dict) -> set[str]:
 
 
 def find_asset(item: dict, band: Band | str) -> str | None:
-    """Key of the asset holding ``band`` in an item: by key (either naming) then by eo/STAC 1.1 common name."""
+    """Key of the asset holding ``band`` in an item: by key (either naming), then by eo/STAC 1.1 common
+    name."""
     assets = item.get("assets", {})
     if isinstance(band, str):
         if band in assets:
@@ -297,7 +311,8 @@ def normalize_item(item: dict, config: PixelsConfig) -> dict:
     props.pop("proj:code", None)
     platform, level = config.platform, config.resolved_level
     assets: dict[str, dict] = {}
-    wanted: list[tuple[str, Band | str]] = [(b, canonical_band(platform, level, b)) for b in config.band_names]
+    wanted: list[tuple[str, Band | str]] = [(b, canonical_band(platform, level, b))
+                                            for b in config.band_names]
     spec = config.mask_spec
     if spec is not None and spec.asset not in config.band_names:
         mask_band: Band | str

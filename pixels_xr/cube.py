@@ -16,7 +16,6 @@ import datetime as dt
 import functools
 import gc
 import logging
-import re
 from collections.abc import Iterator
 from typing import Any, Literal
 
@@ -25,7 +24,7 @@ import rioxarray  # noqa: F401  (registers the .rio accessor)
 import xarray as xr
 from rasterio.enums import Resampling
 
-from pixels_xr.catalog import SIGNERS, item_datetime
+from pixels_xr.catalog import item_datetime, signer_for
 from pixels_xr.config import PixelsConfig
 from pixels_xr.errors import AssetReadError, ConfigError
 from pixels_xr.features import Feature
@@ -33,6 +32,7 @@ from pixels_xr.grid import Grid, common_phase
 from pixels_xr.plan import check_size, feature_grid
 from pixels_xr.readers import BoundedRioDriver, PixelsReader, ReaderOptions, fetch_block, open_readers, \
     read_pool, read_slots
+from pixels_xr.signing import Signer, redact, sign
 
 log = logging.getLogger(__name__)
 
@@ -58,14 +58,14 @@ def output_grid(items: list[dict], feature: Feature, config: PixelsConfig) -> Gr
     origins = {(float(tr[2]), float(tr[5])) for item in items for asset in item["assets"].values()
                if asset.get("proj:epsg") == epsg and (tr := asset.get("proj:transform")) and len(tr) >= 6}
     if not origins and items:
-        origins = set(_header_origins(items[0], epsg))
+        origins = set(_header_origins(items[0], epsg, signer_for(config.catalog)))
     if origins:
         grid = feature_grid(config, feature, common_phase(sorted(origins), config.resolved_scale))
     check_size(config, feature, grid)
     return grid
 
 
-def _header_origins(item: dict, epsg: int | None) -> list[tuple[float, float]]:
+def _header_origins(item: dict, epsg: int | None, signer: Signer | None) -> list[tuple[float, float]]:
     """Grid origin read from the first asset's header when the metadata carries no ``proj:transform``."""
     import rasterio
 
@@ -73,7 +73,7 @@ def _header_origins(item: dict, epsg: int | None) -> list[tuple[float, float]]:
         if asset.get("proj:epsg") != epsg:
             continue
         try:
-            with rasterio.Env(**GDAL_CLOUD_ENV), rasterio.open(asset["href"]) as ds:
+            with rasterio.Env(**GDAL_CLOUD_ENV), rasterio.open(sign(signer, asset["href"]).href) as ds:
                 return [(ds.transform.c, ds.transform.f)]
         except Exception:  # unreadable assets are reported by check_assets; fall back to phase 0
             return []
@@ -218,7 +218,7 @@ def _load_stackstac(items: list[dict], names: list[str], mask_names: list[str], 
     resampling = [Resampling.nearest if (n in mask_names or config.resampling == "nearest")
                   else Resampling[config.resampling] for n in names]
     env = stackstac.DEFAULT_GDAL_ENV.updated(always=GDAL_CLOUD_ENV)
-    reader = functools.partial(PixelsReader, pool_size=config.pool_size)
+    reader = functools.partial(PixelsReader, pool_size=config.pool_size, signer=signer_for(config.catalog))
     data = _read_graph(table, spec, _time_groups(items, config, feature, time_chunks), config.chunksize,
                        ReaderOptions(reader, tuple(resampling), dtype, fill, env, _errors_as_nodata(config)),
                        config.pool_size)
@@ -346,7 +346,7 @@ def _load_odc(items: list[dict], names: list[str], mask_names: list[str], grid: 
     ds = odc.stac.load(py_items, bands=names, geobox=geobox,
                        chunks={"x": config.chunksize, "y": config.chunksize}, resampling=resampling,
                        dtype=str(dtype), nodata=fill.item(), groupby="id",
-                       driver=BoundedRioDriver(config.pool_size),
+                       driver=BoundedRioDriver(config.pool_size, signer_for(config.catalog)),
                        fail_on_error=config.on_asset_error == "fail")
     cube = ds[names].to_array("band").transpose("time", "band", "y", "x")
     cube = cube.assign_coords(time=np.array([np.datetime64(item_datetime(i).replace(tzinfo=None), "ns")
@@ -387,20 +387,20 @@ def check_assets(items: list[dict], config: PixelsConfig) -> tuple[list[dict], l
     """
     import rasterio
 
+    signer = signer_for(config.catalog)
+
     def probe(item: dict, name: str, asset: dict) -> dict | None:
         try:
-            with read_slots(config.pool_size), rasterio.Env(**GDAL_CLOUD_ENV), \
-                    rasterio.open(asset["href"]) as ds:
-                ds.read(1, window=((0, 1), (0, 1)))
+            with read_slots(config.pool_size):
+                href = sign(signer, asset["href"]).href  # a token API failure is this asset's problem too
+                with rasterio.Env(**GDAL_CLOUD_ENV), rasterio.open(href) as ds:
+                    ds.read(1, window=((0, 1), (0, 1)))
         except Exception as exc:
-            return {"item": item["id"], "asset": name, "href": _redact(asset["href"]),
-                    "error": " ".join(str(exc).split())[:300]}
+            return {"item": item["id"], "asset": name, "href": redact(asset["href"]),
+                    "error": redact(" ".join(str(exc).split()))[:300]}
         return None
 
-    signer = SIGNERS.get(config.catalog)
-    signed = [signer(i) for i in items] if signer else items
-    jobs = [(orig, name, asset) for orig, item in zip(items, signed)
-            for name, asset in item["assets"].items()]
+    jobs = [(item, name, asset) for item in items for name, asset in item["assets"].items()]
     results = list(read_pool(config.pool_size).map(lambda j: probe(*j), jobs))
     problems = [r for r in results if r is not None]
     if problems and config.on_asset_error == "fail":
@@ -408,8 +408,3 @@ def check_assets(items: list[dict], config: PixelsConfig) -> tuple[list[dict], l
         raise AssetReadError(f"asset {p['asset']!r} unreadable: {p['error']}", f"item {p['item']!r}")
     bad = {p["item"] for p in problems}
     return [i for i in items if i["id"] not in bad], problems
-
-
-def _redact(href: str) -> str:
-    """An href without query strings (SAS tokens and signatures never reach logs or reports)."""
-    return re.sub(r"\?.*$", "", href)

@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import os
 import threading
+import time
+import warnings
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
@@ -19,6 +21,9 @@ from typing import Any
 import numpy as np
 from odc.loader._rio import RioDriver, RioReader, rio_read
 from rasterio import windows
+
+from pixels_xr.errors import AssetReadError
+from pixels_xr.signing import Signer, redact, sign
 
 _LOCK = threading.Lock()
 _POOLS: dict[int, ThreadPoolExecutor] = {}
@@ -118,53 +123,97 @@ def fetch_block(reader_table: np.ndarray, slices: tuple[slice, slice], dtype: np
 
 
 class PixelsReader:
-    """stackstac ``Reader`` around ``AutoParallelRioReader``: each open and read holds one of the process's
-    ``pool_size`` read slots. Picklable (distributed workers rebuild it and use their own slots)."""
+    """stackstac ``Reader`` around ``AutoParallelRioReader`` that signs its href just before opening and
+    again once the signature expires (``signer``, see ``signing``), and holds one of the process's
+    ``pool_size`` read slots around each open and read. Error messages and warnings never carry the
+    signed query string. Picklable (distributed workers rebuild it and use their own slots)."""
 
     def __init__(self, *, url: str, spec: Any, resampling: Any, dtype: np.dtype, fill_value: Any,
                  scale_offset: tuple[float, float], gdal_env: Any = None,
-                 errors_as_nodata: tuple[Exception, ...] = (), pool_size: int = 8) -> None:
-        from stackstac.rio_reader import AutoParallelRioReader
-
+                 errors_as_nodata: tuple[Exception, ...] = (), pool_size: int = 8,
+                 signer: Signer | None = None) -> None:
         self.url = url
         self.pool_size = pool_size
+        self.signer = signer
+        self.errors_as_nodata = errors_as_nodata
         self._state = {"url": url, "spec": spec, "resampling": resampling, "dtype": dtype,
-                       "fill_value": fill_value, "scale_offset": scale_offset, "gdal_env": gdal_env,
-                       "errors_as_nodata": errors_as_nodata}
-        self._inner = AutoParallelRioReader(**self._state)
+                       "fill_value": fill_value, "scale_offset": scale_offset, "gdal_env": gdal_env}
+        self._inner: Any = None
+        self._expires: float | None = None
+        self._broken = False  # an open failed and errors_as_nodata matched: nodata from now on
+        self._lock = threading.Lock()
+
+    def _reader(self) -> Any:
+        """The open reader, (re)created with a fresh signature when there is none or it expired."""
+        from stackstac.rio_reader import AutoParallelRioReader
+
+        with self._lock:
+            if self._inner is None or (self._expires is not None and time.time() >= self._expires):
+                signed = sign(self.signer, self.url)
+                self._inner = AutoParallelRioReader(**{**self._state, "url": signed.href})
+                self._expires = signed.expires
+            return self._inner
 
     def read(self, window: windows.Window, **kwargs: Any) -> np.ndarray:
-        with read_slots(self.pool_size):
-            return self._inner.read(window, **kwargs)
+        from stackstac.nodata_reader import exception_matches, nodata_for_window
+
+        if not self._broken:
+            with read_slots(self.pool_size):
+                try:
+                    return self._reader().read(window, **kwargs)
+                except Exception as exc:
+                    message = redact(str(exc))
+                    cause = exc.__cause__ if isinstance(exc.__cause__, Exception) else exc
+                    if not (exception_matches(exc, self.errors_as_nodata)
+                            or exception_matches(cause, self.errors_as_nodata)):
+                        raise AssetReadError(message, redact(self.url)) from None
+                    warnings.warn(message, stacklevel=2)
+                    self._broken = message.startswith("Error opening")
+        return nodata_for_window(window, self._state["fill_value"], self._state["dtype"])
 
     def close(self) -> None:
-        self._inner.close()
+        with self._lock:
+            if self._inner is not None:
+                self._inner.close()
+            self._inner = None
 
     def __getstate__(self) -> dict:
-        return {**self._state, "pool_size": self.pool_size}
+        return {**self._state, "errors_as_nodata": self.errors_as_nodata, "pool_size": self.pool_size,
+                "signer": self.signer}
 
     def __setstate__(self, state: dict) -> None:
         self.__init__(**state)  # type: ignore[misc]
 
 
 class _BoundedRioReader(RioReader):
-    def __init__(self, src: Any, ctx: Any, pool_size: int) -> None:
+    def __init__(self, src: Any, ctx: Any, pool_size: int, signer: Signer | None) -> None:
         super().__init__(src, ctx)
         self._pool_size = pool_size
+        self._signer = signer
 
     def read(self, cfg: Any, dst_geobox: Any, *, dst: Any = None, selection: Any = None) -> Any:
         with read_slots(self._pool_size):
-            return rio_read(self._src, cfg, dst_geobox, dst=dst, selection=selection)
+            src = self._src
+            if self._signer is not None:  # odc opens the file in every read: sign each time (cached tokens)
+                src = src.patch(uri=sign(self._signer, src.uri).href)
+            try:
+                return rio_read(src, cfg, dst_geobox, dst=dst, selection=selection)
+            except Exception as exc:
+                if src.uri == self._src.uri:
+                    raise
+                raise AssetReadError(redact(str(exc)), redact(src.uri)) from None
 
 
 class BoundedRioDriver(RioDriver):
-    """odc-stac's rasterio driver with every read (odc opens the file in each read) holding a read slot."""
+    """odc-stac's rasterio driver: every read (odc opens the file in each read) holds a read slot and
+    reads a freshly signed href."""
 
-    def __init__(self, pool_size: int) -> None:
+    def __init__(self, pool_size: int, signer: Signer | None = None) -> None:
         from odc.stac._mdtools import StacAuxReader
 
         super().__init__(aux_reader=StacAuxReader())
         self.pool_size = pool_size
+        self.signer = signer
 
     def open(self, src: Any, ctx: Any) -> Any:
-        return _BoundedRioReader(src, ctx, self.pool_size)
+        return _BoundedRioReader(src, ctx, self.pool_size, self.signer)

@@ -1,0 +1,163 @@
+"""Signing asset hrefs just before they are read: the signer protocol and the Planetary Computer SAS signer.
+
+A signer is a callable ``href -> str | SignedHref``; a ``SignedHref`` may carry the moment (epoch seconds)
+after which it must be signed again. Readers call the signer when they open an asset and again once that
+moment has passed, so a long run never reads with an expired token. Register signers per catalog with
+``catalog.register_signer``; ``planetary-computer`` has ``PlanetaryComputerSigner`` by default.
+
+Planetary Computer: a blob ``https://{account}.blob.core.windows.net/{container}/{path}`` is read with a SAS
+token of its container from ``{token API}/{account}/{container}`` (default
+``https://planetarycomputer.microsoft.com/api/sas/v1/token``; override with ``PIXELS_XR_PC_SAS_URL``; an
+optional ``PC_SDK_SUBSCRIPTION_KEY`` is sent as ``Ocp-Apim-Subscription-Key``). The token is appended as
+the query string and cached per (account, container) until ``margin`` seconds before its ``msft:expiry``.
+Emulator-style URLs (``http://127.0.0.1:10000/{account}/{container}/{path}``, as Azurite serves them) are
+understood too. Other hrefs pass unchanged. Tokens never reach logs or errors: see ``redact``.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import os
+import re
+import threading
+import time
+import urllib.error
+import urllib.parse
+import urllib.request
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from pixels_xr.errors import AssetReadError
+
+PC_SAS_URL = "https://planetarycomputer.microsoft.com/api/sas/v1/token"
+PC_SAS_ENV = "PIXELS_XR_PC_SAS_URL"
+PC_KEY_ENV = "PC_SDK_SUBSCRIPTION_KEY"
+_RETRY_STATUSES = {429, 500, 502, 503, 504}
+
+
+@dataclass(frozen=True)
+class SignedHref:
+    """A readable href and when it stops being readable (epoch seconds; ``None``: never)."""
+
+    href: str
+    expires: float | None = None
+
+
+Signer = Callable[[str], "str | SignedHref"]
+
+
+def sign(signer: Signer | None, href: str) -> SignedHref:
+    """``href`` signed by ``signer`` (unchanged without one), as a ``SignedHref``."""
+    if signer is None:
+        return SignedHref(href)
+    out = signer(href)
+    return out if isinstance(out, SignedHref) else SignedHref(str(out))
+
+
+_QUERY = re.compile(r"(\b[a-zA-Z][a-zA-Z0-9+.-]*://[^\s'\"?#]*)\?[^\s'\"#]*")
+
+
+def redact(text: str) -> str:
+    """``text`` with the query string of every URL in it removed (SAS tokens, signatures)."""
+    return _QUERY.sub(r"\1", text)
+
+
+def _emulator_host(host: str) -> bool:
+    return host in {"localhost", "127.0.0.1", "::1"} or host.startswith("127.")
+
+
+def blob_container(href: str) -> tuple[str, str] | None:
+    """(account, container) of an Azure blob href, or ``None`` for any other href."""
+    parts = urllib.parse.urlsplit(href)
+    if parts.scheme not in {"http", "https"} or not parts.hostname:
+        return None
+    path = [p for p in parts.path.split("/") if p]
+    if parts.hostname.endswith(".blob.core.windows.net") and len(path) >= 2:
+        return parts.hostname.split(".", 1)[0], path[0]
+    if _emulator_host(parts.hostname) and len(path) >= 3:
+        return path[0], path[1]
+    return None
+
+
+class PlanetaryComputerSigner:
+    """Signs Planetary Computer blob hrefs with cached SAS tokens (see the module docstring).
+
+    ``endpoint`` defaults to ``$PIXELS_XR_PC_SAS_URL`` or the public token API, read when a token is
+    fetched; ``margin`` seconds before a token's expiry it is fetched again; ``clock`` gives epoch seconds.
+    Thread-safe; a copy sent to another process starts with an empty cache (tokens are never pickled).
+    """
+
+    def __init__(self, endpoint: str | None = None, margin: float = 300.0, timeout: float = 30.0,
+                 retries: int = 3, clock: Callable[[], float] = time.time) -> None:
+        self.endpoint, self.margin, self.timeout, self.retries = endpoint, margin, timeout, retries
+        self.clock = clock
+        self._tokens: dict[tuple[str, str], tuple[str, float]] = {}
+        self._lock = threading.Lock()
+
+    def __call__(self, href: str) -> str | SignedHref:
+        key = blob_container(href)
+        if key is None or "sig=" in urllib.parse.urlsplit(href).query:
+            return href
+        token, expiry = self.token(*key)
+        return SignedHref(f"{href}{'&' if '?' in href else '?'}{token}", expiry - self.margin)
+
+    def token(self, account: str, container: str) -> tuple[str, float]:
+        """(SAS token, expiry in epoch seconds) of a container, from the cache while fresh."""
+        with self._lock:
+            cached = self._tokens.get((account, container))
+            if cached is not None and self.clock() < cached[1] - self.margin:
+                return cached
+            cached = self._tokens[(account, container)] = self._fetch(account, container)
+            return cached
+
+    def _url(self, account: str, container: str) -> str:
+        base = self.endpoint or os.environ.get(PC_SAS_ENV) or PC_SAS_URL
+        return f"{base.rstrip('/')}/{urllib.parse.quote(account)}/{urllib.parse.quote(container)}"
+
+    def _fetch(self, account: str, container: str) -> tuple[str, float]:
+        url = self._url(account, container)
+        headers = {"Accept": "application/json"}
+        if os.environ.get(PC_KEY_ENV):
+            headers["Ocp-Apim-Subscription-Key"] = os.environ[PC_KEY_ENV]
+        for attempt in range(self.retries + 1):
+            try:
+                with urllib.request.urlopen(urllib.request.Request(url, headers=headers),
+                                            timeout=self.timeout) as resp:
+                    body = json.loads(resp.read())
+                break
+            except urllib.error.HTTPError as exc:
+                if exc.code not in _RETRY_STATUSES or attempt == self.retries:
+                    raise AssetReadError(f"SAS token request failed: HTTP {exc.code}", url) from None
+            except (urllib.error.URLError, TimeoutError, OSError) as exc:
+                if attempt == self.retries:
+                    reason = getattr(exc, "reason", exc)
+                    raise AssetReadError(f"SAS token request failed: {reason}", url) from None
+            except ValueError:
+                raise AssetReadError("SAS token response is not JSON", url) from None
+            time.sleep(min(0.5 * 2 ** attempt, 8.0))
+        try:
+            token = str(body["token"])
+            expiry = dt.datetime.fromisoformat(str(body["msft:expiry"]).replace("Z", "+00:00"))
+        except (KeyError, TypeError, ValueError):
+            raise AssetReadError("SAS token response lacks 'token' or a valid 'msft:expiry'", url) from None
+        if expiry.tzinfo is None:
+            expiry = expiry.replace(tzinfo=dt.timezone.utc)
+        return token.lstrip("?"), expiry.timestamp()
+
+    def __reduce__(self) -> tuple:
+        return (_process_signer, (self.endpoint, self.margin, self.timeout, self.retries))
+
+
+_PROCESS_SIGNERS: dict[tuple, PlanetaryComputerSigner] = {}
+_PROCESS_LOCK = threading.Lock()
+
+
+def _process_signer(endpoint: str | None, margin: float, timeout: float,
+                    retries: int) -> PlanetaryComputerSigner:
+    """One signer (one token cache) per process and settings: what an unpickled signer becomes."""
+    key = (endpoint, margin, timeout, retries)
+    with _PROCESS_LOCK:
+        if key not in _PROCESS_SIGNERS:
+            _PROCESS_SIGNERS[key] = PlanetaryComputerSigner(endpoint, margin, timeout, retries)
+        return _PROCESS_SIGNERS[key]

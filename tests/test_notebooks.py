@@ -104,3 +104,20 @@ def test_readme_figure_comes_from_the_quickstart() -> None:
     image = imread(script.TARGET)
     assert script.TARGET == REPO / "docs" / "quicklook.png"
     assert image.shape[0] > 400 and image.shape[1] > 600 and image[..., :3].std() > 0.1
+
+
+@pytest.mark.slow
+def test_distributed_gateway_variant_runs_on_a_real_gateway(kernel_env: Path, gateway_server,
+                                                            monkeypatch: pytest.MonkeyPatch) -> None:
+    """PIXELS_XR_CLUSTER=gateway with dask-gateway's DASK_GATEWAY__* settings, as the notebook documents."""
+    monkeypatch.setenv("PIXELS_XR_CLUSTER", "gateway")
+    monkeypatch.setenv("DASK_GATEWAY__ADDRESS", gateway_server.address)
+    monkeypatch.setenv("DASK_GATEWAY__PROXY_ADDRESS", gateway_server.proxy_address)
+    monkeypatch.setenv("DASK_GATEWAY__AUTH__TYPE", "basic")
+    monkeypatch.setenv("DASK_GATEWAY__AUTH__KWARGS__USERNAME", gateway_server.username)
+    monkeypatch.setenv("DASK_GATEWAY__AUTH__KWARGS__PASSWORD", gateway_server.password)
+    nb = execute("distributed.ipynb")
+    text = stdout(nb)
+    assert f"Dask Gateway at {gateway_server.address}" in text and "cluster: gateway" in text
+    assert "identical to the in-process result" in text
+    assert gateway_server.password not in json.dumps(nb)  # the secret never reaches an output

@@ -376,13 +376,17 @@ def _plot_observations(ax: Axes, obs: xr.Dataset, band: str, px: xr.Dataset, use
 # ----------------------------------------------------------------------------------------- stored runs
 def store_features(store: str) -> list[str]:
     """Feature ids (groups) of a run's Zarr store (local path or fsspec URL), sorted."""
+    import warnings
+
     import zarr
 
     try:
         root = zarr.open_group(store, mode="r")
     except (FileNotFoundError, KeyError, ValueError, TypeError) as exc:
         raise OutputError(f"not a Zarr store ({exc.__class__.__name__}: {exc})", store) from None
-    groups = sorted(str(name) for name in root.group_keys())
+    with warnings.catch_warnings():  # a run's store also holds non-Zarr folders (run manifest, STAC)
+        warnings.filterwarnings("ignore", message=".*not recognized as a component of a Zarr hierarchy")
+        groups = sorted(str(name) for name in root.group_keys())
     if not groups:
         raise OutputError("the store holds no feature groups", store)
     return groups

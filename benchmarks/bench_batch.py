@@ -1,0 +1,202 @@
+"""Batch throughput: 1 vs 2 workers on ≥20 features, peak memory of client and workers, bounded memory.
+
+    .venv/bin/python benchmarks/bench_batch.py [--features 20] [--size 512] [--no-write]
+    .venv/bin/python benchmarks/bench_batch.py --big   # + one field whose input cube dwarfs peak memory
+
+A synthetic sample (real COGs, ``make_sample``) is tiled into ``--features`` square fields; the same
+monthly median composite is run with ``run_batch`` into fresh Zarr stores on a LocalCluster of 1 and of 2
+single-threaded worker processes. Peak resident memory of the client process and of each worker is
+sampled every 50 ms (psutil). Outputs of the two runs are compared array by array. ``--big`` runs one
+feature over a larger sample whose input cube (time × bands × y × x) is many times the peak memory of any
+process, showing memory stays bounded by chunks in flight, not by cube size. Results go to the ``<!-- batch -->`` section
+of RESULTS.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import sys
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import psutil
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _common import machine_state, update_results  # noqa: E402
+
+WORK = Path(__file__).with_name("_work") / "batch"
+
+
+class PeakMemory:
+    """Peak RSS (bytes) of a set of processes, sampled in a background thread."""
+
+    def __init__(self, pids: dict[str, int], interval: float = 0.05) -> None:
+        self.procs = {name: psutil.Process(pid) for name, pid in pids.items()}
+        self.peak = dict.fromkeys(pids, 0)
+        self.interval = interval
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            for name, proc in self.procs.items():
+                try:
+                    self.peak[name] = max(self.peak[name], proc.memory_info().rss)
+                except psutil.Error:
+                    pass
+            time.sleep(self.interval)
+
+    def __enter__(self) -> PeakMemory:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
+
+
+def tiled_features(bounds: tuple[float, float, float, float], crs: str, n: int, path: Path) -> Path:
+    """``n`` square fields tiling the sample area (as close to square as the count allows)."""
+    minx, miny, maxx, maxy = bounds
+    cols = int(np.ceil(np.sqrt(n)))
+    rows = int(np.ceil(n / cols))
+    w, h = (maxx - minx) / cols, (maxy - miny) / rows
+    feats = []
+    for k in range(n):
+        r, c = divmod(k, cols)
+        x0, y0 = minx + c * w + 5, miny + r * h + 5
+        ring = [[x0, y0], [x0 + w - 10, y0], [x0 + w - 10, y0 + h - 10], [x0, y0 + h - 10], [x0, y0]]
+        feats.append({"type": "Feature", "id": f"cell-{k:03d}", "properties": {"crs": crs},
+                      "geometry": {"type": "Polygon", "coordinates": [ring]}})
+    path.write_text(json.dumps({"type": "FeatureCollection", "features": feats}))
+    return path
+
+
+def run(config, features, out: Path, workers: int) -> dict:
+    from distributed import Client, LocalCluster
+
+    from pixels_xr.batch import run_batch
+
+    shutil.rmtree(out, ignore_errors=True)
+    with LocalCluster(n_workers=workers, threads_per_worker=1, processes=True, dashboard_address=":0",
+                      ) as lc, Client(lc) as client:
+        pids = {"client": os.getpid(), **{f"worker {i}": pid for i, pid in
+                                          enumerate(client.run(os.getpid).values())}}
+        client.run(lambda: __import__("pixels_xr.compose"))  # imports are not what we measure
+        with PeakMemory(pids) as mem:
+            t0 = time.perf_counter()
+            report = run_batch(config, features, str(out), client=client, progress=False)
+            seconds = time.perf_counter() - t0
+    assert report.ok, report.to_dict()
+    return {"seconds": seconds, "units": report.units_written, "peak": mem.peak}
+
+
+def same_outputs(a: Path, b: Path, ids: list[str]) -> bool:
+    from pixels_xr.io.zarr_store import open_feature
+
+    for fid in ids:
+        da, db = open_feature(str(a), fid).load(), open_feature(str(b), fid).load()
+        for name in da.data_vars:
+            if not np.array_equal(da[name].values, db[name].values, equal_nan=True):
+                return False
+    return True
+
+
+def mib(n: int) -> str:
+    return f"{n / 2**20:,.0f}"
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--features", type=int, default=20)
+    ap.add_argument("--size", type=int, default=512, help="sample tile size in pixels")
+    ap.add_argument("--dates", type=int, default=24)
+    ap.add_argument("--big", action="store_true", help="also run one field whose cube dwarfs memory")
+    ap.add_argument("--big-size", type=int, default=1536, help="sample tile size for --big")
+    ap.add_argument("--no-write", action="store_true")
+    args = ap.parse_args()
+
+    from pixels_xr.config import load_config
+    from pixels_xr.features import load_features
+    from pixels_xr.sample import make_sample
+
+    WORK.mkdir(parents=True, exist_ok=True)
+    sample_dir = WORK / f"sample-{args.size}-{args.dates}"
+    if not (sample_dir / "catalog.json").exists():
+        shutil.rmtree(sample_dir, ignore_errors=True)
+    info = make_sample(sample_dir, n_dates=args.dates, width=args.size, height=args.size)
+    features = load_features(tiled_features(info.bounds, info.crs, args.features, WORK / "features.geojson"))
+    config = load_config({"start": "2021-11-01", "end": "2022-06-30", "mode": "composite",
+                          "composite_method": "median", "interval": "months", "platforms": "SENTINEL_2",
+                          "bands": ["blue", "green", "red", "nir"], "catalog": str(info.catalog),
+                          "chunksize": 512})
+    state = machine_state()
+    results = {w: run(config, features, WORK / f"out-{w}.zarr", w) for w in (1, 2)}
+    identical = same_outputs(WORK / "out-1.zarr", WORK / "out-2.zarr", [f.id for f in features])
+    ratio = results[1]["seconds"] / results[2]["seconds"]
+    pixels = sum(load_features_pixels(config, f) for f in features)
+    lines = [
+        "## Batch runs: 1 vs 2 workers, peak memory",
+        "",
+        f"`.venv/bin/python benchmarks/bench_batch.py{' --big' if args.big else ''}` — {len(features)} fields "
+        f"tiling a {args.size}² × 2-tile synthetic sample ({args.dates} dates, real COGs), monthly median "
+        f"composite Nov–Jun (8 bins), 4 bands, {pixels:,} output pixels per bin in all; `run_batch` into a "
+        "fresh Zarr store on a LocalCluster of single-threaded worker processes. "
+        f"Machine: {state}. Outputs of the two runs identical: {identical}.",
+        "",
+        "| workers | seconds | units | units/s | client peak MiB | worker peak MiB |",
+        "|---:|---:|---:|---:|---:|---|",
+    ]
+    for w, r in results.items():
+        workers_peak = ", ".join(mib(v) for k, v in r["peak"].items() if k != "client")
+        lines.append(f"| {w} | {r['seconds']:.1f} | {r['units']} | {r['units'] / r['seconds']:.2f} | "
+                     f"{mib(r['peak']['client'])} | {workers_peak} |")
+    lines += ["", f"Speed-up 2 vs 1 workers: **{ratio:.2f}×** (goal ≥1.7×)."]
+    if args.big:
+        lines += ["", *big_run(args.big_size, args.dates, config)]
+    text = "\n".join(lines)
+    print(text)
+    if not args.no_write:
+        update_results("batch", text)
+
+
+def load_features_pixels(config, feature) -> int:
+    from pixels_xr.plan import feature_grid
+
+    grid = feature_grid(config, feature)
+    return grid.width * grid.height
+
+
+def big_run(size: int, dates: int, config) -> list[str]:
+    """One field over a whole (larger) sample area and all dates: the input cube dwarfs peak memory."""
+    from pixels_xr.features import load_features
+    from pixels_xr.plan import feature_grid
+    from pixels_xr.sample import make_sample
+
+    info = make_sample(WORK / f"sample-{size}-{dates}", n_dates=dates, width=size, height=size)
+    minx, miny, maxx, maxy = info.bounds
+    path = WORK / "big.geojson"
+    ring = [[minx, miny], [maxx, miny], [maxx, maxy], [minx, maxy], [minx, miny]]
+    path.write_text(json.dumps({"type": "FeatureCollection", "features": [{
+        "type": "Feature", "id": "whole-area", "properties": {"crs": info.crs},
+        "geometry": {"type": "Polygon", "coordinates": [ring]}}]}))
+    features = load_features(path)
+    big = config.model_copy(update={"catalog": str(info.catalog), "chunksize": 512,
+                                    "max_pixels": 10**9})
+    grid = feature_grid(big, features[0])
+    cube_bytes = info.items * 5 * grid.width * grid.height * 2  # every item × 5 assets, uint16
+    r = run(big, features, WORK / "out-big.zarr", 2)
+    peak = max(v for k, v in r["peak"].items() if k != "client")
+    return [f"Bounded memory: one field of {grid.width}×{grid.height} px over all {info.items} items of a "
+            f"{size}² sample (input cube {mib(cube_bytes)} MiB as uint16, more as float32 reflectance) on 2 "
+            f"workers: {r['units']} units in {r['seconds']:.1f} s; peak worker RSS {mib(peak)} MiB "
+            f"(cube = {cube_bytes / peak:.1f}× a worker's peak), client {mib(r['peak']['client'])} MiB."]
+
+
+if __name__ == "__main__":
+    main()

@@ -266,9 +266,12 @@ def _pixel_block(block: np.ndarray, plan: _Plan, timed: bool) -> np.ndarray:
         samples = x.reshape(-1, x.shape[3])
         invalid = _nodata_pixels(bad, plan.when, (3,)).reshape(-1)
         out_shape = x.shape[:3]
-    result = np.full((len(invalid), model.channels), np.nan, np.float32)
-    keep = np.flatnonzero(~invalid)
-    result[keep] = _run_batches(model, samples[keep], plan.batch)
+    if not invalid.any():  # no gather/scatter copies when every pixel is valid
+        result = _run_batches(model, samples, plan.batch)
+    else:
+        result = np.full((len(invalid), model.channels), np.nan, np.float32)
+        keep = np.flatnonzero(~invalid)
+        result[keep] = _run_batches(model, samples[keep], plan.batch)
     return np.moveaxis(result.reshape(*out_shape, model.channels), -1, 0)
 
 
@@ -306,6 +309,10 @@ def _image_block(block: np.ndarray, plan: _Plan, timed: bool, block_info: dict |
     xs = _tile_starts(x.shape[2], tile[1], plan.margin)
     windows = [(y0, x0) for y0 in ys for x0 in xs]
     for f, frame in enumerate(frames):
+        if len(windows) == 1 and not any(pad):  # one tile as large as the block: nothing to blend
+            pred = np.asarray(model.run(frame[None] if timed else frame), np.float32)[0]
+            out[:, f] = np.moveaxis(pred, -1, 0)
+            continue
         acc = np.zeros((x.shape[1], x.shape[2], model.channels), np.float32)
         weight = np.zeros((x.shape[1], x.shape[2], 1), np.float32)
         for i in range(0, len(windows), plan.batch):

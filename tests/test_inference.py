@@ -156,7 +156,16 @@ def client(dask_scheduler):
 
     with Client(dask_scheduler.address) as c:
         c.register_plugin(EnvironmentPlugin({"PIXELS_XR_TF_THREADS": "1", "TF_CPP_MIN_LOG_LEVEL": "2"}))
+        workers = list(c.scheduler_info(n_workers=-1)["workers"])
+        # import TensorFlow on the workers while this process trains the models (no test waits on it)
+        warm = [c.submit(_import_tensorflow, workers=[w], allow_other_workers=False, pure=False)
+                for w in workers]
         yield c
+        del warm
+
+
+def _import_tensorflow() -> str:
+    return inference._tensorflow().__version__
 
 
 def direct(model: keras.Model, x: np.ndarray) -> np.ndarray:
@@ -168,7 +177,7 @@ def direct(model: keras.Model, x: np.ndarray) -> np.ndarray:
 # ------------------------------------------------------------------------------------------------
 
 
-def test_pixel_model_on_cluster_equals_model_predict(ml, models, client) -> None:
+def test_pixel_model_on_cluster_equals_model_predict(client, ml, models) -> None:
     img, _ = ml
     ds = cube(img, [(slice(0, 150), slice(0, 190)), (slice(300, 450), slice(280, 470))], {"y": 64, "x": 80})
     model, path = models["dense"]
@@ -203,7 +212,7 @@ def test_pixel_model_on_cluster_equals_model_predict(ml, models, client) -> None
     assert model.get_weights()[0].tobytes() not in graph and Path(path).read_bytes()[-4096:] not in graph
 
 
-def test_time_models_read_dates_in_order(ml, models, client) -> None:
+def test_time_models_read_dates_in_order(client, ml, models) -> None:
     img, _ = ml
     ds = cube(img, [(slice(0, 70), slice(0, 90)), (slice(100, 170), slice(200, 290)),
                     (slice(300, 370), slice(50, 140))], {"y": 32, "x": 40})
@@ -231,7 +240,7 @@ def test_time_models_read_dates_in_order(ml, models, client) -> None:
     assert "\n" not in str(err.value) and str(err.value).startswith("time:")
 
 
-def test_engine_cube_raw_uint16_nodata_zero(tmp_path: Path, models) -> None:
+def test_engine_cube_raw_uint16_nodata_zero(tmp_path: Path, client, models) -> None:
     """A real engine Dataset (synthetic sample, output raw): nodata 0 stays nodata, the rest is predicted."""
     from pixels_xr.compose import collect
     from pixels_xr.config import load_config
@@ -268,7 +277,7 @@ def test_engine_cube_raw_uint16_nodata_zero(tmp_path: Path, models) -> None:
 
 
 @pytest.mark.parametrize("name", ["fcn", "fixed", "fcn_patched", "saved_model"])
-def test_image_model_chunked_equals_whole_array(ml, models, client, name: str) -> None:
+def test_image_model_chunked_equals_whole_array(client, ml, models, name: str) -> None:
     img, _ = ml
     ds = cube(img, [(slice(40, 110), slice(0, 130)), (slice(200, 270), slice(300, 430))])
     fcn, path = models[name]
@@ -381,7 +390,7 @@ def test_bad_models_and_sidecars_are_one_line_errors(tmp_path: Path, ml, models)
 # ------------------------------------------------------------------------------------------------
 
 
-def test_model_on_s3_is_downloaded_once_per_worker(ml, models, client, s3_server) -> None:
+def test_model_on_s3_is_downloaded_once_per_worker(client, s3_server, ml, models) -> None:
     img, _ = ml
     model, path = models["dense"]
     s3_server.make_bucket("models-bucket")
@@ -396,7 +405,7 @@ def test_model_on_s3_is_downloaded_once_per_worker(ml, models, client, s3_server
     assert all(c.get("s3://models-bucket/m/dense.keras", 0) <= 1 for c in loads.values())
 
 
-def test_cli_round_trip_zarr_and_cog(tmp_path: Path, ml, models, dask_scheduler) -> None:
+def test_cli_round_trip_zarr_and_cog(tmp_path: Path, client, dask_scheduler, ml, models) -> None:
     import rasterio
 
     from pixels_xr.cli import app

@@ -3,15 +3,17 @@
 Each source is read (window of the block, plus a margin for the resampling kernel), coloured (after its
 mask was decided), and warped as RGBA whose alpha is the validity mask, so GDAL weights only valid pixels
 and no black or white collar bleeds in. A destination pixel is valid when the source pixel under its centre
-is valid (a nearest-neighbour warp of the mask): masks are crisp and identical whichever way the mosaic is
-cut into files. Sources are composed in manifest order, **first wins**: a pixel, with all its bands, comes
-from the first source valid there, and the loop stops as soon as the block is full (a source whose
-footprint only covers filled pixels is not even read). Default resampling: bilinear.
+is valid (centres projected exactly, see ``_centre_pixels``): masks are crisp and identical whichever way a
+mosaic is cut into files; where GDAL finds too little valid weight for such a pixel, it takes the colour of
+the pixel under its centre. Sources are composed in manifest order, **first wins**: a pixel, with all its
+bands, comes from the first source valid there, and the loop stops as soon as the block is full (a source
+whose footprint only covers filled pixels is not even read). Default resampling: bilinear.
 
 Source handles are cached per worker thread (rasterio datasets are not thread-safe), keyed by the source
 and its options, at most ``HANDLE_CACHE`` at a time. Sources are opened under ``source_env()``: GDAL reads
 the AWS settings from the environment itself (no boto3 session per call), and sidecar files are probed one
-by one (``GDAL_DISABLE_READDIR_ON_OPEN=TRUE``): the cloud default ``EMPTY_DIR`` hides external ``.msk`` masks.
+by one (``GDAL_DISABLE_READDIR_ON_OPEN=TRUE``) and may be fetched (``CPL_VSIL_CURL_ALLOWED_EXTENSIONS``): the
+cluster's cloud defaults (``EMPTY_DIR``, only .tif/.jp2 allowed) hide external ``.msk`` masks and ``.ovr``.
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ from typing import Any
 
 import numpy as np
 import rasterio
+from pyproj import Transformer
 from rasterio.crs import CRS
 from rasterio.enums import Resampling
 from rasterio.errors import NotGeoreferencedWarning, RasterioError
@@ -45,8 +48,12 @@ __all__ = ["HANDLE_CACHE", "SourceSpec", "describe_source", "render_block", "sou
 
 WEB_MERCATOR = CRS.from_epsg(3857)
 HANDLE_CACHE = 16
+_NODE = 16  # destination pixels between exactly projected centres (validity)
 _MARGIN = 4  # source pixels read beyond the block on every side (covers cubic/lanczos kernels)
 _LOCAL = threading.local()
+#: Files GDAL may fetch over /vsis3/: sources and their sidecars (masks, overviews, aux metadata).
+_SIDECARS = ",".join(e for ext in (".tif", ".tiff", ".jp2", ".msk", ".ovr", ".aux.xml", ".tfw", ".wld")
+                     for e in (ext, ext.upper()))
 
 
 @dataclass(frozen=True)
@@ -68,7 +75,8 @@ class SourceSpec:
 
 def source_env() -> contextlib.AbstractContextManager[Any]:
     """The GDAL settings sources are read under (on the client and on every worker)."""
-    return rasterio.Env(session=DummySession(), GDAL_DISABLE_READDIR_ON_OPEN="TRUE")
+    return rasterio.Env(session=DummySession(), GDAL_DISABLE_READDIR_ON_OPEN="TRUE",
+                        CPL_VSIL_CURL_ALLOWED_EXTENSIONS=_SIDECARS)
 
 
 def describe_source(uri: str, info: Any, ops: tuple[Op, ...]) -> SourceSpec:
@@ -127,7 +135,8 @@ def _overlap(a: Bounds, b: Bounds) -> Bounds | None:
     return (west, south, east, north) if west < east and south < north else None
 
 
-def _read(spec: SourceSpec, src: SourceHandle, bounds: Bounds, dst_res: float) -> tuple[np.ndarray, Any] | None:
+def _read(spec: SourceSpec, src: SourceHandle, bounds: Bounds,
+          dst_res: float) -> tuple[np.ndarray, Any] | None:
     """(coloured RGBA (4, h, w) with alpha = validity, transform) around ``bounds``; None outside."""
     ds = src.dataset
     try:
@@ -153,27 +162,71 @@ def _read(spec: SourceSpec, src: SourceHandle, bounds: Bounds, dst_res: float) -
     return np.concatenate([rgb, valid[None].astype(np.uint8) * 255]), transform
 
 
-def _warp(rgba: np.ndarray, transform: Any, crs: CRS, dst_transform: Any, shape: tuple[int, int],
-          resampling: Resampling) -> tuple[np.ndarray, np.ndarray]:
-    """GDAL-warp (4, h, w) RGBA (alpha = validity) onto an EPSG:3857 grid: (warped RGBA, valid mask).
+def _to_source(wkt: str) -> Transformer:
+    """EPSG:3857 -> source CRS transformer, one per thread (pyproj transformers are not thread-safe)."""
+    cache: dict[str, Transformer] | None = getattr(_LOCAL, "transformers", None)
+    if cache is None:
+        cache = _LOCAL.transformers = {}
+    if wkt not in cache:
+        if len(cache) >= HANDLE_CACHE:
+            cache.clear()
+        cache[wkt] = Transformer.from_crs(WEB_MERCATOR.to_wkt(), wkt, always_xy=True)
+    return cache[wkt]
 
-    Through an in-memory GeoTIFF and WarpedVRTs rather than ``reproject`` on arrays, which builds a boto3
-    session per call whenever AWS keys are in the environment (~0.2 s each).
+
+def _centre_pixels(shape: tuple[int, int], transform: Any, crs: CRS, block: tuple[Any, int],
+                   window: tuple[int, int, int, int]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(row, col, inside): the source pixel under each destination pixel's centre, for a window of a block.
+
+    Centres are projected exactly on a grid every ``_NODE`` pixels anchored at the block's corner and
+    interpolated bilinearly in between: the same positions whichever file of a mosaic holds the pixel, so
+    masks do not depend on how a mosaic is cut into files (GDAL's approximate transformer would).
+    """
+    r0, r1, c0, c1 = window
+    block_transform, size = block
+    nodes = np.arange(size // _NODE + 1) * _NODE + 0.5
+    gx, gy = np.meshgrid(block_transform.c + nodes * block_transform.a,
+                         block_transform.f + nodes * block_transform.e)
+    sx, sy = _to_source(crs.to_wkt()).transform(gx, gy)
+    inverse = ~transform
+    grid_col = inverse.a * sx + inverse.b * sy + inverse.c
+    grid_row = inverse.d * sx + inverse.e * sy + inverse.f
+
+    def weights(lo: int, hi: int) -> tuple[np.ndarray, np.ndarray]:
+        t = np.arange(lo, hi) / _NODE
+        i = np.minimum(np.floor(t).astype(np.int64), len(nodes) - 2)
+        return i, (t - i)
+
+    i, fr = weights(r0, r1)
+    j, fc = weights(c0, c1)
+    fr, fc = fr[:, None], fc[None, :]
+
+    def interp(grid: np.ndarray) -> np.ndarray:
+        top = grid[i][:, j] * (1 - fc) + grid[i][:, j + 1] * fc
+        bottom = grid[i + 1][:, j] * (1 - fc) + grid[i + 1][:, j + 1] * fc
+        return np.floor(top * (1 - fr) + bottom * fr)
+
+    col, row = interp(grid_col), interp(grid_row)
+    inside = (col >= 0) & (row >= 0) & (col < shape[1]) & (row < shape[0])
+    return np.where(inside, row, 0).astype(np.int64), np.where(inside, col, 0).astype(np.int64), inside
+
+
+def _warp(rgba: np.ndarray, transform: Any, crs: CRS, dst_transform: Any, shape: tuple[int, int],
+          resampling: Resampling) -> np.ndarray:
+    """GDAL-warp (4, h, w) RGBA whose alpha is the validity onto an EPSG:3857 grid.
+
+    Goes through an in-memory GeoTIFF and a WarpedVRT rather than ``reproject`` on arrays, which builds a
+    boto3 session per call whenever AWS keys are in the environment (~0.2 s each).
     """
     profile = dict(driver="GTiff", width=rgba.shape[2], height=rgba.shape[1], count=4, dtype="uint8", crs=crs,
                    transform=transform, interleave="pixel")
-    grid = dict(crs=WEB_MERCATOR, transform=dst_transform, width=shape[1], height=shape[0])
     with MemoryFile() as memfile:
         with memfile.open(**profile) as dst:
             dst.write(rgba)
-        with memfile.open() as mem:
-            with WarpedVRT(mem, src_alpha=4, dst_alpha=4, resampling=resampling, **grid) as vrt:
-                warped = vrt.read()
-            if resampling == Resampling.nearest:
-                return warped, warped[3] > 0
-            with WarpedVRT(mem, src_nodata=0, resampling=Resampling.nearest, **grid) as vrt:
-                centre = vrt.read(4)  # the source pixel under each destination pixel's centre
-    return warped, (centre > 0) & (warped[3] > 0)
+        with memfile.open() as mem, WarpedVRT(mem, crs=WEB_MERCATOR, transform=dst_transform, width=shape[1],
+                                              height=shape[0], src_alpha=4, dst_alpha=4,
+                                              resampling=resampling) as vrt:
+            return vrt.read()
 
 
 def render_block(
@@ -217,8 +270,15 @@ def _mosaic_one(spec: SourceSpec, bounds: Bounds, res: float, size: int, resampl
     if got is None:
         return False
     rgba, transform = got
-    warped, valid = _warp(rgba, transform, src.crs, from_bounds(*sub, c1 - c0, r1 - r0), (r1 - r0, c1 - c0),
-                          resampling)
+    window = (r0, r1, c0, c1)
+    warped = _warp(rgba, transform, src.crs, from_bounds(*sub, c1 - c0, r1 - r0), (r1 - r0, c1 - c0),
+                   resampling)
+    block = (from_bounds(*bounds, size, size), size)
+    row, col, inside = _centre_pixels(rgba.shape[1:], transform, src.crs, block, window)
+    valid = inside & (rgba[3][row, col] > 0)
+    gap = valid & (warped[3] == 0)  # GDAL found too little valid weight: take the pixel under the centre
+    if gap.any():
+        warped[:3, gap] = rgba[:3, row[gap], col[gap]]
     take = valid & hole
     if take.any():
         view = out[r0:r1, c0:c1]

@@ -49,12 +49,18 @@ NODATA_BACKGROUND = "#d0d0d0"  # axes colour behind transparent nodata pixels
 _META_VARS = ("clear_count", "source_time")
 
 
-def _figure(**kwargs: Any) -> Figure:
-    """A Figure outside pyplot's global state: nothing to close; notebooks show it, ``savefig`` writes it."""
+def require_matplotlib() -> None:
+    """Raise one clear ``ConfigError`` when matplotlib (the ``plot`` extra) is not installed."""
     try:
-        from matplotlib.figure import Figure
+        import matplotlib  # noqa: F401
     except ImportError:
         raise ConfigError("plots need matplotlib: pip install 'pixels-xr[plot]'", "plot") from None
+
+
+def _figure(**kwargs: Any) -> Figure:
+    """A Figure outside pyplot's global state: nothing to close; notebooks show it, ``savefig`` writes it."""
+    from matplotlib.figure import Figure
+
     return Figure(layout="constrained", **kwargs)
 
 
@@ -190,6 +196,7 @@ def quicklook(ds: xr.Dataset, bands: Sequence[str] = ("red", "green", "blue"), *
 
     Panels are titled by ``bin_titles``; empty bins say so in the panel; nodata shows the grey background.
     """
+    require_matplotlib()
     ds = _with_time(ds)
     limits = limits if limits is not None else stretch_limits(ds, bands, percentiles)
     rgba = to_rgb(ds, bands, limits=limits)
@@ -208,6 +215,7 @@ def quicklook(ds: xr.Dataset, bands: Sequence[str] = ("red", "green", "blue"), *
 def clear_count_map(ds: xr.Dataset, *, ncols: int = 4, panel_size: float = 3.0,
                     cmap: str = "viridis") -> Figure:
     """``clear_count`` per time bin in discrete colours (0 white, 1 … max), one colour bar of integers."""
+    require_matplotlib()
     from matplotlib.colors import BoundaryNorm, ListedColormap
 
     _check_vars(ds, ["clear_count"], "clear_count")
@@ -238,6 +246,7 @@ def source_time_map(ds: xr.Dataset, *, ncols: int = 4, panel_size: float = 3.0,
 
     Panels with more than ``max_legend`` dates list the first and last ones and say how many are left out.
     """
+    require_matplotlib()
     from matplotlib.colors import ListedColormap
     from matplotlib.patches import Patch
 
@@ -318,6 +327,7 @@ def pixel_series(ds: xr.Dataset, x: float, y: float, band: str = "nir", *,
     each bin used (``source_time``); median composites mark all clear observations of the bin as used.
     ``observations`` (from ``pixel_observations``) adds each acquisition: clear ● or not clear ×.
     """
+    require_matplotlib()
     import matplotlib.dates as mdates
 
     _check_vars(ds, [band], "band")
@@ -413,6 +423,7 @@ def write_quicklooks(store: str, out_dir: str | Path, feature: str | None = None
     from pixels_xr.features import check_id
     from pixels_xr.io.zarr_store import open_feature
 
+    require_matplotlib()
     ids = store_features(store)
     if feature is not None:
         if feature not in ids:

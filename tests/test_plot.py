@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import sys
 import warnings
 from pathlib import Path
 
@@ -208,6 +209,22 @@ def test_pixel_series_marks_the_observation_each_bin_used() -> None:
     with pytest.raises(ConfigError) as err:
         plot.quicklook(ds, ("red", "green", "blue"))
     assert err.value.where == "bands" and "'red' is not a variable" in str(err.value)
+
+
+def test_without_matplotlib_the_cli_says_which_extra_in_one_line(tmp_path: Path,
+                                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    from typer.testing import CliRunner
+
+    from pixels_xr.cli import app
+
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # import matplotlib → ImportError
+    res = CliRunner().invoke(app, ["quicklook", str(tmp_path / "run.zarr")])
+    assert res.exit_code == 1
+    assert res.output.strip() == "error: plot: plots need matplotlib: pip install 'pixels-xr[plot]'"
+    ds = _dataset({b: np.ones((1, 2, 2), np.float32) for b in BANDS})
+    for draw in (plot.quicklook, plot.clear_count_map, plot.source_time_map):
+        with pytest.raises(ConfigError, match="plot extra|pixels-xr\\[plot\\]"):
+            draw(ds)
 
 
 def test_bad_arguments_name_their_field() -> None:

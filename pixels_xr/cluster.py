@@ -103,7 +103,7 @@ def open_client(cluster: str | None = "local", options: ClusterOptions | dict | 
             client = stack.enter_context(_gateway_client(opts))
         elif "://" in spec:
             try:
-                client = stack.enter_context(Client(spec, timeout="30s"))
+                client = stack.enter_context(Client(spec, timeout="10s"))
             except OSError as exc:
                 raise ConfigError(f"cannot reach the Dask scheduler at {spec}: {exc}", "cluster") from None
         else:

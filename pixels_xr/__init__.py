@@ -19,6 +19,20 @@ from pixels_xr.compose import collect  # noqa: E402
 from pixels_xr.config import PixelsConfig, load_config  # noqa: E402
 from pixels_xr.cube import build_cube  # noqa: E402
 from pixels_xr.features import Feature, load_features  # noqa: E402
+from pixels_xr.io.zarr_store import open_feature  # noqa: E402
+
+
+def __getattr__(name: str):  # distributed is imported only when a batch or cluster is asked for
+    if name in {"run_batch", "RunReport"}:
+        from pixels_xr import batch
+
+        return getattr(batch, name)
+    if name == "open_client":
+        from pixels_xr.cluster import open_client
+
+        return open_client
+    raise AttributeError(f"module 'pixels_xr' has no attribute {name!r}")
+
 
 __all__ = [
     "Feature",
@@ -27,6 +41,10 @@ __all__ = [
     "collect",
     "load_config",
     "load_features",
+    "open_client",
+    "open_feature",
+    "run_batch",
+    "RunReport",
     "search",
     "__version__",
     "AssetReadError",

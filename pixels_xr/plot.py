@@ -257,14 +257,13 @@ def source_time_map(ds: xr.Dataset, *, ncols: int = 4, panel_size: float = 3.0,
     times = ds.source_time.transpose("time", "y", "x").values.astype("datetime64[D]")
     fig, axes = _grid(ds.sizes["time"], ncols, panel_size)
     extent = _extent(ds)
-    palette = _colormap("tab10" if max_legend <= 10 else "tab20").colors
     for k, (ax, title) in enumerate(zip(axes, bin_titles(ds))):
         panel = times[k]
         ok = ~np.isnat(panel)
         dates = np.unique(panel[ok])
         index = np.full(panel.shape, np.nan)
         index[ok] = np.searchsorted(dates, panel[ok])
-        colours = [palette[i % len(palette)] for i in range(max(1, dates.size))]
+        colours = _distinct_colours(max(1, dates.size))
         ax.imshow(index, cmap=ListedColormap(colours), vmin=-0.5, vmax=len(colours) - 0.5, extent=extent,
                   interpolation="nearest")
         ax.set_title(title, fontsize="small")
@@ -277,6 +276,13 @@ def source_time_map(ds: xr.Dataset, *, ncols: int = 4, panel_size: float = 3.0,
                       ncols=2, frameon=False, handlelength=1.0)
     _suptitle(fig, ds, "source_time (acquisition used per pixel)")
     return fig
+
+
+def _distinct_colours(n: int) -> list[tuple[float, ...]]:
+    """``n`` different colours: tab10, tab20, then samples of viridis."""
+    if n <= 20:
+        return list(_colormap("tab10" if n <= 10 else "tab20").colors[:n])
+    return [tuple(c) for c in _colormap("viridis")(np.linspace(0, 1, n))]
 
 
 # -------------------------------------------------------------------------------------------- one pixel

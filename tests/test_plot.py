@@ -183,6 +183,17 @@ def test_source_time_map_legend_lists_each_bins_dates_in_its_colours() -> None:
         plot.source_time_map(ds.drop_vars("source_time"))
 
 
+def test_source_time_legend_is_bounded() -> None:
+    times = np.array([np.datetime64("2022-01-01") + np.timedelta64(d, "D") for d in range(12)],
+                     "datetime64[ns]").reshape(1, 3, 4)
+    ds = _dataset({"red": np.ones((1, 3, 4), np.float32)}, source_time=times)
+    ax = plot.source_time_map(ds, max_legend=10).axes[0]
+    labels = [t.get_text() for t in ax.get_legend().get_texts()]
+    assert labels == [f"2022-01-{d:02d}" for d in range(1, 10)] + ["… 3 more"]
+    colours = ax.images[0].cmap(np.arange(12))
+    assert len({tuple(c) for c in colours}) == 12  # every date its own colour
+
+
 def test_pixel_series_marks_the_observation_each_bin_used() -> None:
     nir = np.array([0.2, 0.3, np.nan], np.float32).reshape(3, 1, 1) * np.ones((3, 2, 2), np.float32)
     times = np.broadcast_to(np.array(["2022-01-17", "2022-02-03", "NaT"], "datetime64[ns]")[:, None, None],

@@ -271,6 +271,24 @@ def test_engine_cube_raw_uint16_nodata_zero(tmp_path: Path, client, models) -> N
     assert out.rio.crs == ds.rio.crs and (out.x.values == ds.x.values).all()
 
 
+def test_sigmoid_model_on_a_dataset_without_time(tmp_path: Path, ml) -> None:
+    """One sigmoid output means two classes (p ≥ 0.5 is the second); a 2-D dataset gives 2-D outputs."""
+    img, _ = ml
+    ds = cube(img, [(slice(0, 40), slice(0, 50))]).isel(time=0)
+    keras.utils.set_random_seed(3)
+    model = keras.Sequential([keras.Input((6,)), keras.layers.Dense(1, activation="sigmoid")])
+    path = save(model, tmp_path / "binary.keras", classes=["land", "cloud"], colors={})
+    x, bad = model_input(ds.expand_dims("time"))
+    p = direct(model, x.reshape(-1, 6)).reshape(40, 50)
+    prob = predict(ds, path).probability
+    assert prob.dims == ("class", "y", "x") and list(prob["class"].values) == ["land", "cloud"]
+    np.testing.assert_allclose(prob.values[1][~bad[0]], p[~bad[0]], atol=ATOL)
+    np.testing.assert_allclose(prob.values.sum(0)[~bad[0]], 1.0, atol=ATOL)
+    classes = predict(ds, path, output="classes").classes.values
+    assert 0 < (classes == 1).mean() < 1
+    np.testing.assert_array_equal(classes, np.where(bad[0], 255, p >= 0.5))
+
+
 # ------------------------------------------------------------------------------------------------
 # Image models
 # ------------------------------------------------------------------------------------------------

@@ -231,20 +231,12 @@ def _write_unit(client: Client, plan: _Planned, i: int, config: PixelsConfig, ou
         write = region_write(plan.ds, out, plan.feature.id, i)
         client.compute(write, retries=retries).result()
     else:
-        with _computing_on(client):
-            write_unit_cogs(plan.ds.isel(time=i), out, plan.feature.id, plan.labels[i], config)
+        write_unit_cogs(plan.ds.isel(time=i), out, plan.feature.id, plan.labels[i], config, scheduler=client.get)
     return {"seconds": round(time.perf_counter() - started, 3)}
 
 
-@contextlib.contextmanager
-def _computing_on(client: Client) -> Iterator[None]:
-    import dask
-
-    with dask.config.set(scheduler=client.get):
-        yield
-
-
-def write_unit_cogs(step: xr.Dataset, out: str, feature_id: str, label: str, config: PixelsConfig) -> list[str]:
+def write_unit_cogs(step: xr.Dataset, out: str, feature_id: str, label: str, config: PixelsConfig, *,
+                    scheduler: Any = None) -> list[str]:
     """The COGs of one feature × bin: bands, clear_count and (pick modes) source_time; returns their URLs."""
     base = storage.join(out, feature_id, safe_label(label))
     bands = list(config.band_names)
@@ -253,14 +245,15 @@ def write_unit_cogs(step: xr.Dataset, out: str, feature_id: str, label: str, con
             "items": json.dumps(json.loads(step.attrs.get("item_ids", "{}")).get(label, []))}
     stack = xr.concat([step[b] for b in bands], dim="band").assign_coords(band=bands)
     nodata = np.nan if stack.dtype.kind == "f" else 0
-    write_cog(stack, f"{base}.tif", nodata=nodata, band_names=bands, tags=tags)
+    write_cog(stack, f"{base}.tif", nodata=nodata, band_names=bands, tags=tags, scheduler=scheduler)
     urls = [f"{base}.tif"]
-    write_cog(step["clear_count"], f"{base}_clear_count.tif", band_names=["clear_count"], tags=tags)
+    write_cog(step["clear_count"], f"{base}_clear_count.tif", band_names=["clear_count"], tags=tags,
+              scheduler=scheduler)
     urls.append(f"{base}_clear_count.tif")
     if "source_time" in step:
         days = step["source_time"].copy(data=_days_since_epoch(step["source_time"].data))
         write_cog(days, f"{base}_source_time.tif", nodata=SOURCE_TIME_NODATA, band_names=["source_time"],
-                  tags={**tags, "units": "days since 1970-01-01"})
+                  tags={**tags, "units": "days since 1970-01-01"}, scheduler=scheduler)
         urls.append(f"{base}_source_time.tif")
     return urls
 

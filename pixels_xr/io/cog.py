@@ -34,11 +34,12 @@ BLOCKSIZE = 512
 def write_cog(data: xr.DataArray, path: str, *, nodata: Any = None, band_names: Sequence[str] | None = None,
               tags: Mapping[str, Any] | None = None,
               colormap: Mapping[int, tuple[int, int, int, int]] | None = None,
-              overview_resampling: str = "nearest") -> None:
+              overview_resampling: str = "nearest", scheduler: Any = None) -> None:
     """Write ``data`` (dims ``band, y, x`` or ``y, x``; rio CRS/transform set) to ``path`` as a COG.
 
     ``path`` is a local path or an fsspec URL (``s3://…``). ``tags`` may hold a ``datetime`` (date,
-    datetime or ISO string), which also becomes TIFFTAG_DATETIME.
+    datetime or ISO string), which also becomes TIFFTAG_DATETIME. ``scheduler`` computes dask blocks (e.g. a
+    distributed ``client.get``; default: dask's current scheduler).
     """
     if data.ndim == 2:
         data = data.expand_dims(band=[band_names[0] if band_names else "1"])
@@ -67,7 +68,7 @@ def write_cog(data: xr.DataArray, path: str, *, nodata: Any = None, band_names: 
             dst.update_tags(**_tags(tags))
             if colormap is not None:
                 dst.write_colormap(1, dict(colormap))
-            for y0, block in _row_blocks(data):
+            for y0, block in _row_blocks(data, scheduler):
                 dst.write(block, window=Window(0, y0, width, block.shape[1]))
         out_profile = cog_profiles.get(COG_PROFILE).copy()
         out_profile.update(blockxsize=BLOCKSIZE, blockysize=BLOCKSIZE,
@@ -78,14 +79,14 @@ def write_cog(data: xr.DataArray, path: str, *, nodata: Any = None, band_names: 
                           additional_cog_metadata=_tags(tags))
 
 
-def _row_blocks(data: xr.DataArray):
+def _row_blocks(data: xr.DataArray, scheduler: Any = None):
     """(y offset, numpy block of all bands and columns) per row of dask chunks (one block when eager)."""
     if data.chunks is None:
         yield 0, np.asarray(data.values)
         return
     y0 = 0
     for rows in data.chunks[1]:
-        yield y0, np.asarray(data.isel(y=slice(y0, y0 + rows)).values)
+        yield y0, np.asarray(data.isel(y=slice(y0, y0 + rows)).compute(scheduler=scheduler).values)
         y0 += rows
 
 

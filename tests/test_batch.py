@@ -321,3 +321,14 @@ def test_misaligned_chunks_are_refused() -> None:
     ds["red"].encoding["chunks"] = (1, 64, 64)
     with pytest.raises(OutputError, match="do not match the Zarr chunk"):
         check_alignment(ds)
+
+
+def test_zarr_v2_on_request(tmp_path, clean_run, config, features, client) -> None:
+    import zarr
+
+    out = str(tmp_path / "run_v2.zarr")
+    report = run_batch(config, features[:2], out, client=client, progress=False, zarr_format=2)
+    assert report.ok
+    assert zarr.open_group(out, mode="r", path=features[0].id).metadata.zarr_format == 2
+    assert_same_arrays(store_arrays(out, [f.id for f in features[:2]]),
+                       store_arrays(clean_run, [f.id for f in features[:2]]))

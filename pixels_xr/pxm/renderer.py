@@ -14,6 +14,7 @@ import contextlib
 import hashlib
 import json
 import math
+import re
 import shutil
 import time
 from collections.abc import Callable, Iterator
@@ -268,6 +269,9 @@ def render(
     if not isinstance(manifest, Manifest):
         manifest = validate_manifest(manifest)
     rs = _check_options(format, tile_format, tile_size, resampling)
+    if re.match(r"[A-Za-z][A-Za-z0-9+.-]+:/", str(out)):  # s3://…, gs://… (or a Path that collapsed the //)
+        raise OutputError("renders go to a local folder (copy the tilesets to object storage afterwards)",
+                          where=str(out))
     out = Path(out)
     if out.exists() and not out.is_dir():
         raise OutputError("exists and is not a folder", where=str(out))
@@ -299,6 +303,7 @@ def render(
             tasks, resumed = _pyramid(cl, store, specs, low, top, tile_size, rs, tile_format, progress)
         by_zoom, by_fmt, size = store.summary()
         if not by_zoom:
+            shutil.rmtree(work, ignore_errors=True)
             raise OutputError(f"no valid pixel in zooms {low}-{top}: nothing to write", where=str(out))
         declared = next(iter(by_fmt)) if len(by_fmt) == 1 else "png"
         info = manifest.info

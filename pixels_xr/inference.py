@@ -424,7 +424,7 @@ def predict(
     ``bands`` overrides the sidecar's band order; ``time`` selects dates (index, label, slice or list);
     ``overlap`` overrides the sidecar's receptive-field ``margin`` for image models; ``batch_size`` is
     pixels (per-pixel models) or tiles (image models) per model call. The result holds ``probability``
-    (class, [time,] y, x; float32 with NaN nodata, or uint8 = p × 254 with 255 nodata) or ``classes``
+    ([time,] class, y, x; float32 with NaN nodata, or uint8 = p × 254 with 255 nodata) or ``classes``
     ([time,] y, x; uint8, 255 nodata, with ``class_names`` and a ``colormap`` attribute).
     """
     if output not in ("probabilities", "classes"):
@@ -452,7 +452,7 @@ def predict(
                     coords="minimal", compat="override", join="override")
     arr = arr.transpose("band", "time", "y", "x")
     timed = loaded.time_steps is not None
-    if timed and loaded.time_steps is not None and arr.sizes["time"] != loaded.time_steps:
+    if timed and arr.sizes["time"] != loaded.time_steps:
         raise ModelError(f"the model reads {loaded.time_steps} dates, the dataset has {arr.sizes['time']} "
                          "(select them with time=...)", "time")
     margin = spec.margin if overlap is None else int(overlap)
@@ -461,7 +461,8 @@ def predict(
     batch = int(batch_size or DEFAULT_BATCH[loaded.kind])
     if batch < 1:
         raise ModelError(f"must be ≥ 1, got {batch}", "batch_size")
-    plan = _Plan(model=path, scale=tuple(spec.per_band("scale")), offset=tuple(spec.per_band("offset")),
+    n = len(names)
+    plan = _Plan(model=path, scale=spec.per_band("scale", n), offset=spec.per_band("offset", n),
                  nodata=_input_nodata(ds, names, spec), when=spec.nodata.when, fill=spec.nodata.fill,
                  batch=batch, margin=margin if loaded.kind == "image" else 0, patch=spec.patch)
     data = arr.data if isinstance(arr.data, da.Array) else da.from_array(arr.values, chunks=-1)

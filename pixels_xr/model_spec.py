@@ -81,10 +81,10 @@ class ModelSpec(BaseModel):
             raise ValueError(f"patch {list(self.patch)} must exceed twice the margin ({self.margin})")
         return self
 
-    def per_band(self, name: Literal["scale", "offset"]) -> list[float]:
-        """``scale`` or ``offset`` as one value per band."""
+    def per_band(self, name: Literal["scale", "offset"], count: int) -> tuple[float, ...]:
+        """``scale`` or ``offset`` as one value for each of ``count`` bands."""
         value = getattr(self, name)
-        return [float(v) for v in value] if isinstance(value, list) else [float(value)] * len(self.bands)
+        return tuple(float(v) for v in value) if isinstance(value, list) else (float(value),) * count
 
     def class_names(self, channels: int) -> list[str]:
         """Class names for a model with ``channels`` outputs (one sigmoid output means two classes)."""

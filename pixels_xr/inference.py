@@ -472,7 +472,7 @@ def predict(
 
 def _blockwise(data: da.Array, plan: _Plan, model: LoadedModel, timed: bool) -> da.Array:
     """(band, time, y, x) dask array → (class, time | 1, y, x) float32 probabilities."""
-    data = data.rechunk({0: -1, 1: -1 if timed else data.chunks[1]})
+    data = data.rechunk({0: -1, 1: -1 if timed else 1})  # one date per block: a COG per date reads its own
     c = model.channels
     if model.kind == "pixel":
         chunks = ((c,), (1,) if timed else data.chunks[1], data.chunks[2], data.chunks[3])

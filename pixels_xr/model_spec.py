@@ -7,13 +7,14 @@ A model ``cloud.keras`` (or a SavedModel folder ``cloud/``) is described by ``cl
      "input": "reflectance",                          # what the values must be: reflectance | raw | any
      "nodata": {"value": 0, "when": "any", "fill": 0.0},
      "classes": ["clear", "cloud", "shadow"],         # names of the model's output channels
-     "colors": {"clear": [0, 160, 0], "cloud": [255, 255, 255, 255]},   # RGB or RGBA per class
+     "colors": {"clear": [0, 160, 0], "cloud": [255, 255, 255]},      # RGB(A) per class (COG: RGB only)
      "margin": 2,                                     # receptive-field margin in pixels (image models)
      "patch": [256, 256]}                             # tile size when the model's input size is not fixed
 
-A pixel is nodata when its value is NaN or ``nodata.value`` — in ``any`` (default) or ``all`` of the bands
-(and dates) the model reads; nodata inputs are replaced by ``nodata.fill`` (in model units) before the model
-sees them, and the outputs of nodata pixels are nodata.
+A pixel is nodata when its value is NaN or ``nodata.value`` (default: the variable's ``nodata`` attribute,
+else 0 for unsigned integers) in ``any`` (default) or ``all`` of the bands (and dates) the model reads.
+Nodata inputs are replaced by ``nodata.fill`` (in model units) before the model sees them, and the outputs
+of nodata pixels are nodata.
 """
 
 from __future__ import annotations
@@ -43,8 +44,8 @@ class NodataRule(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    value: float | None = Field(None, description="nodata value of integer inputs (NaN is always nodata); "
-                                                  "default 0 for unsigned integer data, none otherwise")
+    value: float | None = Field(None, description="nodata value of the inputs (NaN always is); default: the "
+                                                  "variable's nodata attribute, else 0 for unsigned integers")
     when: Literal["any", "all"] = "any"
     fill: float = 0.0
 

@@ -456,6 +456,14 @@ def test_cli_round_trip_zarr_and_cog(tmp_path: Path, client, dask_scheduler, ml,
             assert cmap[0] == (0, 150, 0, 255) and cmap[1][:3] == (255, 255, 255)  # TIFF palettes: no alpha
             assert json.loads(src.tags()["classes"]) == ["clear", "cloud", "shadow"]
 
+    res = runner.invoke(app, ["predict", path, f"{store}/f1", "--out", str(tmp_path / "pcogs"),
+                              "--format", "cog", "--uint8"])
+    assert res.exit_code == 0, res.output
+    scaled = predict(ds, path, probability_dtype="uint8").probability.values
+    with rasterio.open(tmp_path / "pcogs" / "probability_2020-02-01.tif") as src:
+        assert src.count == 3 and src.descriptions == ("clear", "cloud", "shadow") and src.nodata == 255
+        np.testing.assert_array_equal(src.read(), scaled[1])
+
     res = runner.invoke(app, ["predict", path, store, "--out", str(tmp_path / "x.zarr")])
     assert res.exit_code == 1 and "holds the groups f1: pick one with --group" in res.output
     res = runner.invoke(app, ["predict", path, f"{store}/f1", "--out", str(tmp_path / "p.zarr")])

@@ -13,14 +13,23 @@ from typing import Any
 RESULTS = Path(__file__).with_name("RESULTS.md")
 
 
+def measure(fn: Callable[[], Any], repeat: int = 1) -> tuple[float, float, Any]:
+    """(wall-clock seconds, CPU seconds of this process's threads) of the fastest of ``repeat`` runs, and
+    the last result. CPU time suffers less than wall time from other users of a shared machine."""
+    best, cpu, result = float("inf"), float("nan"), None
+    for _ in range(repeat):
+        t0, c0 = time.perf_counter(), time.process_time()
+        result = fn()
+        wall, used = time.perf_counter() - t0, time.process_time() - c0
+        if wall < best:
+            best, cpu = wall, used
+    return best, cpu, result
+
+
 def timed(fn: Callable[[], Any], repeat: int = 1) -> tuple[float, Any]:
     """(best wall-clock seconds of ``repeat`` runs, last result)."""
-    best, result = float("inf"), None
-    for _ in range(repeat):
-        t0 = time.perf_counter()
-        result = fn()
-        best = min(best, time.perf_counter() - t0)
-    return best, result
+    wall, _, result = measure(fn, repeat)
+    return wall, result
 
 
 def materialise(*collections: Any) -> dict:
@@ -52,3 +61,17 @@ def update_results(tag: str, section: str) -> None:
     else:
         text = text.rstrip() + "\n\n" + block + "\n"
     RESULTS.write_text(text)
+
+
+def table(header: list[str], rows: list[list[str]]) -> list[str]:
+    """Markdown table lines: the first column left-aligned, the others right-aligned."""
+    return ["| " + " | ".join(header) + " |", "|---|" + "---:|" * (len(header) - 1),
+            *["| " + " | ".join(row) + " |" for row in rows]]
+
+
+def publish(tag: str, lines: list[str], write: bool) -> None:
+    """Print a results section and, when ``write``, put it in RESULTS.md under ``tag``."""
+    section = "\n".join(lines)
+    print(section)
+    if write:
+        update_results(tag, section)

@@ -29,7 +29,7 @@ import numpy as np
 from shapely.geometry import box
 
 sys.path.insert(0, str(Path(__file__).parent))
-from _common import machine_state, materialise, timed, update_results  # noqa: E402
+from _common import machine_state, materialise, publish, table, timed  # noqa: E402
 
 from pixels_xr.catalog import normalize_item  # noqa: E402
 from pixels_xr.config import load_config  # noqa: E402
@@ -141,18 +141,14 @@ def main() -> None:
         f"Machine (shared with other engineers, timings noisy): before {before}; after {after}.",
         "Command: `.venv/bin/python benchmarks/bench_planning.py`",
         "",
-        "| approach | " + " | ".join(f"{n} items: s (tasks)" for n in args.sizes) + f" | µs/task at {big} |",
-        "|---|" + "---:|" * (len(args.sizes) + 1),
     ]
-    for label in labels:
-        cells = [f"{results[n][label][0]:.3f} ({results[n][label][1]:,})" for n in args.sizes]
-        cells.append(f"{1e6 * results[big][label][0] / results[big][label][1]:.0f}")
-        lines.append(f"| {label} | " + " | ".join(cells) + " |")
-    lines += ["", "| ratio (other s / ours s; higher = ours faster) | " +
-              " | ".join(f"{n} items" for n in args.sizes) + " |", "|---|" + "---:|" * len(args.sizes)]
-    for label in labels[1:]:
-        cells = [f"{results[n][label][0] / results[n][ours][0]:.1f}×" for n in args.sizes]
-        lines.append(f"| {label} | " + " | ".join(cells) + " |")
+    lines += table(["approach", *[f"{n} items: s (tasks)" for n in args.sizes], f"µs/task at {big}"],
+                   [[label, *[f"{results[n][label][0]:.3f} ({results[n][label][1]:,})" for n in args.sizes],
+                     f"{1e6 * results[big][label][0] / results[big][label][1]:.0f}"] for label in labels])
+    lines += ["", *table(["ratio (other s / ours s; higher = ours faster)",
+                          *[f"{n} items" for n in args.sizes]],
+                         [[label, *[f"{results[n][label][0] / results[n][ours][0]:.1f}×" for n in args.sizes]]
+                          for label in labels[1:]])]
     growth = results[big][ours][0] / results[small][ours][0]
     goal_time = results[big][ours][0] < 2.0
     lines += ["", f"Growth of ours from {small} to {big} items: {growth:.1f}× for {big / small:.0f}× the "
@@ -167,10 +163,7 @@ def main() -> None:
               "~100-250 µs per task; and a chunk holds a whole time bin × all bands, which is the unit the "
               "reduction needs anyway (no rechunk later). Even per task (last column) our graph costs a "
               "fraction of theirs."]
-    section = "\n".join(lines)
-    print(section)
-    if not args.no_write:
-        update_results("planning", section)
+    publish("planning", lines, not args.no_write)
 
 
 if __name__ == "__main__":

@@ -7,13 +7,17 @@ observations behind each pixel) and, for modes that pick one observation per pix
 acquisition each pixel came from). ``time`` is the bin start, with ``time_end``, ``partial`` and ``empty``
 coordinates; an empty bin is present, all nodata and flagged. Pick modes run the kernels on raw integer DN
 (exact, half the memory) and convert the picked values with the picked item's own scale/offset; the median
-runs on float32 reflectance so items of different processing baselines mix correctly.
+runs on float32 reflectance so items of different processing baselines mix correctly. Kernels run per
+spatial block of one bin in the cube's own ``(time, band, y, x)`` layout (``build_cube`` chunks time by
+bin), so no rechunk and no transposed copy comes before them.
 """
 
 from __future__ import annotations
 
 import datetime as dt
+import functools
 import json
+import operator
 from typing import Any
 
 import numpy as np
@@ -23,7 +27,7 @@ import xarray as xr
 from pixels_xr import reducers
 from pixels_xr.catalog import search
 from pixels_xr.config import PixelsConfig
-from pixels_xr.cube import Loader, build_cube, check_assets, to_reflectance
+from pixels_xr.cube import Loader, build_cube, check_assets
 from pixels_xr.errors import ConfigError
 from pixels_xr.features import Feature
 from pixels_xr.masks import clear_mask
@@ -67,9 +71,10 @@ def collect(config: PixelsConfig, feature: Feature, *, items: list[dict] | None 
 # ----------------------------------------------------------------------------------------------- helpers
 def _score(method: str, cube: xr.DataArray, spec_asset: str) -> xr.DataArray | None:
     if method == "quality":
-        return xr.apply_ufunc(reducers.s2_quality_score, cube.sel(band=spec_asset).transpose("time", "y", "x"),
-                              cube.sel(band="red").transpose("time", "y", "x").astype("float32"),
-                              cube.sel(band="nir").transpose("time", "y", "x").astype("float32"),
+        tyx = ("time", "y", "x")
+        return xr.apply_ufunc(reducers.s2_quality_score, cube.sel(band=spec_asset).transpose(*tyx),
+                              cube.sel(band="red").transpose(*tyx).astype("float32"),
+                              cube.sel(band="nir").transpose(*tyx).astype("float32"),
                               dask="parallelized", output_dtypes=[np.float32])
     if method == "qa_pixel":  # clear land (bit 6) > water (bit 7) > snow (bit 5); ties → newest
         qa = cube.sel(band=spec_asset).astype("int64")
@@ -78,23 +83,56 @@ def _score(method: str, cube: xr.DataArray, spec_asset: str) -> xr.DataArray | N
     return None
 
 
-def _pick_block(data: np.ndarray, clear: np.ndarray, scale: np.ndarray, offset: np.ndarray, times: np.ndarray,
-                *score_arg: np.ndarray, method: str, nodata: Any, order: np.ndarray | None, refl_bands: np.ndarray,
-                out_bands: np.ndarray, output: str) -> tuple[np.ndarray, ...]:
-    """One block of one bin: apply_ufunc hands (y, x, time, band); kernels take (time, band, y, x)."""
-    d = np.ascontiguousarray(np.moveaxis(data, (-2, -1), (0, 1)))
-    c = np.ascontiguousarray(np.moveaxis(clear, -1, 0))
-    nt, nb = d.shape[:2]
-    scale = scale.reshape(nt, nb)
-    offset = offset.reshape(nt, nb)
-    times = times.reshape(nt)
+def _per_block(fn: Any, cube: xr.DataArray, clear: xr.DataArray, score: xr.DataArray | None,
+               dtypes: list[Any], **kwargs: Any) -> list[xr.DataArray]:
+    """Run ``fn(data (t, band, y, x), clear (t, y, x)[, score (t, y, x)], **kwargs) -> tuple of (y, x)``
+    on every spatial block of one time slice, in the cube's own layout (no transposed copies); one
+    ``(y, x)`` DataArray per output. Time and band blocks of a spatial block go to one task."""
+    import dask.array as da
+
+    args: list[Any] = [_data(cube.transpose("time", "band", "y", "x")), "tbyx",
+                       _data(clear.transpose("time", "y", "x")), "tyx"]
+    if score is not None:
+        args += [_data(score.transpose("time", "y", "x")), "tyx"]
+    packed = da.blockwise(functools.partial(_joined, fn, **kwargs), "yx", *args, dtype=object,
+                          meta=np.empty((0, 0), object))
+    coords = {"y": cube.y, "x": cube.x}
+    return [xr.DataArray(packed.map_blocks(operator.getitem, k, dtype=dt, meta=np.empty((0, 0), dt)),
+                         dims=("y", "x"), coords=coords) for k, dt in enumerate(dtypes)]
+
+
+def _joined(fn: Any, data: Any, *masks: Any, **kwargs: Any) -> Any:
+    """``fn`` on whole blocks: the lists blockwise hands for the time (and band) blocks of one spatial block
+    are joined, without a copy when there is one block (a bin-aligned cube) — dask's own ``concatenate``
+    copies even then."""
+    return fn(_join(data, (0, 1)), *(_join(m, (0,)) for m in masks), **kwargs)
+
+
+def _join(blocks: Any, axes: tuple[int, ...]) -> np.ndarray:
+    if not isinstance(blocks, list):
+        return blocks
+    parts = [_join(b, axes[1:]) for b in blocks]
+    return parts[0] if len(parts) == 1 else np.concatenate(parts, axis=axes[0])
+
+
+def _data(arr: xr.DataArray) -> Any:
+    import dask.array as da
+
+    return arr.data if isinstance(arr.data, da.Array) else da.from_array(arr.values, chunks=-1)
+
+
+def _pick_block(data: np.ndarray, clear: np.ndarray, score: np.ndarray | None = None, *, scale: np.ndarray,
+                offset: np.ndarray, times: np.ndarray, method: str, nodata: Any, order: np.ndarray | None,
+                refl_bands: np.ndarray, out_bands: np.ndarray, output: str) -> tuple[np.ndarray, ...]:
+    """One spatial block of one bin: data (time, band, y, x), clear and score (time, y, x)."""
+    d = np.ascontiguousarray(data)
+    c = np.ascontiguousarray(clear)
     if method == "latest_pixel":
         out, index, count = reducers.latest_valid(d, c, nodata)
     elif order is not None:
         out, index, count = reducers.first_valid_by_order(d, c, order, nodata)
     else:
-        s = np.ascontiguousarray(np.moveaxis(score_arg[0], -1, 0))
-        out, index, count = reducers.quality_mosaic(d, c, s, nodata)
+        out, index, count = reducers.quality_mosaic(d, c, np.ascontiguousarray(score), nodata)
     out = out[out_bands]
     picked = index >= 0
     safe = np.where(picked, index, 0)
@@ -119,13 +157,20 @@ def _convert(refl: np.ndarray, ok: np.ndarray, scale: Any, output: str) -> np.nd
     return np.where(ok, dn, 0).astype(np.uint16)
 
 
-def _median_block(data: np.ndarray, clear: np.ndarray, *, output: str, scale: float) -> tuple[np.ndarray, ...]:
-    d = np.ascontiguousarray(np.moveaxis(data, (-2, -1), (0, 1)))
-    c = np.ascontiguousarray(np.moveaxis(clear, -1, 0))
-    out, count = reducers.clear_median(d, c, np.float32(np.nan))
-    bands = [out[k] if output == "reflectance" else _convert(out[k], ~np.isnan(out[k]), scale, output)
-             for k in range(out.shape[0])]
-    return (*bands, count)
+def _median_block(data: np.ndarray, clear: np.ndarray, *, bands: np.ndarray, scale: np.ndarray,
+                  offset: np.ndarray, output: str, out_scale: float) -> tuple[np.ndarray, ...]:
+    """Median of one spatial block of one bin over clear observations, on float32 reflectance
+    (``DN × scale + offset`` per item, as ``cube.to_reflectance``). A clear pixel holds data in every
+    reflectance band (``masks.clear_mask``), so nodata never enters the median."""
+    refl = np.empty((data.shape[0], len(bands)) + data.shape[2:], np.float32)  # C order, as the kernel wants
+    for k, b in enumerate(bands):
+        np.multiply(data[:, b], scale[:, b, None, None], out=refl[:, k], dtype=np.float32)
+        if offset[:, b].any():  # x + 0 is x: bins before baseline 04.00 skip a pass
+            refl[:, k] += offset[:, b, None, None]
+    out, count = reducers.clear_median(refl, np.ascontiguousarray(clear), np.float32(np.nan))
+    values = [out[k] if output == "reflectance" else _convert(out[k], ~np.isnan(out[k]), out_scale, output)
+              for k in range(out.shape[0])]
+    return (*values, count)
 
 
 def _apply_pick(cube: xr.DataArray, clear: xr.DataArray, score: xr.DataArray | None, method: str,
@@ -136,24 +181,18 @@ def _apply_pick(cube: xr.DataArray, clear: xr.DataArray, score: xr.DataArray | N
     refl_bands = np.array(cube.reflectance.values, dtype=bool)
     nodata = cube.attrs["nodata"]
     times = cube.time.values.astype("datetime64[ns]")
-    time_da = xr.DataArray(times, dims="time")
-    args = [cube.chunk({"time": -1, "band": -1}), clear.chunk({"time": -1}), cube.scale, cube.offset, time_da]
-    core = [["time", "band"], ["time"], ["time", "band"], ["time", "band"], ["time"]]
     order = None
-    if score is not None:
-        args.append(score.chunk({"time": -1}))
-        core.append(["time"])
-    elif method in {"cloud_sorted_pixel", "first_clear"}:  # least cloudy scene first, then oldest
+    if score is None and method in {"cloud_sorted_pixel", "first_clear"}:  # least cloudy first, then oldest
         order = np.argsort(np.nan_to_num(cube.cloud_cover.values.astype(float), nan=101.0), kind="stable")
-    elif method == "all_first":
+    elif score is None and method == "all_first":
         order = np.arange(len(times))
     out_types = [np.float32 if (refl_bands[names.index(b)] and config.output == "reflectance") else
                  (np.uint16 if refl_bands[names.index(b)] else cube.dtype) for b in bands]
-    results = xr.apply_ufunc(
-        _pick_block, *args, input_core_dims=core, output_core_dims=[[] for _ in bands] + [[], []],
-        dask="parallelized", output_dtypes=out_types + [np.uint16, "datetime64[ns]"],
-        kwargs={"method": method, "nodata": cube.dtype.type(nodata), "order": order, "refl_bands": refl_bands,
-                "out_bands": out_bands, "output": config.output})
+    results = _per_block(_pick_block, cube, clear, score, out_types + [np.uint16, "datetime64[ns]"],
+                         scale=cube.scale.values.astype(np.float32),
+                         offset=cube.offset.values.astype(np.float32), times=times, method=method,
+                         nodata=cube.dtype.type(nodata), order=order, refl_bands=refl_bands,
+                         out_bands=out_bands, output=config.output)
     data_vars = {b: r for b, r in zip(bands, results[: len(bands)])}
     data_vars["clear_count"] = results[len(bands)]
     data_vars["source_time"] = results[len(bands) + 1]
@@ -166,13 +205,14 @@ def _apply_median(cube: xr.DataArray, clear: xr.DataArray, config: PixelsConfig)
     if classes:
         raise ConfigError(f"a median composite cannot reduce class bands {classes}; drop them or use "
                           "composite_method first_clear/quality", "bands")
-    refl = to_reflectance(cube).sel(band=bands).chunk({"time": -1, "band": -1})
-    scale = float(np.nanmin(cube.scale.values)) if cube.sizes["time"] else 1e-4
-    results = xr.apply_ufunc(
-        _median_block, refl, clear.chunk({"time": -1}), input_core_dims=[["time", "band"], ["time"]],
-        output_core_dims=[[] for _ in bands] + [[]], dask="parallelized",
-        output_dtypes=[np.float32 if config.output == "reflectance" else np.uint16] * len(bands) + [np.uint16],
-        kwargs={"output": config.output, "scale": scale})
+    names = list(cube.band.values)
+    out_scale = float(np.nanmin(cube.scale.values)) if cube.sizes["time"] else 1e-4
+    out_type = np.float32 if config.output == "reflectance" else np.uint16
+    results = _per_block(_median_block, cube, clear, None, [out_type] * len(bands) + [np.uint16],
+                         bands=np.array([names.index(b) for b in bands]),
+                         scale=cube.scale.values.astype(np.float32),
+                         offset=cube.offset.values.astype(np.float32), output=config.output,
+                         out_scale=out_scale)
     data_vars = {b: r for b, r in zip(bands, results[: len(bands)])}
     data_vars["clear_count"] = results[len(bands)]
     return xr.Dataset(data_vars)
@@ -183,7 +223,8 @@ def _empty_slice(template: xr.Dataset) -> xr.Dataset:
 
     out = {}
     for name, var in template.data_vars.items():
-        fill: Any = np.nan if var.dtype.kind == "f" else (np.datetime64("NaT", "ns") if var.dtype.kind == "M" else 0)
+        fill: Any = np.nan if var.dtype.kind == "f" else \
+            (np.datetime64("NaT", "ns") if var.dtype.kind == "M" else 0)
         out[name] = (var.dims, da.full(var.shape, fill, dtype=var.dtype, chunks=var.data.chunksize
                                        if hasattr(var.data, "chunksize") else var.shape))
     return xr.Dataset(out, coords={k: v for k, v in template.coords.items() if k in {"x", "y"}})
@@ -213,7 +254,7 @@ def _binned(cube: xr.DataArray, clear: xr.DataArray, config: PixelsConfig, bins:
             slices.append(None)
             continue
         # one bin's observations in one chunk along time, so the kernel sees the whole bin at once
-        ds = _reduce(cube.isel(time=sel), clear.isel(time=sel), config, method)
+        ds = _reduce(_at(cube, sel), _at(clear, sel), config, method)
         slices.append(ds)
         template = template or ds
     if template is None:  # no observation at all: run the reduction on one all-nodata observation
@@ -228,6 +269,14 @@ def _binned(cube: xr.DataArray, clear: xr.DataArray, config: PixelsConfig, bins:
     )
     out.attrs["item_ids"] = json.dumps({b.label: ids for b, ids in zip(bins, item_ids)})
     return _finish(out, cube)
+
+
+def _at(arr: xr.DataArray, index: np.ndarray) -> xr.DataArray:
+    """``arr`` at these time positions; a run of consecutive positions (a bin or a day of time-sorted items)
+    is a slice, which keeps whole chunks of the cube (no gather tasks)."""
+    if index.size and np.array_equal(index, np.arange(index[0], index[0] + index.size)):
+        return arr.isel(time=slice(int(index[0]), int(index[0]) + index.size))
+    return arr.isel(time=index)
 
 
 def _nodata_like(arr: xr.DataArray) -> xr.DataArray:
@@ -253,7 +302,7 @@ def _all(cube: xr.DataArray, clear: xr.DataArray, config: PixelsConfig) -> xr.Da
     """One slice per acquisition day: same-day tiles fused first-valid (in time order), cloudy → nodata."""
     days = np.array([np.datetime64(str(t)[:10], "ns") for t in cube.time.values], dtype="datetime64[ns]")
     unique = np.unique(days)
-    slices = [_apply_pick(cube.isel(time=np.nonzero(days == d)[0]), clear.isel(time=np.nonzero(days == d)[0]),
+    slices = [_apply_pick(_at(cube, np.nonzero(days == d)[0]), _at(clear, np.nonzero(days == d)[0]),
                           None, "all_first", config) for d in unique]
     if not slices:
         template = _apply_pick(_nodata_like(cube), _nodata_like(clear), None, "all_first", config)
@@ -263,7 +312,8 @@ def _all(cube: xr.DataArray, clear: xr.DataArray, config: PixelsConfig) -> xr.Da
         out = xr.concat(slices, dim="time", coords="minimal", compat="override", join="override")
         out = out.assign_coords(time=unique)
     out = out.drop_vars("source_time")
-    out.attrs["item_ids"] = json.dumps({str(d)[:10]: [str(i) for i in cube.id.values[days == d]] for d in unique})
+    out.attrs["item_ids"] = json.dumps({str(d)[:10]: [str(i) for i in cube.id.values[days == d]]
+                                        for d in unique})
     return _finish(out, cube)
 
 

@@ -45,35 +45,40 @@ class Gauge:
 def sample(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Feature]:
     from pixels_xr.sample import make_sample
 
-    info = make_sample(tmp_path_factory.mktemp("sample"), n_dates=6, width=128, height=128, tiles=1,
+    info = make_sample(tmp_path_factory.mktemp("sample"), n_dates=6, width=128, height=128, tiles=2,
                        every_days=4)
     return info.catalog, Feature("area", box(*info.bounds), crs=info.crs)
 
 
-def _cube(sample: tuple[Path, Feature], pool_size: int, bands: list[str], loader: str) -> Any:
+def _cube(sample: tuple[Path, Feature], pool_size: int, bands: list[str], loader: str,
+          resampling: str = "nearest") -> Any:
     catalog, feature = sample
     cfg = load_config({"start": "2021-11-01", "end": "2021-12-31", "mode": "all", "platforms": "SENTINEL_2",
                        "bands": bands, "mask": "none", "catalog": str(catalog), "chunksize": 64,
-                       "pool_size": pool_size})
+                       "pool_size": pool_size, "resampling": resampling})
     items = search(cfg, feature)
     assert len(items) >= 4
     return build_cube(items, feature, cfg, loader=loader, time_chunks=1)
 
 
-@pytest.mark.parametrize("loader,bands", [("stackstac", ["red"]), ("stackstac", ["red", "nir", "green"]),
-                                          ("odc", ["red", "nir"])])
+@pytest.mark.parametrize("loader,bands,resampling", [
+    ("stackstac", ["red"], "nearest"),  # one asset per block, read in the dask thread, direct reads
+    ("stackstac", ["red", "nir", "green"], "bilinear"),  # blocks read through the pool, WarpedVRT reads
+    ("odc", ["red", "nir"], "nearest"),
+])
 def test_pool_size_bounds_concurrent_reads_under_many_threads(sample: tuple[Path, Feature], loader: str,
-                                                              bands: list[str], monkeypatch: Any) -> None:
-    from stackstac.rio_reader import AutoParallelRioReader
+                                                              bands: list[str], resampling: str,
+                                                              monkeypatch: Any) -> None:
+    from stackstac.rio_reader import ThreadLocalRioDataset
 
     results = {}
     for pool_size in (2, 16):
         gauge = Gauge()
-        if loader == "stackstac":  # the GDAL read under stackstac's reader
-            monkeypatch.setattr(AutoParallelRioReader, "read", gauge.wrap(AutoParallelRioReader.read))
+        if loader == "stackstac":  # every GDAL read of stackstac's per-thread datasets, direct or warped
+            monkeypatch.setattr(ThreadLocalRioDataset, "read", gauge.wrap(ThreadLocalRioDataset.read))
         else:  # odc-stac opens and reads the file in rio_read
             monkeypatch.setattr(readers, "rio_read", gauge.wrap(readers.rio_read))
-        cube = _cube(sample, pool_size, bands, loader)
+        cube = _cube(sample, pool_size, bands, loader, resampling)
         assert cube.data.npartitions >= 16  # many independent read tasks for 16 threads
         with dask.config.set(scheduler="threads", num_workers=16):
             results[pool_size] = cube.values
@@ -98,3 +103,70 @@ def test_reader_pickles_with_its_pool_size(sample: tuple[Path, Feature]) -> None
     assert isinstance(clone, readers.PixelsReader) and clone.pool_size == 3 and clone.url == reader.url
     window = readers.windows.Window(0, 0, 16, 16)
     np.testing.assert_array_equal(clone.read(window), reader.read(window))
+
+
+@pytest.mark.parametrize("scale,resampling", [(10, "nearest"), (10, "bilinear"), (20, "nearest"),
+                                              (30, "average")])
+def test_cube_equals_plain_stackstac(sample: tuple[Path, Feature], scale: int, resampling: str) -> None:
+    """Direct reads (native grid, nearest) and warped reads give stackstac.stack's values on the same grid,
+    including the area outside each tile (two tiles, each covering part of the grid); scl stays nearest."""
+    import stackstac
+    from rasterio.enums import Resampling
+
+    catalog, feature = sample
+    cfg = load_config({"start": "2021-11-01", "end": "2021-12-31", "mode": "all", "platforms": "SENTINEL_2",
+                       "bands": ["red", "nir"], "catalog": str(catalog), "chunksize": 96, "scale": scale,
+                       "resampling": resampling})
+    items = search(cfg, feature)
+    cube = build_cube(items, feature, cfg)
+    assert list(cube.band.values) == ["red", "nir", "scl"] and len(items) >= 8
+
+    def plain(assets: list[str], how: str) -> np.ndarray:
+        return stackstac.stack(items, assets=assets, epsg=32629, resolution=scale, bounds=cube.rio.bounds(),
+                               snap_bounds=False, dtype=np.dtype("uint16"), fill_value=np.uint16(0),
+                               rescale=False, sortby_date=False, resampling=Resampling[how]).values
+
+    values = cube.values
+    np.testing.assert_array_equal(values[:, :2], plain(["red", "nir"], resampling))
+    np.testing.assert_array_equal(values[:, 2:], plain(["scl"], "nearest"))
+    assert (values == 0).any() and (values != 0).mean() > 0.5  # both data and fill around the tiles
+
+
+@pytest.mark.parametrize("dtype,nodata,fill,mask", [
+    ("uint16", 7, 0, False),  # nodata differs from the fill value: replaced after an unmasked read
+    ("uint16", 0, 0, False),
+    ("uint16", None, 0, False),  # no nodata: every pixel valid
+    ("uint16", None, 0, True),  # internal mask: masked read
+    ("float32", float("nan"), float("nan"), False),
+    ("int16", -5, -5, False),
+])
+def test_direct_reads_match_stackstac_vrt_reads(tmp_path: Path, dtype: str, nodata: Any, fill: Any,
+                                                mask: bool) -> None:
+    """Direct windowed reads give what stackstac's WarpedVRT reader gives, window by window: inside the
+    file, across its edge and outside it, nodata and masks included."""
+    import rasterio
+    from rasterio.enums import Resampling
+    from rasterio.transform import from_origin
+    from rasterio.windows import Window
+    from stackstac.raster_spec import RasterSpec
+    from stackstac.rio_reader import AutoParallelRioReader
+
+    rng = np.random.default_rng(1)
+    values = rng.integers(0, 12, (40, 50)).astype(dtype)
+    path = tmp_path / "a.tif"
+    profile = {"driver": "GTiff", "width": 50, "height": 40, "count": 1, "dtype": dtype, "nodata": nodata,
+               "crs": "EPSG:32629", "transform": from_origin(500100, 3400000, 10, 10)}
+    with rasterio.Env(GDAL_TIFF_INTERNAL_MASK=True), rasterio.open(path, "w", **profile) as dst:
+        dst.write(values, 1)
+        if mask:
+            dst.write_mask(values != 3)
+    spec = RasterSpec(epsg=32629, bounds=(500000, 3399400, 500800, 3400100), resolutions_xy=(10, 10))
+    kw = {"url": str(path), "spec": spec, "resampling": Resampling.nearest, "dtype": np.dtype(dtype),
+          "fill_value": np.dtype(dtype).type(fill), "scale_offset": (1.0, 0.0)}
+    ours, theirs = readers.PixelsReader(**kw), AutoParallelRioReader(**kw)
+    for window in (Window(10, 10, 50, 40), Window(12, 15, 8, 9), Window(0, 0, 30, 30), Window(55, 45, 25, 25),
+                   Window(70, 0, 10, 10), Window(0, 0, 80, 70)):
+        got, want = ours.read(window), theirs.read(window)
+        assert got.dtype == want.dtype and got.shape == want.shape
+        np.testing.assert_array_equal(got, want)
+    assert isinstance(ours._inner, readers._AlignedReader)  # the direct path was taken

@@ -31,6 +31,10 @@ def __getattr__(name: str):  # distributed is imported only when a batch or clus
         from pixels_xr.cluster import open_client
 
         return open_client
+    if name == "predict":  # TensorFlow is imported only when a model runs
+        from pixels_xr.inference import predict
+
+        return predict
     raise AttributeError(f"module 'pixels_xr' has no attribute {name!r}")
 
 
@@ -43,6 +47,7 @@ __all__ = [
     "load_features",
     "open_client",
     "open_feature",
+    "predict",
     "run_batch",
     "RunReport",
     "search",

@@ -140,11 +140,16 @@ def run_batch(config: PixelsConfig, features: Sequence[Feature], out: str, *, cl
             remaining[plan.feature.id] = len(plan.pending)
             if not plan.pending:
                 bar(plan.result)
-            for i in plan.pending:
+            pending = list(plan.pending)
+            while pending:
                 while len(in_flight) >= window:
                     _drain(in_flight, remaining, manifest, bar, on_unit, block=True)
-                job = writers.submit(_write_unit, client, plan, i, config, out, output_format, retries)
-                in_flight[job] = (plan, i)
+                batch, pending = pending[: window - len(in_flight)], pending[window - len(in_flight):]
+                if output_format == "zarr":  # one submission per batch of bins: one graph, shared tasks
+                    jobs = _submit_regions(client, plan, batch, out, retries)
+                else:
+                    jobs = [writers.submit(_write_unit_cogs, client, plan, i, config, out) for i in batch]
+                in_flight.update({job: (plan, i) for job, i in zip(jobs, batch)})
             _drain(in_flight, remaining, manifest, bar, on_unit, block=False)
         while in_flight:
             _drain(in_flight, remaining, manifest, bar, on_unit, block=True)
@@ -223,15 +228,35 @@ def unit_labels(ds: xr.Dataset) -> list[str]:
     return starts
 
 
-def _write_unit(client: Client, plan: _Planned, i: int, config: PixelsConfig, out: str, output_format: str,
-                retries: int) -> dict[str, Any]:
+def _submit_regions(client: Client, plan: _Planned, indexes: list[int], out: str,
+                    retries: int) -> list[concurrent.futures.Future]:
+    """Region writes of some bins of a feature in one submission; one concurrent future per bin."""
+    assert plan.ds is not None
+    writes = [region_write(plan.ds, out, plan.feature.id, i) for i in indexes]
+    started = time.perf_counter()
+    return [_bridge(f, started) for f in client.compute(writes, retries=retries)]
+
+
+def _bridge(future: Any, started: float) -> concurrent.futures.Future:
+    """A ``concurrent.futures.Future`` settled when a distributed future finishes (its callback thread)."""
+    bridged: concurrent.futures.Future = concurrent.futures.Future()
+
+    def settle(done: Any) -> None:
+        try:
+            done.result()
+        except BaseException as exc:  # noqa: BLE001 - handed over to the run loop as the unit's failure
+            bridged.set_exception(exc)
+        else:
+            bridged.set_result({"seconds": round(time.perf_counter() - started, 3)})
+
+    future.add_done_callback(settle)
+    return bridged
+
+
+def _write_unit_cogs(client: Client, plan: _Planned, i: int, config: PixelsConfig, out: str) -> dict[str, Any]:
     assert plan.ds is not None
     started = time.perf_counter()
-    if output_format == "zarr":
-        write = region_write(plan.ds, out, plan.feature.id, i)
-        client.compute(write, retries=retries).result()
-    else:
-        write_unit_cogs(plan.ds.isel(time=i), out, plan.feature.id, plan.labels[i], config, scheduler=client.get)
+    write_unit_cogs(plan.ds.isel(time=i), out, plan.feature.id, plan.labels[i], config, scheduler=client.get)
     return {"seconds": round(time.perf_counter() - started, 3)}
 
 

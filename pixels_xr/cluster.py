@@ -9,9 +9,8 @@
   dask-gateway's own configuration (``DASK_GATEWAY__ADDRESS``, ``DASK_GATEWAY__AUTH__TYPE``, …); fixed
   size or adaptive (``adapt_min``/``adapt_max``); ``cluster_options`` go to the gateway's options form.
 
-GDAL/AWS settings travel to every worker through a worker plugin (current values of the variables
-named in ``FORWARDED_PREFIXES`` plus ``cube.GDAL_CLOUD_ENV``), so workers read cloud assets exactly like the
-client. The dashboard link is printed to stderr when ``quiet`` is false.
+GDAL/AWS settings travel to every worker through a worker plugin (the client's current values of the
+variables named in ``FORWARDED_PREFIXES``), so workers read cloud assets exactly like the client. The dashboard link is printed to stderr when ``quiet`` is false.
 """
 
 from __future__ import annotations
@@ -28,7 +27,6 @@ from distributed.diagnostics.plugin import WorkerPlugin
 from pydantic import ValidationError
 
 from pixels_xr.config import ClusterOptions
-from pixels_xr.cube import GDAL_CLOUD_ENV
 from pixels_xr.errors import ConfigError
 
 #: Environment variables (by prefix) copied to workers: GDAL/PROJ tuning and object-store credentials.
@@ -48,10 +46,13 @@ class EnvironmentPlugin(WorkerPlugin):
 
 
 def worker_environment() -> dict[str, str]:
-    """The variables workers get: cloud-read GDAL defaults, overridden by the client's own settings."""
-    env = {k: str(v) for k, v in GDAL_CLOUD_ENV.items()}
-    env.update({k: v for k, v in os.environ.items() if k.startswith(FORWARDED_PREFIXES)})
-    return env
+    """The client's GDAL/PROJ/object-store variables, for the workers.
+
+    Only what the client itself has set travels: the cube's cloud-read settings (``cube.GDAL_CLOUD_ENV``)
+    are applied per read by the loader, not process-wide, because e.g. ``GDAL_DISABLE_READDIR_ON_OPEN``
+    would hide ``.msk`` masks and ``.ovr`` overviews from every other reader in the worker.
+    """
+    return {k: v for k, v in os.environ.items() if k.startswith(FORWARDED_PREFIXES)}
 
 
 def _options(options: ClusterOptions | dict | None) -> ClusterOptions:

@@ -118,6 +118,9 @@ def staged_file(url: str, suffix: str = "") -> Iterator[str]:
         directory.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=".pixels-xr-", suffix=suffix, dir=directory)
     os.close(fd)
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600; published files get the usual permissions
     try:
         yield tmp
         if is_remote(url):

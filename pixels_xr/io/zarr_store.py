@@ -88,6 +88,7 @@ def open_feature(store: str, feature_id: str, **kwargs: Any) -> xr.Dataset:
     import rioxarray  # noqa: F401  (registers the .rio accessor)
 
     try:
-        return xr.open_zarr(store, group=feature_id, consolidated=False, **kwargs)
+        return xr.open_zarr(store, group=feature_id, consolidated=False,
+                            **{"decode_coords": "all", **kwargs})
     except (FileNotFoundError, KeyError) as exc:
         raise OutputError(f"no feature {feature_id!r} in the store ({exc.__class__.__name__})", store) from None

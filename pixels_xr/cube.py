@@ -128,6 +128,12 @@ def build_cube(items: list[dict], feature: Feature, config: PixelsConfig, *, loa
     rechunk; ``time_chunks=N`` gives chunks of N items instead. Items whose assets all miss the grid are
     left out.
     """
+    with _gc_paused():  # the build makes many small long-lived objects: collector passes would cost more
+        return _build_cube(items, feature, config, loader, time_chunks)
+
+
+def _build_cube(items: list[dict], feature: Feature, config: PixelsConfig, loader: Loader,
+                time_chunks: int | None) -> xr.DataArray:
     names = list(config.band_names)
     spec = config.mask_spec
     if spec is not None and spec.asset not in names:
@@ -302,7 +308,8 @@ def _read_graph(table: np.ndarray, spec: Any, groups: list[tuple[int, int]], chu
                 options: ReaderOptions, pool_size: int) -> Any:
     """Dask array over the asset table with one read task per (time chunk, y block, x block) and one
     reader-table task per time chunk, written as plain tasks: no per-asset task, no blockwise layer to
-    expand at submit time, so the graph is ready to run as soon as it is built."""
+    expand at submit time, so the graph is ready to run as soon as it is built (``build_cube`` pauses the
+    garbage collector meanwhile: generational passes over tens of thousands of new tasks cost 5x)."""
     import dask
     import dask.array as da
     from dask._task_spec import Task, TaskRef
@@ -321,14 +328,13 @@ def _read_graph(table: np.ndarray, spec: Any, groups: list[tuple[int, int]], chu
     opener = functools.partial(open_readers, spec=spec, options=options)
     opens, reads = {}, {}
     nx = len(x_chunks)
-    with _gc_paused():  # tens of thousands of small objects: generational GC passes would cost 5x the build
-        for k, (start, stop) in enumerate(groups):
-            okey = (open_name, k)
-            opens[okey] = Task(okey, opener, table[start:stop])
-            ref = TaskRef(okey)
-            for w, window in enumerate(windows):
-                key = (read_name, k, 0, w // nx, w % nx)
-                reads[key] = Task(key, fetch, ref, window)
+    for k, (start, stop) in enumerate(groups):
+        okey = (open_name, k)
+        opens[okey] = Task(okey, opener, table[start:stop])
+        ref = TaskRef(okey)
+        for w, window in enumerate(windows):
+            key = (read_name, k, 0, w // nx, w % nx)
+            reads[key] = Task(key, fetch, ref, window)
     graph = HighLevelGraph({open_name: opens, read_name: reads}, {open_name: set(), read_name: {open_name}})
     chunks = (tuple(stop - start for start, stop in groups), (table.shape[1],), y_chunks, x_chunks)
     return da.Array(graph, read_name, chunks, meta=np.empty((0, 0, 0, 0), options.dtype))

@@ -220,13 +220,17 @@ def _apply_median(cube: xr.DataArray, clear: xr.DataArray, config: PixelsConfig)
 
 def _empty_slice(template: xr.Dataset) -> xr.Dataset:
     import dask.array as da
+    from dask.base import tokenize
 
     out = {}
     for name, var in template.data_vars.items():
         fill: Any = np.nan if var.dtype.kind == "f" else \
             (np.datetime64("NaT", "ns") if var.dtype.kind == "M" else 0)
-        out[name] = (var.dims, da.full(var.shape, fill, dtype=var.dtype, chunks=var.data.chunksize
-                                       if hasattr(var.data, "chunksize") else var.shape))
+        chunks = var.data.chunksize if hasattr(var.data, "chunksize") else var.shape
+        # keys follow the template (this feature's), never only shape and value: distributed mixes up a
+        # key that several concurrent computations share
+        key = f"pixels-empty-{tokenize(getattr(var.data, 'name', None), name, var.shape, str(var.dtype))}"
+        out[name] = (var.dims, da.full(var.shape, fill, dtype=var.dtype, chunks=chunks, name=key))
     return xr.Dataset(out, coords={k: v for k, v in template.coords.items() if k in {"x", "y"}})
 
 
@@ -258,7 +262,8 @@ def _binned(cube: xr.DataArray, clear: xr.DataArray, config: PixelsConfig, bins:
         slices.append(ds)
         template = template or ds
     if template is None:  # no observation at all: run the reduction on one all-nodata observation
-        template = _reduce(_nodata_like(cube), _nodata_like(clear), config, method)
+        feature = str(cube.attrs.get("feature", ""))
+        template = _reduce(_nodata_like(cube, feature), _nodata_like(clear, feature), config, method)
     filled = [s if s is not None else _empty_slice(template) for s in slices]
     out = xr.concat(filled, dim="time", coords="minimal", compat="override", join="override")
     out = out.assign_coords(
@@ -279,15 +284,18 @@ def _at(arr: xr.DataArray, index: np.ndarray) -> xr.DataArray:
     return arr.isel(time=index)
 
 
-def _nodata_like(arr: xr.DataArray) -> xr.DataArray:
-    """One all-nodata, never-clear observation with the layout of ``arr`` (for empty results)."""
+def _nodata_like(arr: xr.DataArray, feature: str) -> xr.DataArray:
+    """One all-nodata, never-clear observation with the layout of ``arr`` (for empty results); its dask key
+    names the feature (see ``_empty_slice``)."""
     import dask.array as da
+    from dask.base import tokenize
 
     shape = (1,) + arr.shape[1:]
+    name = f"pixels-nodata-{tokenize(feature, getattr(arr.data, 'name', None), shape, str(arr.dtype))}"
     if arr.dtype == bool:
-        data = da.zeros(shape, dtype=bool)
+        data = da.zeros(shape, dtype=bool, name=name)
     else:
-        data = da.full(shape, arr.attrs.get("nodata", 0), dtype=arr.dtype)
+        data = da.full(shape, arr.attrs.get("nodata", 0), dtype=arr.dtype, name=name)
     coords = {k: v for k, v in arr.coords.items() if "time" not in v.dims}
     time_coords = {k: ("time", np.zeros(1, dtype=v.dtype) if v.dtype.kind != "M" else
                        np.array(["1970-01-01"], "datetime64[ns]")) for k, v in arr.coords.items()
@@ -305,7 +313,9 @@ def _all(cube: xr.DataArray, clear: xr.DataArray, config: PixelsConfig) -> xr.Da
     slices = [_apply_pick(_at(cube, np.nonzero(days == d)[0]), _at(clear, np.nonzero(days == d)[0]),
                           None, "all_first", config) for d in unique]
     if not slices:
-        template = _apply_pick(_nodata_like(cube), _nodata_like(clear), None, "all_first", config)
+        feature = str(cube.attrs.get("feature", ""))
+        template = _apply_pick(_nodata_like(cube, feature), _nodata_like(clear, feature), None, "all_first",
+                               config)
         out = template.isel(time=slice(0, 0)) if "time" in template.dims else template.expand_dims(
             time=np.array([], "datetime64[ns]"))
     else:

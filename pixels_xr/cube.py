@@ -227,7 +227,7 @@ def _load_stackstac(items: list[dict], names: list[str], mask_names: list[str], 
     reader = functools.partial(PixelsReader, pool_size=config.pool_size, signer=signer_for(config.catalog))
     data = _read_graph(table, spec, _time_groups(items, config, feature, time_chunks), config.chunksize,
                        ReaderOptions(reader, tuple(resampling), dtype, fill, env, _errors_as_nodata(config)),
-                       config.pool_size)
+                       config.pool_size, feature.id)
     coords, dims = to_coords(items, names, spec, xy_coords="center", properties=False, band_coords=False)
     cube = xr.DataArray(data, coords=coords, dims=dims)
     return cube.drop_vars([c for c in cube.coords if c not in {"time", "band", "x", "y"}]), items
@@ -305,7 +305,7 @@ def _time_groups(items: list[dict], config: PixelsConfig, feature: Feature,
 
 
 def _read_graph(table: np.ndarray, spec: Any, groups: list[tuple[int, int]], chunksize: int,
-                options: ReaderOptions, pool_size: int) -> Any:
+                options: ReaderOptions, pool_size: int, feature_id: str) -> Any:
     """Dask array over the asset table with one read task per (time chunk, y block, x block) and one
     reader-table task per time chunk, written as plain tasks: no per-asset task, no blockwise layer to
     expand at submit time, so the graph is ready to run as soon as it is built (``build_cube`` pauses the
@@ -320,8 +320,9 @@ def _read_graph(table: np.ndarray, spec: Any, groups: list[tuple[int, int]], chu
     y_edges, x_edges = np.cumsum((0,) + y_chunks), np.cumsum((0,) + x_chunks)
     windows = [(slice(int(y_edges[i]), int(y_edges[i + 1])), slice(int(x_edges[j]), int(x_edges[j + 1])))
                for i in range(len(y_chunks)) for j in range(len(x_chunks))]
+    # keys name the feature too: distributed mixes up a key that concurrent computations share
     token = dask.base.tokenize(list(table["url"].ravel()), table["bounds"], spec.epsg, spec.bounds,
-                               spec.resolutions_xy, groups, chunksize, options.token(), pool_size)
+                               spec.resolutions_xy, groups, chunksize, options.token(), pool_size, feature_id)
     open_name, read_name = f"pixels-readers-{token}", f"pixels-read-{token}"
     fetch = functools.partial(fetch_block, dtype=options.dtype, fill_value=options.fill_value,
                               pool_size=pool_size)

@@ -172,3 +172,16 @@ def test_odc_loader_gives_the_same_modes(fmask_series: dict[str, Any], mode: str
     assert a.sizes["time"] == 8 and set(a.data_vars) == set(b.data_vars)
     for name in a.data_vars:
         np.testing.assert_array_equal(a[name].values, b[name].values)
+
+
+def test_graphs_of_two_features_share_no_key(fmask_series: dict[str, Any]) -> None:
+    """Concurrent computations must not share dask keys (distributed mixes up shared keys' state): even two
+    features with the same geometry and items, and with empty bins, get keys of their own."""
+    cfg = _fmask_config(fmask_series["catalog"], mode="composite", composite_method="median",
+                        interval="months", interval_step=3)
+    graphs = []
+    for fid in ("a", "b"):
+        ds = collect(cfg, Feature(fid, box(*fmask_series["bounds"]), crs="EPSG:32613"))
+        assert ds.empty.values.any()
+        graphs.append(set(ds.__dask_graph__().keys()))
+    assert graphs[0] and not graphs[0] & graphs[1]

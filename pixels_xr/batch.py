@@ -256,7 +256,7 @@ def _bridge(future: Any, started: float) -> concurrent.futures.Future:
 def _write_unit_cogs(client: Client, plan: _Planned, i: int, config: PixelsConfig, out: str) -> dict[str, Any]:
     assert plan.ds is not None
     started = time.perf_counter()
-    write_unit_cogs(plan.ds.isel(time=i), out, plan.feature.id, plan.labels[i], config, scheduler=client.get)
+    write_unit_cogs(plan.ds.isel(time=i), out, plan.feature.id, plan.labels[i], config, scheduler=client)
     return {"seconds": round(time.perf_counter() - started, 3)}
 
 

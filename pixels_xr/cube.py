@@ -372,9 +372,23 @@ def _gc_paused() -> Iterator[None]:
             gc.enable()
 
 
+def reflectance_bands(cube: xr.DataArray) -> xr.DataArray:
+    """The cube's reflectance bands, selected without an index array in the graph.
+
+    ``cube.sel(band=<bool array>)`` makes a dask ``take`` whose index is a literal task keyed only by its
+    values, so every feature's graph shares that key; distributed 2026.8 corrupts its state ("priority
+    None", lost workers) when such a key is in several concurrent computations. A slice (or a concat of
+    single positions) keeps every key specific to its cube.
+    """
+    positions = np.flatnonzero(np.asarray(cube.reflectance.values, dtype=bool))
+    if positions.size and np.array_equal(positions, np.arange(positions[0], positions[-1] + 1)):
+        return cube.isel(band=slice(int(positions[0]), int(positions[-1]) + 1))
+    return xr.concat([cube.isel(band=slice(int(p), int(p) + 1)) for p in positions], dim="band")
+
+
 def to_reflectance(cube: xr.DataArray) -> xr.DataArray:
     """Reflectance bands as float32: ``DN × scale + offset`` per item, nodata → NaN (mask bands dropped)."""
-    refl = cube.sel(band=cube.reflectance.values)
+    refl = reflectance_bands(cube)
     nodata = cube.attrs.get("nodata")
     has_nodata = nodata is not None and not (isinstance(nodata, float) and np.isnan(nodata))
     valid = refl != nodata if has_nodata else refl.notnull()

@@ -11,6 +11,7 @@ from __future__ import annotations
 import numpy as np
 import xarray as xr
 
+from pixels_xr.cube import reflectance_bands
 from pixels_xr.platforms import MaskSpec
 
 
@@ -58,7 +59,7 @@ def cleanup_not_clear(not_clear: np.ndarray, opening: int, dilation: int) -> np.
 def clear_mask(cube: xr.DataArray, spec: MaskSpec | None, opening: int = 0, dilation: int = 0) -> xr.DataArray:
     """Lazy ``(time, y, x)`` bool: data present in all reflectance bands and clear under ``spec``."""
     nodata = cube.attrs.get("nodata")
-    refl = cube.sel(band=cube.reflectance.values)
+    refl = reflectance_bands(cube)
     if nodata is None or (isinstance(nodata, float) and np.isnan(nodata)):
         valid = refl.notnull().all("band")
     else:

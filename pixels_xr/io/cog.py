@@ -38,8 +38,9 @@ def write_cog(data: xr.DataArray, path: str, *, nodata: Any = None, band_names: 
     """Write ``data`` (dims ``band, y, x`` or ``y, x``; rio CRS/transform set) to ``path`` as a COG.
 
     ``path`` is a local path or an fsspec URL (``s3://…``). ``tags`` may hold a ``datetime`` (date,
-    datetime or ISO string), which also becomes TIFFTAG_DATETIME. ``scheduler`` computes dask blocks (e.g. a
-    distributed ``client.get``; default: dask's current scheduler).
+    datetime or ISO string), which also becomes TIFFTAG_DATETIME. ``scheduler`` computes dask blocks: a distributed
+    ``Client`` (through futures, safe when several writers share tasks), any dask scheduler, or None (dask's
+    current one).
     """
     if data.ndim == 2:
         data = data.expand_dims(band=[band_names[0] if band_names else "1"])
@@ -86,7 +87,12 @@ def _row_blocks(data: xr.DataArray, scheduler: Any = None):
         return
     y0 = 0
     for rows in data.chunks[1]:
-        yield y0, np.asarray(data.isel(y=slice(y0, y0 + rows)).compute(scheduler=scheduler).values)
+        block = data.isel(y=slice(y0, y0 + rows))
+        if hasattr(scheduler, "compute") and hasattr(scheduler, "submit"):  # a distributed Client
+            block = scheduler.compute(block).result()
+        else:
+            block = block.compute(scheduler=scheduler)
+        yield y0, np.asarray(block.values)
         y0 += rows
 
 

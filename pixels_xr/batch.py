@@ -1,8 +1,10 @@
 """Batch runs: every feature of a config searched, built and written on a Dask cluster, resumably.
 
 A *unit* is one feature × one time bin (one acquisition day in mode ``all``). The client plans features a
-few at a time (search → lazy Dataset → Zarr template), then submits units through a bounded window, so the
-graph in flight never holds all features at once and memory stays bounded however many there are. Each
+few at a time (search → lazy Dataset → Zarr template), then submits each feature's pending units in one go
+while fewer than ``window`` units are in flight, so the graph in flight never holds all features at once and
+memory stays bounded however many there are. (One submission per feature: its bins share tasks, and
+distributed can lose track of keys shared by computations in flight at the same time.) Each
 unit is written completely and only then recorded in the run manifest (``io.manifest``); a re-run skips
 recorded units and does nothing when everything is done. Dask retries transient task failures
 (``retries``) and reschedules work of lost workers; a unit that still fails marks its feature failed in
@@ -35,13 +37,15 @@ from pixels_xr.config import PixelsConfig
 from pixels_xr.errors import OutputError, PixelsError
 from pixels_xr.features import Feature
 from pixels_xr.io import storage
-from pixels_xr.io.cog import write_cog
+from pixels_xr.io.cog import CogLayer, write_cogs
 from pixels_xr.io.manifest import RunManifest, safe_label
 from pixels_xr.io.stac_out import write_output_catalog
 from pixels_xr.io.zarr_store import aligned, region_write, write_template
 
 OutputFormat = Literal["zarr", "cog"]
 SOURCE_TIME_NODATA = -2147483648
+#: Bytes of one row of chunks computed at once when writing a feature's COGs (its bins are grouped to fit).
+COG_ROW_BYTES = 256 * 2**20
 
 
 @dataclass
@@ -112,8 +116,8 @@ def run_batch(config: PixelsConfig, features: Sequence[Feature], out: str, *, cl
               on_unit: Callable[[str, str], None] | None = None) -> RunReport:
     """Collect and write every feature into ``out``; resumable, see the module docstring.
 
-    ``client`` reuses a connected client (``cluster`` is then ignored); ``window`` bounds the units in flight
-    (default: twice the cluster's threads); ``on_unit(feature_id, label)`` is called after each unit is
+    ``client`` reuses a connected client (``cluster`` is then ignored); a new feature is submitted while fewer than
+    ``window`` units are in flight (default: twice the cluster's threads); ``on_unit(feature_id, label)`` is called after each unit is
     recorded (progress hooks, tests).
     """
     if output_format not in ("zarr", "cog"):
@@ -133,23 +137,24 @@ def run_batch(config: PixelsConfig, features: Sequence[Feature], out: str, *, cl
         planner = stack.enter_context(concurrent.futures.ThreadPoolExecutor(2, "pixels-xr-plan"))
         writers = stack.enter_context(concurrent.futures.ThreadPoolExecutor(window, "pixels-xr-unit"))
         plans = _plans(planner, features, config, manifest, output_format, zarr_format, lookahead=2)
-        in_flight: dict[concurrent.futures.Future, tuple[_Planned, int]] = {}
+        in_flight: dict[concurrent.futures.Future, tuple[_Planned, list[int]]] = {}
         remaining: dict[str, int] = {}
         for plan in plans:
             report.features.append(plan.result)
             remaining[plan.feature.id] = len(plan.pending)
             if not plan.pending:
                 bar(plan.result)
-            pending = list(plan.pending)
-            while pending:
-                while len(in_flight) >= window:
-                    _drain(in_flight, remaining, manifest, bar, on_unit, block=True)
-                batch, pending = pending[: window - len(in_flight)], pending[window - len(in_flight):]
-                if output_format == "zarr":  # one submission per batch of bins: one graph, shared tasks
-                    jobs = _submit_regions(client, plan, batch, out, retries)
-                else:
-                    jobs = [writers.submit(_write_unit_cogs, client, plan, i, config, out) for i in batch]
-                in_flight.update({job: (plan, i) for job, i in zip(jobs, batch)})
+                continue
+            while sum(len(units) for _, units in in_flight.values()) >= window:
+                _drain(in_flight, remaining, manifest, bar, on_unit, block=True)
+            # A feature's pending bins go in one submission: bins share tasks (clip mask, reader tables), and
+            # two computations with common keys in flight at once can hang distributed's scheduler.
+            if output_format == "zarr":
+                for job, i in zip(_submit_regions(client, plan, plan.pending, out, retries), plan.pending):
+                    in_flight[job] = (plan, [i])
+            else:
+                job = writers.submit(_write_feature_cogs, client, plan, config, out)
+                in_flight[job] = (plan, list(plan.pending))
             _drain(in_flight, remaining, manifest, bar, on_unit, block=False)
         while in_flight:
             _drain(in_flight, remaining, manifest, bar, on_unit, block=True)
@@ -253,34 +258,40 @@ def _bridge(future: Any, started: float) -> concurrent.futures.Future:
     return bridged
 
 
-def _write_unit_cogs(client: Client, plan: _Planned, i: int, config: PixelsConfig, out: str) -> dict[str, Any]:
+def _write_feature_cogs(client: Client, plan: _Planned, config: PixelsConfig, out: str) -> dict[str, Any]:
+    """Every pending bin of a feature, a group of bins at a time (a row of chunks within ``COG_ROW_BYTES``)."""
     assert plan.ds is not None
     started = time.perf_counter()
-    write_unit_cogs(plan.ds.isel(time=i), out, plan.feature.id, plan.labels[i], config, scheduler=client)
+    per_group = max(1, COG_ROW_BYTES // max(_row_bytes(plan.ds.isel(time=0)), 1))
+    for k in range(0, len(plan.pending), per_group):
+        layers = [layer for i in plan.pending[k:k + per_group] for layer in
+                  unit_cog_layers(plan.ds.isel(time=i), out, plan.feature.id, plan.labels[i], config)]
+        write_cogs(layers, scheduler=client)
     return {"seconds": round(time.perf_counter() - started, 3)}
 
 
-def write_unit_cogs(step: xr.Dataset, out: str, feature_id: str, label: str, config: PixelsConfig, *,
-                    scheduler: Any = None) -> list[str]:
-    """The COGs of one feature × bin: bands, clear_count and (pick modes) source_time; returns their URLs."""
+def _row_bytes(step: xr.Dataset) -> int:
+    """Bytes of one row of dask chunks of every variable of a time step."""
+    rows = max(step.chunks["y"]) if step.chunks else step.sizes["y"]
+    return sum(v.dtype.itemsize * v.size // step.sizes["y"] * rows for v in step.data_vars.values())
+
+
+def unit_cog_layers(step: xr.Dataset, out: str, feature_id: str, label: str,
+                    config: PixelsConfig) -> list[CogLayer]:
+    """The COGs of one feature × bin: bands, clear_count and (pick modes) source_time."""
     base = storage.join(out, feature_id, safe_label(label))
     bands = list(config.band_names)
     when = str(step["time"].values)[:10]
     tags = {"datetime": when, "feature": feature_id, "bin": label,
             "items": json.dumps(json.loads(step.attrs.get("item_ids", "{}")).get(label, []))}
     stack = xr.concat([step[b] for b in bands], dim="band").assign_coords(band=bands)
-    nodata = np.nan if stack.dtype.kind == "f" else 0
-    write_cog(stack, f"{base}.tif", nodata=nodata, band_names=bands, tags=tags, scheduler=scheduler)
-    urls = [f"{base}.tif"]
-    write_cog(step["clear_count"], f"{base}_clear_count.tif", band_names=["clear_count"], tags=tags,
-              scheduler=scheduler)
-    urls.append(f"{base}_clear_count.tif")
+    layers = [CogLayer(stack, f"{base}.tif", np.nan if stack.dtype.kind == "f" else 0, bands, tags),
+              CogLayer(step["clear_count"], f"{base}_clear_count.tif", None, ["clear_count"], tags)]
     if "source_time" in step:
         days = step["source_time"].copy(data=_days_since_epoch(step["source_time"].data))
-        write_cog(days, f"{base}_source_time.tif", nodata=SOURCE_TIME_NODATA, band_names=["source_time"],
-                  tags={**tags, "units": "days since 1970-01-01"}, scheduler=scheduler)
-        urls.append(f"{base}_source_time.tif")
-    return urls
+        layers.append(CogLayer(days, f"{base}_source_time.tif", SOURCE_TIME_NODATA, ["source_time"],
+                               {**tags, "units": "days since 1970-01-01"}))
+    return layers
 
 
 def _days_since_epoch(values: Any) -> Any:
@@ -302,20 +313,21 @@ def _drain(in_flight: dict, remaining: dict[str, int], manifest: RunManifest, ba
     finished, _ = concurrent.futures.wait(
         list(in_flight), timeout=None if block else 0, return_when=concurrent.futures.FIRST_COMPLETED)
     for job in finished:
-        plan, i = in_flight.pop(job)
-        fid, label = plan.feature.id, plan.labels[i]
+        plan, units = in_flight.pop(job)
+        fid = plan.feature.id
         try:
             info = job.result()
         except Exception as exc:  # recorded per feature; the run goes on
             if plan.result.status != "failed":
-                _fail(plan.result, "write", exc, unit=label)
+                _fail(plan.result, "write", exc, unit=plan.labels[units[0]] if len(units) == 1 else None)
         else:
-            if plan.result.status != "failed":
-                manifest.record_unit(fid, label, **info)
-                plan.result.units_written += 1
-                if on_unit is not None:
-                    on_unit(fid, label)
-        remaining[fid] -= 1
+            for i in units:
+                if plan.result.status != "failed":
+                    manifest.record_unit(fid, plan.labels[i], **info)
+                    plan.result.units_written += 1
+                    if on_unit is not None:
+                        on_unit(fid, plan.labels[i])
+        remaining[fid] -= len(units)
         if remaining[fid] == 0:
             bar(plan.result)
 

@@ -240,7 +240,7 @@ def test_s3_inputs_and_outputs(tmp_path, s3_server, sample, clean_run, features,
 def test_cog_outputs(tmp_path, sample, config, features, client) -> None:
     out = str(tmp_path / "cogs")
     report = run_batch(config, features[:2], out, client=client, progress=False, output_format="cog")
-    assert report.ok and report.units_written == 4
+    assert report.ok and report.units_written == 4, report.to_dict()
     for feature in features[:2]:
         ref = collect(config, feature).compute()
         for k, label in enumerate(unit_labels(ref)):

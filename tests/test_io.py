@@ -13,7 +13,7 @@ from rio_cogeo.cogeo import cog_validate
 
 from pixels_xr.errors import OutputError
 from pixels_xr.io import storage
-from pixels_xr.io.cog import write_cog
+from pixels_xr.io.cog import CogLayer, write_cog, write_cogs
 
 
 def make_array(dtype: str = "uint16", shape: tuple[int, int, int] = (3, 700, 530)) -> xr.DataArray:
@@ -38,6 +38,25 @@ def test_cog_streamed_from_dask_equals_rasterio_read(tmp_path: Path) -> None:
         assert src.tags()["datetime"] == "2022-03-01T00:00:00Z" and src.overviews(1)
         assert src.profile["compress"].lower() == "deflate" and src.profile["tiled"]
     assert [p.name for p in path.parent.iterdir()] == ["b.tif"]  # no temporary files left behind
+
+
+def test_layers_written_together_compute_shared_tasks_once(tmp_path: Path) -> None:
+    arr = make_array()
+    calls = []
+
+    def expensive(block: np.ndarray) -> np.ndarray:
+        calls.append(block.shape)
+        return block
+
+    shared = arr.copy(data=arr.data.map_blocks(expensive, meta=np.array((), dtype=arr.dtype)))
+    total = shared.sum("band").astype("uint32")
+    write_cogs([CogLayer(shared, str(tmp_path / "bands.tif"), 0),
+                CogLayer(total, str(tmp_path / "sum.tif"), 0, ["sum"])], scheduler="threads")
+    assert len(calls) == arr.data.npartitions  # each chunk of the shared task computed once for both COGs
+    with rasterio.open(tmp_path / "bands.tif") as a, rasterio.open(tmp_path / "sum.tif") as b:
+        np.testing.assert_array_equal(a.read(), arr.values)
+        np.testing.assert_array_equal(b.read(1), arr.values.sum(0))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["bands.tif", "sum.tif"]
 
 
 def test_float_cog_keeps_nan_nodata(tmp_path: Path) -> None:

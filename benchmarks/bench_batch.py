@@ -51,13 +51,18 @@ class PeakMemory:
                     pass
             time.sleep(self.interval)
 
+    def _cpu(self) -> dict[str, float]:
+        return {name: sum(proc.cpu_times()[:2]) for name, proc in self.procs.items()}
+
     def __enter__(self) -> PeakMemory:
+        self._cpu0 = self._cpu()
         self._thread.start()
         return self
 
     def __exit__(self, *exc: object) -> None:
         self._stop.set()
         self._thread.join()
+        self.cpu = {name: t - self._cpu0[name] for name, t in self._cpu().items()}
 
 
 def tiled_features(bounds: tuple[float, float, float, float], crs: str, n: int, path: Path) -> Path:
@@ -93,7 +98,7 @@ def run(config, features, out: Path, workers: int) -> dict:
             report = run_batch(config, features, str(out), client=client, progress=False)
             seconds = time.perf_counter() - t0
     assert report.ok, report.to_dict()
-    return {"seconds": seconds, "units": report.units_written, "peak": mem.peak}
+    return {"seconds": seconds, "units": report.units_written, "peak": mem.peak, "cpu": mem.cpu}
 
 
 def same_outputs(a: Path, b: Path, ids: list[str]) -> bool:
@@ -149,13 +154,16 @@ def main() -> None:
         "fresh Zarr store on a LocalCluster of single-threaded worker processes. "
         f"Machine: {state}. Outputs of the two runs identical: {identical}.",
         "",
-        "| workers | seconds | units | units/s | client peak MiB | worker peak MiB |",
-        "|---:|---:|---:|---:|---:|---|",
+        "| workers | seconds | units | units/s | client CPU s | workers CPU s | client peak MiB "
+        "| worker peak MiB |",
+        "|---:|---:|---:|---:|---:|---:|---:|---|",
     ]
     for w, r in results.items():
         workers_peak = ", ".join(mib(v) for k, v in r["peak"].items() if k != "client")
+        workers_cpu = sum(v for k, v in r["cpu"].items() if k != "client")
         lines.append(f"| {w} | {r['seconds']:.1f} | {r['units']} | {r['units'] / r['seconds']:.2f} | "
-                     f"{mib(r['peak']['client'])} | {workers_peak} |")
+                     f"{r['cpu']['client']:.1f} | {workers_cpu:.1f} | {mib(r['peak']['client'])} | "
+                     f"{workers_peak} |")
     lines += ["", f"Speed-up 2 vs 1 workers: **{ratio:.2f}×** (goal ≥1.7×)."]
     if args.big:
         lines += ["", *big_run(args.big_size, args.dates, config)]

@@ -5,8 +5,9 @@ few at a time (search → lazy Dataset → Zarr template), then submits each fea
 while fewer than ``window`` units are in flight, so the graph in flight never holds all features at once and
 memory stays bounded however many there are. (One submission per feature: its bins share tasks, and
 distributed can lose track of keys shared by computations in flight at the same time.) Each
-unit is written completely and only then recorded in the run manifest (``io.manifest``); a re-run skips
-recorded units and does nothing when everything is done. Dask retries transient task failures
+unit is written completely and only then recorded in the run manifest (``io.manifest``; a feature's
+consecutive pending bins are written by one job and recorded when it completes); a re-run skips recorded
+units and does nothing when everything is done. Dask retries transient task failures
 (``retries``) and reschedules work of lost workers; a unit that still fails marks its feature failed in
 the report (feature id, stage, error) while the other features complete.
 
@@ -41,6 +42,7 @@ from pixels_xr.io.cog import CogLayer, write_cogs
 from pixels_xr.io.manifest import RunManifest, safe_label
 from pixels_xr.io.stac_out import write_output_catalog
 from pixels_xr.io.zarr_store import aligned, region_write, write_template
+from pixels_xr.run_cache import run_cache
 
 OutputFormat = Literal["zarr", "cog"]
 SOURCE_TIME_NODATA = -2147483648
@@ -127,6 +129,7 @@ def run_batch(config: PixelsConfig, features: Sequence[Feature], out: str, *, cl
     started = time.perf_counter()
     report = RunReport(out, output_format)
     with contextlib.ExitStack() as stack:
+        stack.enter_context(run_cache())  # local catalog parsed and asset headers checked once per run
         if client is None:
             options = cluster_options if cluster_options is not None else config.cluster
             client = stack.enter_context(open_client(cluster, options, quiet=not progress))
@@ -150,8 +153,8 @@ def run_batch(config: PixelsConfig, features: Sequence[Feature], out: str, *, cl
             # A feature's pending bins go in one submission: bins share tasks (clip mask, reader tables), and
             # two computations with common keys in flight at once can hang distributed's scheduler.
             if output_format == "zarr":
-                for job, i in zip(_submit_regions(client, plan, plan.pending, out, retries), plan.pending):
-                    in_flight[job] = (plan, [i])
+                for job, units in _submit_regions(client, plan, out, retries):
+                    in_flight[job] = (plan, units)
             else:
                 job = writers.submit(_write_feature_cogs, client, plan, config, out)
                 in_flight[job] = (plan, list(plan.pending))
@@ -233,13 +236,21 @@ def unit_labels(ds: xr.Dataset) -> list[str]:
     return starts
 
 
-def _submit_regions(client: Client, plan: _Planned, indexes: list[int], out: str,
-                    retries: int) -> list[concurrent.futures.Future]:
-    """Region writes of some bins of a feature in one submission; one concurrent future per bin."""
+def _submit_regions(client: Client, plan: _Planned, out: str,
+                    retries: int) -> list[tuple[concurrent.futures.Future, list[int]]]:
+    """Region writes of a feature's pending bins in one submission, one write per run of consecutive bins
+    (one xarray ``to_zarr`` call each: per bin, those calls were most of the client's time); returns a
+    concurrent future with its bins per run."""
     assert plan.ds is not None
-    writes = [region_write(plan.ds, out, plan.feature.id, i) for i in indexes]
+    runs: list[list[int]] = []
+    for i in plan.pending:
+        if runs and runs[-1][-1] == i - 1:
+            runs[-1].append(i)
+        else:
+            runs.append([i])
+    writes = [region_write(plan.ds, out, plan.feature.id, slice(run[0], run[-1] + 1)) for run in runs]
     started = time.perf_counter()
-    return [_bridge(f, started) for f in client.compute(writes, retries=retries)]
+    return [(_bridge(f, started), run) for f, run in zip(client.compute(writes, retries=retries), runs)]
 
 
 def _bridge(future: Any, started: float) -> concurrent.futures.Future:

@@ -32,6 +32,7 @@ from pixels_xr.errors import CatalogError
 from pixels_xr.features import Feature
 from pixels_xr.platforms import PROVIDERS, Band, Platform, asset_candidates, canonical_band, \
     reflectance_scale_offset
+from pixels_xr.run_cache import memo
 from pixels_xr.signing import PlanetaryComputerSigner, Signer
 
 log = logging.getLogger(__name__)
@@ -82,7 +83,7 @@ def _search_raw(config: PixelsConfig, geometry: shapely.Geometry, start: dt.date
     if catalog in PROVIDERS or catalog.startswith(("http://", "https://")):
         url = PROVIDERS.get(catalog, catalog)
         return search_api(url, config.collection_id, geometry, start, end, config.maxcloud, config.limit)
-    return list(read_local(catalog))
+    return memo("local-catalog", str(Path(catalog).resolve()), lambda: list(read_local(catalog)))
 
 
 def _datetime_range(start: dt.date, end: dt.date) -> str:

@@ -32,6 +32,7 @@ from pixels_xr.grid import Grid, common_phase
 from pixels_xr.plan import check_size, feature_grid
 from pixels_xr.readers import BoundedRioDriver, PixelsReader, ReaderOptions, fetch_block, open_readers, \
     read_pool, read_slots
+from pixels_xr.run_cache import memo
 from pixels_xr.signing import Signer, redact, sign
 
 log = logging.getLogger(__name__)
@@ -410,16 +411,21 @@ def check_assets(items: list[dict], config: PixelsConfig) -> tuple[list[dict], l
 
     signer = signer_for(config.catalog)
 
-    def probe(item: dict, name: str, asset: dict) -> dict | None:
+    def open_error(href: str) -> str | None:
         try:
             with read_slots(config.pool_size):
-                href = sign(signer, asset["href"]).href  # a token API failure is this asset's problem too
-                with rasterio.Env(**GDAL_CLOUD_ENV), rasterio.open(href) as ds:
+                signed = sign(signer, href).href  # a token API failure is this asset's problem too
+                with rasterio.Env(**GDAL_CLOUD_ENV), rasterio.open(signed) as ds:
                     ds.read(1, window=((0, 1), (0, 1)))
         except Exception as exc:
-            return {"item": item["id"], "asset": name, "href": redact(asset["href"]),
-                    "error": redact(" ".join(str(exc).split()))[:300]}
+            return redact(" ".join(str(exc).split()))[:300]
         return None
+
+    def probe(item: dict, name: str, asset: dict) -> dict | None:
+        error = memo("asset-error", asset["href"], lambda: open_error(asset["href"]))  # once per batch run
+        if error is None:
+            return None
+        return {"item": item["id"], "asset": name, "href": redact(asset["href"]), "error": error}
 
     jobs = [(item, name, asset) for item in items for name, asset in item["assets"].items()]
     results = list(read_pool(config.pool_size).map(lambda j: probe(*j), jobs))

@@ -8,8 +8,8 @@ concurrent writers never touch a shared object)::
     OUT.zarr/.pixels_xr/…              run manifest (see batch), never a Zarr node
 
 ``write_template`` writes every array's metadata and the coordinates (``compute=False`` for the data);
-``region_write`` gives the delayed write of one time bin, so bins and features can be written independently
-and in parallel. Dask chunks are aligned to Zarr chunks (one time step × ``chunksize`` pixels) before
+``region_write`` gives the delayed write of one time bin (or a run of bins), so bins and features can be written
+independently and in parallel. Dask chunks are aligned to Zarr chunks (one time step × ``chunksize`` pixels) before
 writing; a misaligned chunking raises instead of silently corrupting neighbouring regions.
 """
 
@@ -74,13 +74,18 @@ def write_template(ds: xr.Dataset, store: str, group: str, *, zarr_format: int =
     ds.to_zarr(store, group=group, mode="w", compute=False, zarr_format=zarr_format, consolidated=False)
 
 
-def region_write(ds: xr.Dataset, store: str, group: str, index: int) -> Delayed:
-    """The delayed write of time step ``index`` of ``ds`` into its existing template (``write_template``)."""
+def region_write(ds: xr.Dataset, store: str, group: str, index: int | slice) -> Delayed:
+    """The delayed write of time step(s) ``index`` of ``ds`` into its existing template (``write_template``).
+
+    A slice of several bins is one write: xarray's region checks and encoding then run once for all of
+    them (they dominate the client's time per call).
+    """
+    region = index if isinstance(index, slice) else slice(index, index + 1)
     per_time = [name for name, var in ds.data_vars.items() if "time" in var.dims]
-    part = ds[per_time].isel(time=slice(index, index + 1))
+    part = ds[per_time].isel(time=region)
     part = part.drop_vars([c for c in part.coords if "time" not in part[c].dims])
-    return part.to_zarr(store, group=group, mode="r+", region={"time": slice(index, index + 1)},
-                        compute=False, consolidated=False)
+    return part.to_zarr(store, group=group, mode="r+", region={"time": region}, compute=False,
+                        consolidated=False)
 
 
 def open_feature(store: str, feature_id: str, **kwargs: Any) -> xr.Dataset:

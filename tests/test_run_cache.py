@@ -1,0 +1,60 @@
+"""The per-run memo: a local catalog parsed once per batch run, fresh reads outside a run."""
+
+from __future__ import annotations
+
+import json
+import threading
+from pathlib import Path
+
+import shapely
+
+from pixels_xr.catalog import _search_raw
+from pixels_xr.config import load_config
+from pixels_xr.run_cache import memo, run_cache
+
+
+def test_memo_only_inside_a_run_and_nested_runs_share_it() -> None:
+    calls = []
+
+    def compute() -> int:
+        calls.append(1)
+        return len(calls)
+
+    assert memo("k", 1, compute) == 1 and memo("k", 1, compute) == 2  # no run: computed every time
+    with run_cache():
+        assert memo("k", 1, compute) == 3
+        with run_cache():
+            assert memo("k", 1, compute) == 3 and memo("k", 2, compute) == 4
+        assert memo("k", 2, compute) == 4  # the inner run did not drop the outer one's memo
+    assert memo("k", 1, compute) == 5
+
+
+def test_threads_share_one_value() -> None:
+    results = []
+    with run_cache():
+        threads = [threading.Thread(target=lambda: results.append(memo("t", "x", object))) for _ in range(8)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+    assert len({id(r) for r in results}) == 1
+
+
+def test_local_catalog_read_once_per_run(tmp_path: Path) -> None:
+    path = tmp_path / "items.json"
+
+    def write(n: int) -> None:
+        items = [{"type": "Feature", "stac_version": "1.0.0", "id": f"i{k}", "properties": {
+            "datetime": "2022-01-01T00:00:00Z"}, "geometry": None, "bbox": [0, 0, 1, 1], "assets": {},
+            "links": []} for k in range(n)]
+        path.write_text(json.dumps({"type": "FeatureCollection", "features": items}))
+
+    write(2)
+    config = load_config({"start": "2022-01-01", "end": "2022-01-31", "catalog": str(path),
+                          "platforms": "SENTINEL_2", "bands": ["red"], "mode": "all"})
+    args = (config, shapely.box(0, 0, 1, 1), config.start, config.end)
+    with run_cache():
+        assert len(_search_raw(*args)) == 2
+        write(3)
+        assert len(_search_raw(*args)) == 2  # parsed once for the whole run
+    assert len(_search_raw(*args)) == 3  # outside a run the file is read as it is now

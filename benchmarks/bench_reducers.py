@@ -12,7 +12,7 @@ from __future__ import annotations
 import argparse
 import os
 import platform
-import re
+import sys
 import time
 import warnings
 from pathlib import Path
@@ -24,8 +24,9 @@ import xarray as xr
 
 from pixels_xr import reducers as R
 
-RESULTS = Path(__file__).with_name("RESULTS.md")
-BEGIN, END = "<!-- reducers -->", "<!-- /reducers -->"
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _common import update_results  # noqa: E402
+
 
 
 def blob_clouds(rng, t, ny, nx, fraction=0.4, cells=24):
@@ -63,17 +64,6 @@ def numpy_latest(data, clear, nodata):
     out = np.take_along_axis(data, idx[None, None], axis=0)[0]
     out = np.where(has[None], out, nodata)
     return out, np.where(has, idx, -1).astype(np.int16), clear.sum(axis=0, dtype=np.uint16)
-
-
-def update_results(section: str) -> None:
-    text = RESULTS.read_text() if RESULTS.exists() else "# Benchmark results\n"
-    block = f"{BEGIN}\n{section.rstrip()}\n{END}"
-    pattern = re.compile(re.escape(BEGIN) + r".*?" + re.escape(END), re.S)
-    if pattern.search(text):
-        text = pattern.sub(lambda _: block, text)
-    else:
-        text = text.rstrip() + "\n\n" + block + "\n"
-    RESULTS.write_text(text)
 
 
 def main() -> None:
@@ -188,7 +178,7 @@ def main() -> None:
     section = "\n".join(lines)
     print(section)
     if not args.no_write:
-        update_results(section)
+        update_results("reducers", section)
 
 
 if __name__ == "__main__":

@@ -63,6 +63,14 @@ def update_results(tag: str, section: str) -> None:
     RESULTS.write_text(text)
 
 
+def publish(tag: str, lines: list[str], write: bool = True) -> None:
+    """Print a results section and, unless ``write`` is false, store it in RESULTS.md under ``tag``."""
+    section = "\n".join(lines)
+    print(section)
+    if write:
+        update_results(tag, section)
+
+
 def table(header: list[str], rows: list[list[str]]) -> list[str]:
     """Markdown table lines: the first column left-aligned, the others right-aligned."""
     return ["| " + " | ".join(header) + " |", "|---|" + "---:|" * (len(header) - 1),

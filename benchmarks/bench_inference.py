@@ -27,7 +27,7 @@ import numpy as np
 import xarray as xr
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import machine_state, timed, update_results  # noqa: E402
+from _common import machine_state, publish, timed  # noqa: E402
 
 DATA = Path(__file__).resolve().parents[2] / "shared/data/ml/ukis_csmask_sentinel2_512x512x6.npz"
 BANDS = ["blue", "green", "red", "nir", "swir16", "swir22"]
@@ -143,10 +143,7 @@ def main() -> None:
     ]
     lines += [f"| {m} | {r} | {s:.3f} | {pixels / s / 1e6:.2f} | {ratio:.2f}× |" for m, r, s, ratio in rows]
     lines += ["", *[f"- {c}" for c in checks], "", NOTE.format(mpx=pixels / 1e6, mb=pixels * 12 / 1e6)]
-    section = "\n".join(lines)
-    print(section)
-    if not args.no_write:
-        update_results("inference", section)
+    publish("inference", lines, write=not args.no_write)
 
 
 if __name__ == "__main__":

@@ -25,7 +25,7 @@ import xarray as xr
 from pixels_xr import reducers as R
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import update_results  # noqa: E402
+from _common import publish  # noqa: E402
 
 
 
@@ -175,10 +175,7 @@ def main() -> None:
     lines += ["", "| ratio (higher = ours faster) | value |", "|---|---:|"]
     lines += [f"| {k} | {v:.2f} |" for k, v in ratios.items()]
     lines += ["", "Goals: " + ", ".join(f"{k}: {'met' if ok else 'NOT met'}" for k, ok in goals.items())]
-    section = "\n".join(lines)
-    print(section)
-    if not args.no_write:
-        update_results("reducers", section)
+    publish("reducers", lines, write=not args.no_write)
 
 
 if __name__ == "__main__":

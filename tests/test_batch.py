@@ -237,6 +237,17 @@ def test_s3_inputs_and_outputs(tmp_path, s3_server, sample, clean_run, features,
     assert "runs/run.zarr/.pixels_xr/report.json" in keys and "runs/run.zarr/stac/catalog.json" in keys
 
 
+@pytest.mark.parametrize("output_format", ["cog", "zarr"])
+def test_back_to_back_runs_on_one_cluster_never_hang(tmp_path, config, features, client,
+                                                       output_format) -> None:
+    """Regression: unit threads of one feature once had computations with common keys in flight together;
+    distributed then failed ``assert all(dts.who_has ...)`` or hung within a few runs like these."""
+    for k in range(6):
+        report = run_batch(config, features[:2], str(tmp_path / f"run{k}"), client=client, progress=False,
+                           output_format=output_format)
+        assert report.ok and report.units_written == 4, (k, report.to_dict())
+
+
 def test_cog_outputs(tmp_path, sample, config, features, client) -> None:
     out = str(tmp_path / "cogs")
     report = run_batch(config, features[:2], out, client=client, progress=False, output_format="cog")

@@ -7,9 +7,9 @@ A synthetic sample (real COGs, ``make_sample``) is tiled into ``--features`` squ
 monthly median composite is run with ``run_batch`` into fresh Zarr stores on a LocalCluster of 1 and of 2
 single-threaded worker processes. Peak resident memory of the client process and of each worker is
 sampled every 50 ms (psutil). Outputs of the two runs are compared array by array. ``--big`` runs one
-feature over a larger sample whose input cube (time × bands × y × x) is many times the peak memory of any
-process, showing memory stays bounded by chunks in flight, not by cube size. Results go to the ``<!-- batch -->`` section
-of RESULTS.md.
+feature over a larger sample and records its input cube size (time × bands × y × x) against the peak memory
+of every process (worker RSS includes GDAL's block cache). Results go to the ``<!-- batch -->`` section of
+RESULTS.md.
 """
 
 from __future__ import annotations
@@ -148,7 +148,8 @@ def main() -> None:
     lines = [
         "## Batch runs: 1 vs 2 workers, peak memory",
         "",
-        f"`.venv/bin/python benchmarks/bench_batch.py{''.join(' ' + a for a in sys.argv[1:])}` — {len(features)} fields "
+        f"`.venv/bin/python benchmarks/bench_batch.py{''.join(' ' + a for a in sys.argv[1:])}` — "
+        f"{len(features)} fields "
         f"tiling a {args.size}² × 2-tile synthetic sample ({args.dates} dates, real COGs), monthly median "
         f"composite Nov–Jun (8 bins), 4 bands, {pixels:,} output pixels per bin in all; `run_batch` into a "
         "fresh Zarr store on a LocalCluster of single-threaded worker processes. "

@@ -118,9 +118,9 @@ def run_batch(config: PixelsConfig, features: Sequence[Feature], out: str, *, cl
               on_unit: Callable[[str, str], None] | None = None) -> RunReport:
     """Collect and write every feature into ``out``; resumable, see the module docstring.
 
-    ``client`` reuses a connected client (``cluster`` is then ignored); a new feature is submitted while fewer than
-    ``window`` units are in flight (default: twice the cluster's threads); ``on_unit(feature_id, label)`` is called after each unit is
-    recorded (progress hooks, tests).
+    ``client`` reuses a connected client (``cluster`` is then ignored); a new feature is submitted while
+    fewer than ``window`` units are in flight (default: twice the cluster's threads); ``on_unit(feature_id,
+    label)`` is called after each unit is recorded (progress hooks, tests).
     """
     if output_format not in ("zarr", "cog"):
         raise OutputError(f"unknown format {output_format!r}; use zarr or cog", "format")
@@ -270,7 +270,7 @@ def _bridge(future: Any, started: float) -> concurrent.futures.Future:
 
 
 def _write_feature_cogs(client: Client, plan: _Planned, config: PixelsConfig, out: str) -> dict[str, Any]:
-    """Every pending bin of a feature, a group of bins at a time (a row of chunks within ``COG_ROW_BYTES``)."""
+    """Every pending bin of a feature, a group of bins at a time (a row of chunks within COG_ROW_BYTES)."""
     assert plan.ds is not None
     started = time.perf_counter()
     per_group = max(1, COG_ROW_BYTES // max(_row_bytes(plan.ds.isel(time=0)), 1))

@@ -3,8 +3,8 @@
 The arrays are computed one row of dask chunks at a time into tiled, compressed temporary GeoTIFFs (never a
 whole array in memory; several COGs of one grid share each row's compute), then ``rio_cogeo.cog_translate``
 lays each out as a COG with internal overviews, and the finished file is published atomically
-(``storage.staged_file``): a reader sees the complete COG or nothing. Band descriptions, nodata, a ``datetime`` tag (and TIFFTAG_DATETIME) and an optional colour table
-are written.
+(``storage.staged_file``): a reader sees the complete COG or nothing. Band descriptions, nodata, a
+``datetime`` tag (and TIFFTAG_DATETIME) and an optional colour table are written.
 """
 
 from __future__ import annotations
@@ -22,6 +22,7 @@ import numpy as np
 import rasterio
 import rioxarray  # noqa: F401  (registers the .rio accessor)
 import xarray as xr
+from distributed import Client
 from rasterio.windows import Window
 from rio_cogeo.cogeo import cog_translate
 from rio_cogeo.profiles import cog_profiles
@@ -134,13 +135,13 @@ def _band_names(layer: CogLayer, data: xr.DataArray) -> list[str]:
 
 
 def _row_blocks(arrays: Sequence[xr.DataArray], height: int, scheduler: Any = None):
-    """(y offset, numpy blocks of every array) per row of the first array's dask chunks (one row when eager)."""
+    """(y offset, numpy blocks of every array) per row of the first chunked array's dask chunks."""
     chunked = next((a for a in arrays if a.chunks is not None), None)
     rows_per_block = chunked.chunks[1] if chunked is not None else (height,)
     y0 = 0
     for rows in rows_per_block:
         blocks = [a.isel(y=slice(y0, y0 + rows)) for a in arrays]
-        if hasattr(scheduler, "compute") and hasattr(scheduler, "gather"):  # a distributed Client
+        if isinstance(scheduler, Client):  # through futures: the run's client, never the global default
             blocks = scheduler.gather(scheduler.compute(blocks))
         else:
             blocks = dask.compute(*blocks, scheduler=scheduler)

@@ -8,9 +8,9 @@ concurrent writers never touch a shared object)::
     OUT.zarr/.pixels_xr/…              run manifest (see batch), never a Zarr node
 
 ``write_template`` writes every array's metadata and the coordinates (``compute=False`` for the data);
-``region_write`` gives the delayed write of one time bin (or a run of bins), so bins and features can be written
-independently and in parallel. Dask chunks are aligned to Zarr chunks (one time step × ``chunksize`` pixels) before
-writing; a misaligned chunking raises instead of silently corrupting neighbouring regions.
+``region_write`` gives the delayed write of one time bin (or a run of bins), so bins and features can be
+written independently and in parallel. Dask chunks are aligned to Zarr chunks (one time step × ``chunksize``
+pixels) before writing; a misaligned chunking raises instead of silently corrupting neighbouring regions.
 """
 
 from __future__ import annotations
@@ -75,7 +75,7 @@ def write_template(ds: xr.Dataset, store: str, group: str, *, zarr_format: int =
 
 
 def region_write(ds: xr.Dataset, store: str, group: str, index: int | slice) -> Delayed:
-    """The delayed write of time step(s) ``index`` of ``ds`` into its existing template (``write_template``).
+    """The delayed write of time step(s) ``index`` of ``ds`` into its template (``write_template``).
 
     A slice of several bins is one write: xarray's region checks and encoding then run once for all of
     them (they dominate the client's time per call).

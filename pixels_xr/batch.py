@@ -41,7 +41,7 @@ from pixels_xr.io import storage
 from pixels_xr.io.cog import CogLayer, write_cogs
 from pixels_xr.io.manifest import RunManifest, safe_label
 from pixels_xr.io.stac_out import write_output_catalog
-from pixels_xr.io.zarr_store import aligned, region_write, write_template
+from pixels_xr.io.zarr_store import aligned, region_write
 from pixels_xr.run_cache import run_cache
 
 OutputFormat = Literal["zarr", "cog"]
@@ -109,6 +109,9 @@ class _Planned:
     ds: xr.Dataset | None = None
     labels: list[str] = field(default_factory=list)
     pending: list[int] = field(default_factory=list)
+    #: Zarr format of a template still to write (by the feature's first job; recorded once it completes)
+    template: int | None = None
+    sources: dict[str, str] = field(default_factory=dict)
 
 
 def run_batch(config: PixelsConfig, features: Sequence[Feature], out: str, *, cluster: str | None = "local",
@@ -203,16 +206,19 @@ def _plan(feature: Feature, config: PixelsConfig, manifest: RunManifest, output_
         plan.labels = unit_labels(ds)
         if manifest.template(feature.id) not in (None, plan.labels):
             manifest.forget(feature.id)  # the time axis changed since the last run: rewrite the feature
-        done = manifest.done(feature.id)
+        plan.sources = _source_hrefs(items)
+        if output_format == "zarr" and manifest.template(feature.id) is None:
+            # the template is written on the cluster by the feature's job, which then writes every bin
+            # (a template write empties the group), and recorded when that job completes
+            plan.template, done = zarr_format, set()
+        else:
+            manifest.record_template(feature.id, plan.labels, plan.sources)
+            done = manifest.done(feature.id)
         plan.pending = [i for i, label in enumerate(plan.labels) if safe_label(label) not in done]
         plan.result.units_skipped = len(plan.labels) - len(plan.pending)
         if not plan.pending:
             plan.result.status = "skipped"
             return plan
-        stage = "template"
-        if output_format == "zarr" and manifest.template(feature.id) is None:
-            write_template(ds, manifest.out, feature.id, zarr_format=zarr_format)
-        manifest.record_template(feature.id, plan.labels, _source_hrefs(items))
         plan.ds = ds
     except Exception as exc:  # one feature's failure is recorded and must not stop the run
         _fail(plan.result, stage, exc)
@@ -248,7 +254,9 @@ def _submit_regions(client: Client, plan: _Planned, out: str,
             runs[-1].append(i)
         else:
             runs.append([i])
-    writes = [region_write(plan.ds, out, plan.feature.id, slice(run[0], run[-1] + 1)) for run in runs]
+    # a template still to write means a fresh feature: every bin pending, one run, one job
+    writes = [region_write(plan.ds, out, plan.feature.id, slice(run[0], run[-1] + 1),
+                           template_format=plan.template) for run in runs]
     started = time.perf_counter()
     return [(_bridge(f, started), run) for f, run in zip(client.compute(writes, retries=retries), runs)]
 
@@ -332,6 +340,9 @@ def _drain(in_flight: dict, remaining: dict[str, int], manifest: RunManifest, ba
             if plan.result.status != "failed":
                 _fail(plan.result, "write", exc, unit=plan.labels[units[0]] if len(units) == 1 else None)
         else:
+            if plan.template is not None:
+                manifest.record_template(fid, plan.labels, plan.sources)
+                plan.template = None
             for i in units:
                 if plan.result.status != "failed":
                     manifest.record_unit(fid, plan.labels[i], **info)

@@ -83,36 +83,70 @@ def _score(method: str, cube: xr.DataArray, spec_asset: str) -> xr.DataArray | N
     return None
 
 
-def _per_block(fn: Any, cube: xr.DataArray, clear: xr.DataArray, score: xr.DataArray | None,
-               dtypes: list[Any], **kwargs: Any) -> list[xr.DataArray]:
-    """Run ``fn(data (t, band, y, x), clear (t, y, x)[, score (t, y, x)], **kwargs) -> tuple of (y, x)``
-    on every spatial block of one time slice, in the cube's own layout (no transposed copies); one
-    ``(y, x)`` DataArray per output. Time and band blocks of a spatial block go to one task."""
+def _per_chunk(fn: Any, cube: xr.DataArray, clear: xr.DataArray, score: xr.DataArray | None,
+               steps: list[int], n_steps: int, outputs: list[tuple[Any, Any]], per_item: dict[str, np.ndarray],
+               **kwargs: Any) -> list[Any]:
+    """Run ``fn(data (t, band, y, x), clear (t, y, x)[, score (t, y, x)], **per_item, **kwargs) -> tuple of
+    (y, x)`` on every spatial block of every time chunk of the cube, in its own layout (no transposed copy);
+    ``steps[i]`` is the output time step of item ``i``, and a time chunk holds the items of one step
+    (``_chunked_by_step``). Returns one ``(step, y, x)`` dask array per ``(dtype, fill)`` of ``outputs``; a
+    step without items is ``fill``. ``per_item`` arrays (first axis time) reach ``fn`` cut to the chunk.
+
+    The graph is written directly, one reduce task per chunk × block and one unpack task per output block:
+    building it per step with xarray and dask calls was most of the client's time per feature."""
     import dask.array as da
+    from dask._task_spec import List, Task, TaskRef
+    from dask.base import tokenize
+    from dask.highlevelgraph import HighLevelGraph
 
-    args: list[Any] = [_data(cube.transpose("time", "band", "y", "x")), "tbyx",
-                       _data(clear.transpose("time", "y", "x")), "tyx"]
+    data = _data(cube.transpose("time", "band", "y", "x"))
+    masks = [_data(clear.transpose("time", "y", "x"))]
     if score is not None:
-        args += [_data(score.transpose("time", "y", "x")), "tyx"]
-    packed = da.blockwise(functools.partial(_joined, fn, **kwargs), "yx", *args, dtype=object,
-                          meta=np.empty((0, 0), object))
-    coords = {"y": cube.y, "x": cube.x}
-    return [xr.DataArray(packed.map_blocks(operator.getitem, k, dtype=dt, meta=np.empty((0, 0), dt)),
-                         dims=("y", "x"), coords=coords) for k, dt in enumerate(dtypes)]
+        masks.append(_data(score.transpose("time", "y", "x")))
+    masks = [m.rechunk((data.chunks[0],) + data.chunks[2:]) for m in masks]
+    ys, xs = data.chunks[2], data.chunks[3]
+    token = tokenize(fn, data.name, [m.name for m in masks], steps, n_steps, outputs, per_item, kwargs)
+    reduce_name = f"pixels-reduce-{token}"
+    edges = np.cumsum((0,) + data.chunks[0])
+    chunk_of_step: dict[int, int] = {}
+    layer = {}
+    for j, (a, b) in enumerate(zip(edges[:-1], edges[1:])):
+        if b == a:
+            continue
+        chunk_of_step[steps[a]] = j
+        cut = {k: v[a:b] for k, v in per_item.items()}
+        for iy in range(len(ys)):
+            for ix in range(len(xs)):
+                refs = [List(*(TaskRef((data.name, j, kb, iy, ix)) for kb in range(len(data.chunks[1]))))]
+                refs += [TaskRef((m.name, j, iy, ix)) for m in masks]
+                key = (reduce_name, j, iy, ix)
+                layer[key] = Task(key, _reduce_block, fn, *refs, **cut, **kwargs)
+    graph = HighLevelGraph.from_collections(reduce_name, layer, dependencies=[data, *masks])
+    reduced = da.Array(graph, reduce_name, ((1,) * len(data.chunks[0]), ys, xs), meta=np.empty((0, 0, 0), object))
+    arrays = []
+    for k, (dtype, fill) in enumerate(outputs):
+        name = f"pixels-out{k}-{token}"
+        layer = {}
+        for step in range(max(n_steps, 1)):  # no step at all: one empty block
+            for iy, h in enumerate(ys):
+                for ix, w in enumerate(xs):
+                    key = (name, step, iy, ix)
+                    j = chunk_of_step.get(step)
+                    layer[key] = (Task(key, _unpack, TaskRef((reduce_name, j, iy, ix)), k) if j is not None
+                                  else Task(key, np.full, (min(n_steps, 1), h, w), fill, np.dtype(dtype)))
+        graph = HighLevelGraph.from_collections(name, layer, dependencies=[reduced])
+        arrays.append(da.Array(graph, name, ((1,) * n_steps or (0,), ys, xs), meta=np.empty((0, 0, 0), dtype)))
+    return arrays
 
 
-def _joined(fn: Any, data: Any, *masks: Any, **kwargs: Any) -> Any:
-    """``fn`` on whole blocks: the lists blockwise hands for the time (and band) blocks of one spatial block
-    are joined, without a copy when there is one block (a bin-aligned cube) — dask's own ``concatenate``
-    copies even then."""
-    return fn(_join(data, (0, 1)), *(_join(m, (0,)) for m in masks), **kwargs)
+def _reduce_block(fn: Any, data: Any, *masks: Any, **kwargs: Any) -> Any:
+    """``fn`` on one chunk × block; the band blocks of the chunk are joined (without a copy when there is
+    one, as for a cube of ``build_cube``)."""
+    return fn(data[0] if len(data) == 1 else np.concatenate(data, axis=1), *masks, **kwargs)
 
 
-def _join(blocks: Any, axes: tuple[int, ...]) -> np.ndarray:
-    if not isinstance(blocks, list):
-        return blocks
-    parts = [_join(b, axes[1:]) for b in blocks]
-    return parts[0] if len(parts) == 1 else np.concatenate(parts, axis=axes[0])
+def _unpack(results: tuple[np.ndarray, ...], k: int) -> np.ndarray:
+    return results[k][None]
 
 
 def _data(arr: xr.DataArray) -> Any:
@@ -121,15 +155,29 @@ def _data(arr: xr.DataArray) -> Any:
     return arr.data if isinstance(arr.data, da.Array) else da.from_array(arr.values, chunks=-1)
 
 
+def _chunked_by_step(arr: xr.DataArray, steps: np.ndarray) -> xr.DataArray:
+    """``arr`` with one time chunk per run of equal ``steps`` (as ``build_cube`` chunks already: then a
+    no-op)."""
+    bounds = np.flatnonzero(np.diff(steps)) + 1
+    sizes = tuple(int(n) for n in np.diff(np.concatenate(([0], bounds, [steps.size])))) or (0,)
+    if arr.chunks is not None and arr.chunks[arr.get_axis_num("time")] == sizes:
+        return arr
+    return arr.chunk({"time": sizes})
+
+
 def _pick_block(data: np.ndarray, clear: np.ndarray, score: np.ndarray | None = None, *, scale: np.ndarray,
-                offset: np.ndarray, times: np.ndarray, method: str, nodata: Any, order: np.ndarray | None,
+                offset: np.ndarray, times: np.ndarray, cloud_cover: np.ndarray, method: str, nodata: Any,
                 refl_bands: np.ndarray, out_bands: np.ndarray, output: str) -> tuple[np.ndarray, ...]:
-    """One spatial block of one bin: data (time, band, y, x), clear and score (time, y, x)."""
+    """One spatial block of one step: data (time, band, y, x), clear and score (time, y, x); the per-item
+    arrays are the step's."""
     d = np.ascontiguousarray(data)
     c = np.ascontiguousarray(clear)
     if method == "latest_pixel":
         out, index, count = reducers.latest_valid(d, c, nodata)
-    elif order is not None:
+    elif score is None and method in {"cloud_sorted_pixel", "first_clear", "all_first"}:
+        # least cloudy first, then oldest; all_first: in time order
+        order = (np.arange(len(times)) if method == "all_first" else
+                 np.argsort(np.nan_to_num(cloud_cover.astype(float), nan=101.0), kind="stable"))
         out, index, count = reducers.first_valid_by_order(d, c, order, nodata)
     else:
         out, index, count = reducers.quality_mosaic(d, c, np.ascontiguousarray(score), nodata)
@@ -173,33 +221,33 @@ def _median_block(data: np.ndarray, clear: np.ndarray, *, bands: np.ndarray, sca
     return (*values, count)
 
 
+def _fill(dtype: Any, nodata: Any) -> Any:
+    """The value of a step without observations: NaN, NaT, 0 for unsigned integers, else the nodata."""
+    kind = np.dtype(dtype).kind
+    return np.nan if kind == "f" else np.datetime64("NaT", "ns") if kind == "M" else 0 if kind == "u" else nodata
+
+
 def _apply_pick(cube: xr.DataArray, clear: xr.DataArray, score: xr.DataArray | None, method: str,
-                config: PixelsConfig) -> xr.Dataset:
+                config: PixelsConfig, steps: np.ndarray, n_steps: int) -> xr.Dataset:
     names = list(cube.band.values)
     bands = list(config.band_names)
-    out_bands = np.array([names.index(b) for b in bands])
     refl_bands = np.array(cube.reflectance.values, dtype=bool)
     nodata = cube.attrs["nodata"]
-    times = cube.time.values.astype("datetime64[ns]")
-    order = None
-    if score is None and method in {"cloud_sorted_pixel", "first_clear"}:  # least cloudy first, then oldest
-        order = np.argsort(np.nan_to_num(cube.cloud_cover.values.astype(float), nan=101.0), kind="stable")
-    elif score is None and method == "all_first":
-        order = np.arange(len(times))
     out_types = [np.float32 if (refl_bands[names.index(b)] and config.output == "reflectance") else
                  (np.uint16 if refl_bands[names.index(b)] else cube.dtype) for b in bands]
-    results = _per_block(_pick_block, cube, clear, score, out_types + [np.uint16, "datetime64[ns]"],
-                         scale=cube.scale.values.astype(np.float32),
-                         offset=cube.offset.values.astype(np.float32), times=times, method=method,
-                         nodata=cube.dtype.type(nodata), order=order, refl_bands=refl_bands,
-                         out_bands=out_bands, output=config.output)
-    data_vars = {b: r for b, r in zip(bands, results[: len(bands)])}
-    data_vars["clear_count"] = results[len(bands)]
-    data_vars["source_time"] = results[len(bands) + 1]
-    return xr.Dataset(data_vars)
+    types = out_types + [np.uint16, np.dtype("datetime64[ns]")]
+    per_item = {"scale": cube.scale.values.astype(np.float32), "offset": cube.offset.values.astype(np.float32),
+                "times": cube.time.values.astype("datetime64[ns]"),
+                "cloud_cover": np.asarray(cube.cloud_cover.values, dtype=float)}
+    results = _per_chunk(_pick_block, cube, clear, score, steps, n_steps,
+                         [(t, _fill(t, nodata)) for t in types], per_item, method=method,
+                         nodata=cube.dtype.type(nodata), refl_bands=refl_bands,
+                         out_bands=np.array([names.index(b) for b in bands]), output=config.output)
+    return _dataset([*bands, "clear_count", "source_time"], results, cube)
 
 
-def _apply_median(cube: xr.DataArray, clear: xr.DataArray, config: PixelsConfig) -> xr.Dataset:
+def _apply_median(cube: xr.DataArray, clear: xr.DataArray, config: PixelsConfig, steps: np.ndarray,
+                  n_steps: int) -> xr.Dataset:
     bands = list(config.band_names)
     classes = [b for b in bands if not bool(cube.reflectance.sel(band=b))]
     if classes:
@@ -208,122 +256,68 @@ def _apply_median(cube: xr.DataArray, clear: xr.DataArray, config: PixelsConfig)
     names = list(cube.band.values)
     out_scale = float(np.nanmin(cube.scale.values)) if cube.sizes["time"] else 1e-4
     out_type = np.float32 if config.output == "reflectance" else np.uint16
-    results = _per_block(_median_block, cube, clear, None, [out_type] * len(bands) + [np.uint16],
-                         bands=np.array([names.index(b) for b in bands]),
-                         scale=cube.scale.values.astype(np.float32),
-                         offset=cube.offset.values.astype(np.float32), output=config.output,
+    types = [out_type] * len(bands) + [np.uint16]
+    per_item = {"scale": cube.scale.values.astype(np.float32), "offset": cube.offset.values.astype(np.float32)}
+    results = _per_chunk(_median_block, cube, clear, None, steps, n_steps,
+                         [(t, _fill(t, None)) for t in types], per_item,
+                         bands=np.array([names.index(b) for b in bands]), output=config.output,
                          out_scale=out_scale)
-    data_vars = {b: r for b, r in zip(bands, results[: len(bands)])}
-    data_vars["clear_count"] = results[len(bands)]
-    return xr.Dataset(data_vars)
+    return _dataset([*bands, "clear_count"], results, cube)
 
 
-def _empty_slice(template: xr.Dataset) -> xr.Dataset:
-    import dask.array as da
-    from dask.base import tokenize
-
-    out = {}
-    for name, var in template.data_vars.items():
-        fill: Any = np.nan if var.dtype.kind == "f" else \
-            (np.datetime64("NaT", "ns") if var.dtype.kind == "M" else 0)
-        chunks = var.data.chunksize if hasattr(var.data, "chunksize") else var.shape
-        # keys follow the template (this feature's), never only shape and value: distributed mixes up a
-        # key that several concurrent computations share
-        key = f"pixels-empty-{tokenize(getattr(var.data, 'name', None), name, var.shape, str(var.dtype))}"
-        out[name] = (var.dims, da.full(var.shape, fill, dtype=var.dtype, chunks=chunks, name=key))
-    return xr.Dataset(out, coords={k: v for k, v in template.coords.items() if k in {"x", "y"}})
+def _dataset(names: list[str], arrays: list[Any], cube: xr.DataArray) -> xr.Dataset:
+    return xr.Dataset({n: (("time", "y", "x"), a) for n, a in zip(names, arrays)},
+                      coords={"y": cube.y, "x": cube.x})
 
 
-def _reduce(cube: xr.DataArray, clear: xr.DataArray, config: PixelsConfig, method: str) -> xr.Dataset:
+def _reduce(cube: xr.DataArray, clear: xr.DataArray, config: PixelsConfig, method: str, steps: np.ndarray,
+            n_steps: int) -> xr.Dataset:
+    """The per-step reduction; items must be in step order."""
+    cube, clear = _chunked_by_step(cube, steps), _chunked_by_step(clear, steps)
+    if method == "median":
+        return _apply_median(cube, clear, config, steps, n_steps)
     spec = config.mask_spec
     score = _score(method, cube, spec.asset) if spec is not None else None
-    if method == "median":
-        return _apply_median(cube, clear, config)
-    return _apply_pick(cube, clear, score, method, config)
+    return _apply_pick(cube, clear, score, method, config, steps, n_steps)
+
+
+def _in_step_order(cube: xr.DataArray, clear: xr.DataArray,
+                   steps: np.ndarray) -> tuple[xr.DataArray, xr.DataArray, np.ndarray]:
+    """Items outside every step dropped and the rest in step order (stable: time order within a step),
+    as a cube of ``build_cube`` already is."""
+    keep = np.flatnonzero(steps >= 0)
+    keep = keep[np.argsort(steps[keep], kind="stable")]
+    if keep.size == steps.size and np.array_equal(keep, np.arange(steps.size)):
+        return cube, clear, steps
+    return cube.isel(time=keep), clear.isel(time=keep), steps[keep]
 
 
 def _binned(cube: xr.DataArray, clear: xr.DataArray, config: PixelsConfig, bins: list[TimeBin],
             method: str) -> xr.Dataset:
     days = [dt.date.fromisoformat(str(t)[:10]) for t in cube.time.values]
-    labels = np.array(assign_bins(days, bins), dtype=np.int64)
-    cube = cube.assign_coords(bin=("time", labels))
-    clear = clear.assign_coords(bin=("time", labels))
-    template: xr.Dataset | None = None  # the first non-empty bin shapes the empty ones
-    slices: list[xr.Dataset | None] = []
-    item_ids: list[list[str]] = []
-    for k in range(len(bins)):
-        sel = np.nonzero(labels == k)[0]
-        item_ids.append([str(i) for i in cube.id.values[sel]] if sel.size else [])
-        if sel.size == 0:
-            slices.append(None)
-            continue
-        # one bin's observations in one chunk along time, so the kernel sees the whole bin at once
-        ds = _reduce(_at(cube, sel), _at(clear, sel), config, method)
-        slices.append(ds)
-        template = template or ds
-    if template is None:  # no observation at all: run the reduction on one all-nodata observation
-        feature = str(cube.attrs.get("feature", ""))
-        template = _reduce(_nodata_like(cube, feature), _nodata_like(clear, feature), config, method)
-    filled = [s if s is not None else _empty_slice(template) for s in slices]
-    out = xr.concat(filled, dim="time", coords="minimal", compat="override", join="override")
+    cube, clear, steps = _in_step_order(cube, clear, np.array(assign_bins(days, bins), dtype=np.int64))
+    out = _reduce(cube, clear, config, method, steps, len(bins))
+    counts = np.bincount(steps, minlength=len(bins))
     out = out.assign_coords(
         time=np.array([np.datetime64(b.start, "ns") for b in bins]),
         time_end=("time", np.array([np.datetime64(b.end, "ns") for b in bins])),
         partial=("time", np.array([b.partial for b in bins])),
-        empty=("time", np.array([s is None for s in slices])),
+        empty=("time", counts == 0),
     )
-    out.attrs["item_ids"] = json.dumps({b.label: ids for b, ids in zip(bins, item_ids)})
+    out.attrs["item_ids"] = json.dumps({b.label: [str(i) for i in cube.id.values[steps == k]]
+                                        for k, b in enumerate(bins)})
     return _finish(out, cube)
-
-
-def _at(arr: xr.DataArray, index: np.ndarray) -> xr.DataArray:
-    """``arr`` at these time positions; a run of consecutive positions (a bin or a day of time-sorted items)
-    is a slice, which keeps whole chunks of the cube (no gather tasks)."""
-    if index.size and np.array_equal(index, np.arange(index[0], index[0] + index.size)):
-        return arr.isel(time=slice(int(index[0]), int(index[0]) + index.size))
-    return arr.isel(time=index)
-
-
-def _nodata_like(arr: xr.DataArray, feature: str) -> xr.DataArray:
-    """One all-nodata, never-clear observation with the layout of ``arr`` (for empty results); its dask key
-    names the feature (see ``_empty_slice``)."""
-    import dask.array as da
-    from dask.base import tokenize
-
-    shape = (1,) + arr.shape[1:]
-    name = f"pixels-nodata-{tokenize(feature, getattr(arr.data, 'name', None), shape, str(arr.dtype))}"
-    if arr.dtype == bool:
-        data = da.zeros(shape, dtype=bool, name=name)
-    else:
-        data = da.full(shape, arr.attrs.get("nodata", 0), dtype=arr.dtype, name=name)
-    coords = {k: v for k, v in arr.coords.items() if "time" not in v.dims}
-    time_coords = {k: ("time", np.zeros(1, dtype=v.dtype) if v.dtype.kind != "M" else
-                       np.array(["1970-01-01"], "datetime64[ns]")) for k, v in arr.coords.items()
-                   if v.dims == ("time",)}
-    for k, v in arr.coords.items():
-        if v.dims == ("time", "band"):
-            time_coords[k] = (("time", "band"), np.ones((1, v.shape[1]), dtype=v.dtype))
-    return xr.DataArray(data, dims=arr.dims, coords={**coords, **time_coords}, attrs=arr.attrs)
 
 
 def _all(cube: xr.DataArray, clear: xr.DataArray, config: PixelsConfig) -> xr.Dataset:
     """One slice per acquisition day: same-day tiles fused first-valid (in time order), cloudy → nodata."""
     days = np.array([np.datetime64(str(t)[:10], "ns") for t in cube.time.values], dtype="datetime64[ns]")
-    unique = np.unique(days)
-    slices = [_apply_pick(_at(cube, np.nonzero(days == d)[0]), _at(clear, np.nonzero(days == d)[0]),
-                          None, "all_first", config) for d in unique]
-    if not slices:
-        feature = str(cube.attrs.get("feature", ""))
-        template = _apply_pick(_nodata_like(cube, feature), _nodata_like(clear, feature), None, "all_first",
-                               config)
-        out = template.isel(time=slice(0, 0)) if "time" in template.dims else template.expand_dims(
-            time=np.array([], "datetime64[ns]"))
-    else:
-        out = xr.concat(slices, dim="time", coords="minimal", compat="override", join="override")
-        out = out.assign_coords(time=unique)
-    out = out.drop_vars("source_time")
-    out.attrs["item_ids"] = json.dumps({str(d)[:10]: [str(i) for i in cube.id.values[days == d]]
-                                        for d in unique})
+    unique, steps = np.unique(days, return_inverse=True)
+    cube, clear, steps = _in_step_order(cube, clear, steps.astype(np.int64))
+    out = _reduce(cube, clear, config, "all_first", steps, len(unique))
+    out = out.drop_vars("source_time").assign_coords(time=unique)
+    out.attrs["item_ids"] = json.dumps({str(d)[:10]: [str(i) for i in cube.id.values[steps == k]]
+                                        for k, d in enumerate(unique)})
     return _finish(out, cube)
 
 

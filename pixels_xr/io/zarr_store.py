@@ -15,13 +15,16 @@ pixels) before writing; a misaligned chunking raises instead of silently corrupt
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 import xarray as xr
+from dask.base import tokenize
 from dask.delayed import Delayed
 
 from pixels_xr.errors import OutputError
+from pixels_xr.fused import block_graph
 
 ZARR_FORMATS = (2, 3)
 
@@ -30,6 +33,8 @@ def aligned(ds: xr.Dataset, chunksize: int) -> xr.Dataset:
     """``ds`` rechunked to one time step × ``chunksize`` pixels, with matching Zarr chunk encodings."""
     cy, cx = min(chunksize, ds.sizes["y"]) or 1, min(chunksize, ds.sizes["x"]) or 1
     ds = _json_attrs(ds.chunk({"time": 1, "y": cy, "x": cx}))
+    # coordinates stay numpy so the template writes them (region writes carry data variables only)
+    ds = ds.assign_coords({k: c.compute() for k, c in ds.coords.items() if c.chunks is not None})
     for var in ds.data_vars.values():
         var.encoding = {"chunks": (1, cy, cx)}
         if var.dtype.kind == "f":
@@ -74,18 +79,83 @@ def write_template(ds: xr.Dataset, store: str, group: str, *, zarr_format: int =
     ds.to_zarr(store, group=group, mode="w", compute=False, zarr_format=zarr_format, consolidated=False)
 
 
-def region_write(ds: xr.Dataset, store: str, group: str, index: int | slice) -> Delayed:
-    """The delayed write of time step(s) ``index`` of ``ds`` into its template (``write_template``).
+def region_write(ds: xr.Dataset, store: str, group: str, index: int | slice, *,
+                 template_format: int | None = None) -> Delayed:
+    """The delayed write of time step(s) ``index`` of ``ds`` into its template (``write_template``);
+    ``template_format`` (2 or 3) writes the template first, as a task of the same graph (on a worker: the
+    client plans the next features meanwhile).
 
-    A slice of several bins is one write: xarray's region checks and encoding then run once for all of
-    them (they dominate the client's time per call).
+    One task per block writes that block of every variable and runs, inside itself, the work only that
+    block needs (``fused.block_graph``): one task instead of about 25 per block, which on a cluster was most
+    of the scheduler's and the client's time (xarray's own region write makes a store task per variable
+    and block, and its checks cost ~40 ms of client time per call). Values are CF-encoded as xarray encodes
+    them (``encode_cf_variable`` with each variable's encoding), so readers see no difference.
     """
+    from dask._task_spec import List, Task, TaskRef
+
     region = index if isinstance(index, slice) else slice(index, index + 1)
-    per_time = [name for name, var in ds.data_vars.items() if "time" in var.dims]
-    part = ds[per_time].isel(time=region)
-    part = part.drop_vars([c for c in part.coords if "time" not in part[c].dims])
-    return part.to_zarr(store, group=group, mode="r+", region={"time": region}, compute=False,
-                        consolidated=False)
+    names = [name for name, var in ds.data_vars.items() if "time" in var.dims]
+    part = ds[names].isel(time=region)
+    first = part[names[0]]
+    if any(part[n].dims != first.dims or part[n].chunks != first.chunks for n in names):
+        raise OutputError("variables of a region write must share dims and chunks", group)
+    target = _BlockTarget(store, group, first.dims, first.chunks,
+                          tuple((region.start or 0) if d == "time" else 0 for d in first.dims),
+                          tuple((n, dict(part[n].encoding)) for n in names))
+    args: tuple = (target,)
+    template = {}
+    if template_format is not None:
+        if template_format not in ZARR_FORMATS:
+            raise OutputError(f"zarr_format must be 2 or 3, got {template_format}", "zarr_format")
+        key = f"pixels-zarr-template-{tokenize(store, group, target)}"
+        template[key] = Task(key, write_template, _skeleton(ds), store, group, zarr_format=template_format)
+        args += (TaskRef(key),)  # every block write waits for the template
+    blocks = list(np.ndindex(*[len(c) for c in first.chunks]))
+    graph, keys = block_graph([part[n].data for n in names], blocks, _write_block, args,
+                              name="pixels-zarr-write")
+    graph.update(template)
+    done = f"pixels-zarr-done-{tokenize(keys)}"
+    graph[done] = Task(done, len, List(*(TaskRef(k) for k in keys)))
+    return Delayed(done, graph)
+
+
+@dataclass(frozen=True)
+class _BlockTarget:
+    """Where the blocks of a region write go: the group, the grid of the region and each variable's
+    encoding (``(name, encoding)`` in the order of the blocks handed to ``_write_block``)."""
+
+    store: str
+    group: str
+    dims: tuple[str, ...]
+    chunks: tuple[tuple[int, ...], ...]
+    offset: tuple[int, ...]
+    variables: tuple[tuple[str, dict], ...]
+
+
+def _skeleton(ds: xr.Dataset) -> xr.Dataset:
+    """``ds`` with every dask variable on an empty graph: what a template write needs, small to ship."""
+    import dask.array as da
+
+    out = ds.copy()
+    for name, var in ds.data_vars.items():
+        if var.chunks is not None:
+            out[name] = var.copy(data=da.empty(var.shape, chunks=var.chunks, dtype=var.dtype))
+    return out
+
+
+def _write_block(block: tuple[int, ...], values: list[np.ndarray], target: _BlockTarget,
+                 *after: Any) -> None:
+    """Write one block of every variable into its Zarr array (runs on a worker; ``after``: the template
+    task's result when it is written in the same graph)."""
+    import zarr
+
+    where = tuple(slice(o + sum(c[:i]), o + sum(c[: i + 1]))
+                  for o, c, i in zip(target.offset, target.chunks, block))
+    group = zarr.open_group(target.store, path=target.group, mode="r+")
+    for (name, encoding), data in zip(target.variables, values):
+        encoded = xr.conventions.encode_cf_variable(xr.Variable(target.dims, data, encoding=dict(encoding)),
+                                                    name=name)
+        group[name][where] = np.asarray(encoded.data)
 
 
 def open_feature(store: str, feature_id: str, **kwargs: Any) -> xr.Dataset:

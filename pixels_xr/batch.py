@@ -122,8 +122,9 @@ def run_batch(config: PixelsConfig, features: Sequence[Feature], out: str, *, cl
     """Collect and write every feature into ``out``; resumable, see the module docstring.
 
     ``client`` reuses a connected client (``cluster`` is then ignored); a new feature is submitted while
-    fewer than ``window`` units are in flight (default: twice the cluster's threads); ``on_unit(feature_id,
-    label)`` is called after each unit is recorded (progress hooks, tests).
+    fewer than ``window`` units are in flight (default: 4 × the cluster's threads, at least 16: a feature's
+    bins go in one job, and a second feature queued behind it keeps the workers busy through its tail);
+    ``on_unit(feature_id, label)`` is called after each unit is recorded (progress hooks, tests).
     """
     if output_format not in ("zarr", "cog"):
         raise OutputError(f"unknown format {output_format!r}; use zarr or cog", "format")
@@ -138,7 +139,7 @@ def run_batch(config: PixelsConfig, features: Sequence[Feature], out: str, *, cl
             client = stack.enter_context(open_client(cluster, options, quiet=not progress))
         manifest.open(overwrite=overwrite)
         threads = sum(client.nthreads().values()) or 1
-        window = window or max(4, 2 * threads)
+        window = window or max(16, 4 * threads)
         bar = stack.enter_context(_progress(len(features), enabled=progress))
         planner = stack.enter_context(concurrent.futures.ThreadPoolExecutor(2, "pixels-xr-plan"))
         writers = stack.enter_context(concurrent.futures.ThreadPoolExecutor(window, "pixels-xr-unit"))

@@ -138,7 +138,7 @@ def collect(
     workers: Annotated[int | None, typer.Option(help="Workers (local cluster / fixed Gateway size).")] = None,
     zarr_format: Annotated[int, typer.Option(help="Zarr format version, 3 or 2.")] = 3,
     overwrite: Annotated[bool, typer.Option(help="Redo every unit (and accept a changed config).")] = False,
-    window: Annotated[int | None, typer.Option(help="Units in flight (default: 2 × cluster threads).")] = None,
+    window: Annotated[int | None, typer.Option(help="Units in flight (default: 4 × cluster threads, at least 16).")] = None,
     quiet: Annotated[bool, typer.Option(help="No progress bar or dashboard link.")] = False,
 ) -> None:
     """Search, build and write every feature into OUT on a Dask cluster; resumable (re-runs skip done units)."""

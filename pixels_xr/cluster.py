@@ -10,7 +10,9 @@
   size or adaptive (``adapt_min``/``adapt_max``); ``cluster_options`` go to the gateway's options form.
 
 GDAL/AWS settings travel to every worker through a worker plugin (the client's current values of the
-variables named in ``FORWARDED_PREFIXES``), so workers read cloud assets exactly like the client. The dashboard link is printed to stderr when ``quiet`` is false.
+variables named in ``FORWARDED_PREFIXES``), so workers read cloud assets exactly like the client; where
+neither the client nor the worker sets them, ``WORKER_DEFAULTS`` apply. The dashboard link is printed to
+stderr when ``quiet`` is false.
 """
 
 from __future__ import annotations
@@ -31,17 +33,26 @@ from pixels_xr.errors import ConfigError
 
 #: Environment variables (by prefix) copied to workers: GDAL/PROJ tuning and object-store credentials.
 FORWARDED_PREFIXES = ("GDAL_", "CPL_", "VSI_", "AWS_", "AZURE_", "GS_", "GOOGLE_", "PROJ_", "PIXELS_XR_")
+#: Worker settings used where neither the client nor the worker's own environment has one. GDAL's block
+#: cache defaults to 5 % of RAM per process and fills with tiles a chunked read never asks for twice: one
+#: 5376×3072 px field over 48 items peaked at 1.46 GB per worker with it, 0.84 GB with 64 MB
+#: (``benchmarks/bench_batch.py --big``).
+WORKER_DEFAULTS = {"GDAL_CACHEMAX": "128"}
 
 
 class EnvironmentPlugin(WorkerPlugin):
-    """Sets environment variables in every worker process (before any task reads data)."""
+    """Sets environment variables in every worker process (before any task reads data); ``defaults`` only
+    where the worker has no value of its own."""
 
     name = "pixels-xr-environment"
 
-    def __init__(self, env: dict[str, str]) -> None:
+    def __init__(self, env: dict[str, str], defaults: dict[str, str] | None = None) -> None:
         self.env = dict(env)
+        self.defaults = {k: v for k, v in (defaults or {}).items() if k not in self.env}
 
     def setup(self, worker: Any) -> None:
+        for key, value in self.defaults.items():
+            os.environ.setdefault(key, value)
         os.environ.update(self.env)
 
 
@@ -110,7 +121,7 @@ def open_client(cluster: str | None = "local", options: ClusterOptions | dict | 
         else:
             raise ConfigError(f"unknown cluster {spec!r}; use 'local', a scheduler address "
                               "(tcp://host:port) or 'gateway'", "cluster")
-        client.register_plugin(EnvironmentPlugin(worker_environment()))
+        client.register_plugin(EnvironmentPlugin(worker_environment(), WORKER_DEFAULTS))
         if not quiet:
             print(f"Dask dashboard: {client.dashboard_link}", file=sys.stderr)
         yield client

@@ -29,7 +29,9 @@ def block_graph(arrays: Sequence[Any], blocks: Iterable[tuple[int, ...]], consum
     from dask._task_spec import DataNode, GraphNode, List, Task, TaskRef
 
     blocks = [tuple(b) for b in blocks]
-    dsk: dict[Key, GraphNode] = dict(collections_to_expr(list(arrays), optimize_graph=True).__dask_graph__())
+    # optimised as dask.compute does (without .optimize() blockwise fusion may recompute shared inputs)
+    dsk: dict[Key, GraphNode] = dict(
+        collections_to_expr(list(arrays), optimize_graph=True).optimize().__dask_graph__())
     prefix = f"{name}-{tokenize([a.name for a in arrays], blocks, consume, args)}"
     closures = {b: _closure(dsk, [(a.name, *b) for a in arrays]) for b in blocks}
     shared = {k for k, n in Counter(k for c in closures.values() for k in c).items() if n > 1}

@@ -39,6 +39,7 @@ How they are fast
 from __future__ import annotations
 
 import functools
+import os
 
 import numba
 import numpy as np
@@ -72,6 +73,22 @@ del _rank, _cls
 
 # ---------------------------------------------------------------------------------------------------
 # argument checks (plain Python, run once per call)
+
+
+def _kernel_threads() -> int:
+    """Threads the kernels of this call may use: numba's, capped by ``OMP_NUM_THREADS`` when that is set.
+
+    A dask worker process gets ``OMP_NUM_THREADS=1`` from its nanny (``distributed.nanny.pre-spawn-environ``)
+    because its task threads already use its cores; a kernel taking every core in each of them would
+    oversubscribe the machine (two one-thread workers on two cores ran four kernel threads). The cap is set
+    for the calling thread only (numba's thread count is per thread).
+    """
+    n = numba.get_num_threads()
+    cap = os.environ.get("OMP_NUM_THREADS", "")
+    if cap.isdigit() and 0 < int(cap) < n:
+        n = int(cap)
+        numba.set_num_threads(n)
+    return n
 
 
 def _check_stack(data: np.ndarray, clear: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -212,6 +229,7 @@ def latest_valid(
     nd = _nodata_value(data, nodata)
     out, index, count = _pick_outputs(data)
     seq = np.arange(data.shape[0], dtype=np.int64)
+    _kernel_threads()
     _pick_last_kernel(data, clear, seq, nd[()], out, index, count)
     return out, index, count
 
@@ -237,6 +255,7 @@ def first_valid_by_order(
     out, index, count = _pick_outputs(data)
     # Walk the order backwards: the last clear observation met is the most preferred one.
     seq = np.ascontiguousarray(order[::-1], dtype=np.int64)
+    _kernel_threads()
     _pick_last_kernel(data, clear, seq, nd[()], out, index, count)
     return out, index, count
 
@@ -260,7 +279,7 @@ def quality_mosaic(
         score = score.astype(np.float32)
     score = np.ascontiguousarray(score)  # read in full, like the mask
     out, index, count = _pick_outputs(data)
-    _pick_best_kernel(data, clear, score, nd[()], numba.get_num_threads(), out, index, count)
+    _pick_best_kernel(data, clear, score, nd[()], _kernel_threads(), out, index, count)
     return out, index, count
 
 
@@ -310,6 +329,7 @@ def s2_quality_score(scl: np.ndarray, red: np.ndarray, nir: np.ndarray) -> np.nd
     if scl.dtype.kind == "f":
         scl = np.where(np.isfinite(scl), scl, -1).astype(np.int64)
     out = np.empty(scl.shape, dtype=np.float32)
+    _kernel_threads()
     _s2_score_kernel(scl, red, nir, S2_SCL_RANK, out)
     return out
 
@@ -513,7 +533,7 @@ def clear_median(
     _, nb, ny, nx = data.shape
     out = np.empty((1, nb, ny, nx), dtype=np.float32)
     count = np.empty((ny, nx), dtype=np.uint16)
-    nthreads = numba.get_num_threads()
+    nthreads = _kernel_threads()
     q = np.zeros(0, dtype=np.float64)
     _order_stat_kernel(data, clear, net, hi, has_nd, nd, tile, nthreads, q, True, out, count)
     return out[0], count
@@ -538,6 +558,6 @@ def clear_percentile(
     _, nb, ny, nx = data.shape
     out = np.empty((qa.shape[0], nb, ny, nx), dtype=np.float32)
     count = np.empty((ny, nx), dtype=np.uint16)
-    nthreads = numba.get_num_threads()
+    nthreads = _kernel_threads()
     _order_stat_kernel(data, clear, net, hi, has_nd, nd, tile, nthreads, qa / 100, False, out, count)
     return out, count

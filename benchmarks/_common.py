@@ -75,11 +75,3 @@ def table(header: list[str], rows: list[list[str]]) -> list[str]:
     """Markdown table lines: the first column left-aligned, the others right-aligned."""
     return ["| " + " | ".join(header) + " |", "|---|" + "---:|" * (len(header) - 1),
             *["| " + " | ".join(row) + " |" for row in rows]]
-
-
-def publish(tag: str, lines: list[str], write: bool) -> None:
-    """Print a results section and, when ``write``, put it in RESULTS.md under ``tag``."""
-    section = "\n".join(lines)
-    print(section)
-    if write:
-        update_results(tag, section)

@@ -1,13 +1,15 @@
 """Batch runs: every feature of a config searched, built and written on a Dask cluster, resumably.
 
 A *unit* is one feature × one time bin (one acquisition day in mode ``all``). The client plans features a
-few at a time (search → lazy Dataset → Zarr template), then submits each feature's pending units in one go
-while fewer than ``window`` units are in flight, so the graph in flight never holds all features at once and
-memory stays bounded however many there are. (One submission per feature: its bins share tasks, and
-distributed can lose track of keys shared by computations in flight at the same time.) Each
-unit is written completely and only then recorded in the run manifest (``io.manifest``; a feature's
-consecutive pending bins are written by one job and recorded when it completes); a re-run skips recorded
-units and does nothing when everything is done. Dask retries transient task failures
+few at a time (search → lazy Dataset), then submits each feature's pending units in one go while fewer than
+``window`` units are in flight, so the graph in flight never holds all features at once and memory stays
+bounded however many there are. (One submission per feature: its bins share tasks, and distributed can lose
+track of keys shared by computations in flight at the same time.) A new feature's Zarr template is written
+by the first task of its job, on a worker, and recorded when the job completes: the client's time per
+feature is what limits scaling when the client shares the machine. Each unit is written completely and only
+then recorded in the run manifest (``io.manifest``; a feature's consecutive pending bins are written by one
+job and recorded when it completes); a re-run skips recorded units and does nothing when everything is
+done. Dask retries transient task failures
 (``retries``) and reschedules work of lost workers; a unit that still fails marks its feature failed in
 the report (feature id, stage, error) while the other features complete.
 

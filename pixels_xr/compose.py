@@ -15,9 +15,7 @@ bin), so no rechunk and no transposed copy comes before them.
 from __future__ import annotations
 
 import datetime as dt
-import functools
 import json
-import operator
 from typing import Any
 
 import numpy as np
@@ -84,7 +82,8 @@ def _score(method: str, cube: xr.DataArray, spec_asset: str) -> xr.DataArray | N
 
 
 def _per_chunk(fn: Any, cube: xr.DataArray, clear: xr.DataArray, score: xr.DataArray | None,
-               steps: list[int], n_steps: int, outputs: list[tuple[Any, Any]], per_item: dict[str, np.ndarray],
+               steps: np.ndarray, n_steps: int, outputs: list[tuple[Any, Any]],
+               per_item: dict[str, np.ndarray],
                **kwargs: Any) -> list[Any]:
     """Run ``fn(data (t, band, y, x), clear (t, y, x)[, score (t, y, x)], **per_item, **kwargs) -> tuple of
     (y, x)`` on every spatial block of every time chunk of the cube, in its own layout (no transposed copy);
@@ -122,7 +121,8 @@ def _per_chunk(fn: Any, cube: xr.DataArray, clear: xr.DataArray, score: xr.DataA
                 key = (reduce_name, j, iy, ix)
                 layer[key] = Task(key, _reduce_block, fn, *refs, **cut, **kwargs)
     graph = HighLevelGraph.from_collections(reduce_name, layer, dependencies=[data, *masks])
-    reduced = da.Array(graph, reduce_name, ((1,) * len(data.chunks[0]), ys, xs), meta=np.empty((0, 0, 0), object))
+    reduced = da.Array(graph, reduce_name, ((1,) * len(data.chunks[0]), ys, xs),
+                       meta=np.empty((0, 0, 0), object))
     arrays = []
     for k, (dtype, fill) in enumerate(outputs):
         name = f"pixels-out{k}-{token}"
@@ -135,7 +135,8 @@ def _per_chunk(fn: Any, cube: xr.DataArray, clear: xr.DataArray, score: xr.DataA
                     layer[key] = (Task(key, _unpack, TaskRef((reduce_name, j, iy, ix)), k) if j is not None
                                   else Task(key, np.full, (min(n_steps, 1), h, w), fill, np.dtype(dtype)))
         graph = HighLevelGraph.from_collections(name, layer, dependencies=[reduced])
-        arrays.append(da.Array(graph, name, ((1,) * n_steps or (0,), ys, xs), meta=np.empty((0, 0, 0), dtype)))
+        arrays.append(da.Array(graph, name, ((1,) * n_steps or (0,), ys, xs),
+                               meta=np.empty((0, 0, 0), dtype)))
     return arrays
 
 
@@ -224,7 +225,11 @@ def _median_block(data: np.ndarray, clear: np.ndarray, *, bands: np.ndarray, sca
 def _fill(dtype: Any, nodata: Any) -> Any:
     """The value of a step without observations: NaN, NaT, 0 for unsigned integers, else the nodata."""
     kind = np.dtype(dtype).kind
-    return np.nan if kind == "f" else np.datetime64("NaT", "ns") if kind == "M" else 0 if kind == "u" else nodata
+    if kind == "f":
+        return np.nan
+    if kind == "M":
+        return np.datetime64("NaT", "ns")
+    return 0 if kind == "u" else nodata
 
 
 def _apply_pick(cube: xr.DataArray, clear: xr.DataArray, score: xr.DataArray | None, method: str,
@@ -236,8 +241,7 @@ def _apply_pick(cube: xr.DataArray, clear: xr.DataArray, score: xr.DataArray | N
     out_types = [np.float32 if (refl_bands[names.index(b)] and config.output == "reflectance") else
                  (np.uint16 if refl_bands[names.index(b)] else cube.dtype) for b in bands]
     types = out_types + [np.uint16, np.dtype("datetime64[ns]")]
-    per_item = {"scale": cube.scale.values.astype(np.float32), "offset": cube.offset.values.astype(np.float32),
-                "times": cube.time.values.astype("datetime64[ns]"),
+    per_item = {**_scaling(cube), "times": cube.time.values.astype("datetime64[ns]"),
                 "cloud_cover": np.asarray(cube.cloud_cover.values, dtype=float)}
     results = _per_chunk(_pick_block, cube, clear, score, steps, n_steps,
                          [(t, _fill(t, nodata)) for t in types], per_item, method=method,
@@ -257,12 +261,16 @@ def _apply_median(cube: xr.DataArray, clear: xr.DataArray, config: PixelsConfig,
     out_scale = float(np.nanmin(cube.scale.values)) if cube.sizes["time"] else 1e-4
     out_type = np.float32 if config.output == "reflectance" else np.uint16
     types = [out_type] * len(bands) + [np.uint16]
-    per_item = {"scale": cube.scale.values.astype(np.float32), "offset": cube.offset.values.astype(np.float32)}
     results = _per_chunk(_median_block, cube, clear, None, steps, n_steps,
-                         [(t, _fill(t, None)) for t in types], per_item,
+                         [(t, _fill(t, None)) for t in types], _scaling(cube),
                          bands=np.array([names.index(b) for b in bands]), output=config.output,
                          out_scale=out_scale)
     return _dataset([*bands, "clear_count"], results, cube)
+
+
+def _scaling(cube: xr.DataArray) -> dict[str, np.ndarray]:
+    """Per item and band: DN × scale + offset is reflectance."""
+    return {"scale": cube.scale.values.astype(np.float32), "offset": cube.offset.values.astype(np.float32)}
 
 
 def _dataset(names: list[str], arrays: list[Any], cube: xr.DataArray) -> xr.Dataset:

@@ -79,7 +79,8 @@ def test_fused_region_write_leaves_the_bytes_xarray_leaves(tmp_path, sample, ove
 
 
 def test_region_write_is_one_task_per_block(sample) -> None:
-    config = load_config({"start": "2021-11-01", "end": "2021-12-31", "interval": "months", "mode": "latest_pixel",
+    config = load_config({"start": "2021-11-01", "end": "2021-12-31", "interval": "months",
+                          "mode": "latest_pixel",
                           "platforms": "SENTINEL_2", "bands": ["blue", "red"], "catalog": str(sample.catalog),
                           "chunksize": 64})
     feature = max(load_features(sample.features), key=lambda f: f.geometry.area)
@@ -128,7 +129,8 @@ def test_unshared_work_is_fused_into_the_block_task() -> None:
 
 
 def test_bad_template_format_is_refused_before_anything_is_written(tmp_path, sample) -> None:
-    config = load_config({"start": "2021-11-01", "end": "2021-12-31", "interval": "months", "mode": "latest_pixel",
+    config = load_config({"start": "2021-11-01", "end": "2021-12-31", "interval": "months",
+                          "mode": "latest_pixel",
                           "platforms": "SENTINEL_2", "bands": ["blue"], "catalog": str(sample.catalog),
                           "chunksize": 64})
     feature = load_features(sample.features)[0]

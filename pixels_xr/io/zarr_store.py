@@ -8,8 +8,9 @@ concurrent writers never touch a shared object)::
     OUT.zarr/.pixels_xr/…              run manifest (see batch), never a Zarr node
 
 ``write_template`` writes every array's metadata and the coordinates (``compute=False`` for the data);
-``region_write`` gives the delayed write of one time bin (or a run of bins), so bins and features can be
-written independently and in parallel. Dask chunks are aligned to Zarr chunks (one time step × ``chunksize``
+``region_write`` gives the delayed write of one time bin (or a run of bins; optionally after the template,
+in the same graph), one fused task per block, so bins and features can be written independently and in
+parallel. Dask chunks are aligned to Zarr chunks (one time step × ``chunksize``
 pixels) before writing; a misaligned chunking raises instead of silently corrupting neighbouring regions.
 """
 

@@ -42,7 +42,7 @@ from pixels_xr.features import Feature
 from pixels_xr.io import storage
 from pixels_xr.io.cog import CogLayer, write_cogs
 from pixels_xr.io.manifest import RunManifest, safe_label
-from pixels_xr.io.stac_out import write_output_catalog
+from pixels_xr.io.stac_out import write_output_catalog, zarr_item
 from pixels_xr.io.zarr_store import aligned, region_write
 from pixels_xr.run_cache import run_cache
 
@@ -148,6 +148,8 @@ def run_batch(config: PixelsConfig, features: Sequence[Feature], out: str, *, cl
         plans = _plans(planner, features, config, manifest, output_format, zarr_format, lookahead=2)
         in_flight: dict[concurrent.futures.Future, tuple[_Planned, list[int]]] = {}
         remaining: dict[str, int] = {}
+        # STAC items of the Zarr features written, made while the workers are busy (not re-read at the end)
+        items: dict[str, Any] | None = {} if output_format == "zarr" else None
         for plan in plans:
             report.features.append(plan.result)
             remaining[plan.feature.id] = len(plan.pending)
@@ -155,7 +157,7 @@ def run_batch(config: PixelsConfig, features: Sequence[Feature], out: str, *, cl
                 bar(plan.result)
                 continue
             while sum(len(units) for _, units in in_flight.values()) >= window:
-                _drain(in_flight, remaining, manifest, bar, on_unit, block=True)
+                _drain(in_flight, remaining, manifest, bar, on_unit, items, block=True)
             # A feature's pending bins go in one submission: bins share tasks (clip mask, reader tables), and
             # two computations with common keys in flight at once can hang distributed's scheduler.
             if output_format == "zarr":
@@ -164,14 +166,14 @@ def run_batch(config: PixelsConfig, features: Sequence[Feature], out: str, *, cl
             else:
                 job = writers.submit(_write_feature_cogs, client, plan, config, out)
                 in_flight[job] = (plan, list(plan.pending))
-            _drain(in_flight, remaining, manifest, bar, on_unit, block=False)
+            _drain(in_flight, remaining, manifest, bar, on_unit, items, block=False)
         while in_flight:
-            _drain(in_flight, remaining, manifest, bar, on_unit, block=True)
+            _drain(in_flight, remaining, manifest, bar, on_unit, items, block=True)
     report.seconds = time.perf_counter() - started
     done = [f for f in report.features if f.status == "done"]
     try:
         write_output_catalog(out, config, output_format, [f.id for f in done + [
-            f for f in report.features if f.status == "skipped"]])
+            f for f in report.features if f.status == "skipped"]], items)
     except PixelsError as exc:
         report.features.append(FeatureResult("(stac catalog)", "failed", stage="stac", error=str(exc)))
     report.report_url = manifest.write_report(report.to_dict())
@@ -329,7 +331,7 @@ def _days_since_epoch(values: Any) -> Any:
 
 
 def _drain(in_flight: dict, remaining: dict[str, int], manifest: RunManifest, bar: Callable,
-           on_unit: Callable[[str, str], None] | None, *, block: bool) -> None:
+           on_unit: Callable[[str, str], None] | None, items: dict[str, Any] | None, *, block: bool) -> None:
     if not in_flight:
         return
     finished, _ = concurrent.futures.wait(
@@ -354,6 +356,10 @@ def _drain(in_flight: dict, remaining: dict[str, int], manifest: RunManifest, ba
                         on_unit(fid, plan.labels[i])
         remaining[fid] -= len(units)
         if remaining[fid] == 0:
+            if items is not None and plan.result.status == "done" and plan.ds is not None:
+                with contextlib.suppress(Exception):  # then the catalog reads the group back instead
+                    items[fid] = zarr_item(fid, plan.ds, plan.sources)
+            plan.ds = None  # the feature's graph is no longer needed
             bar(plan.result)
 
 

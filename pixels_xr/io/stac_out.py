@@ -25,21 +25,30 @@ from pixels_xr.io import storage
 from pixels_xr.io.manifest import RunManifest, safe_label
 
 
-def write_output_catalog(out: str, config: PixelsConfig, output_format: str, feature_ids: list[str]) -> str:
-    """Write ``OUT/stac/catalog.json`` describing ``feature_ids``; returns the catalog URL."""
+def write_output_catalog(out: str, config: PixelsConfig, output_format: str, feature_ids: list[str],
+                         items: dict[str, pystac.Item] | None = None) -> str:
+    """Write ``OUT/stac/catalog.json`` describing ``feature_ids``; returns the catalog URL.
+
+    ``items``: Zarr items already made (``zarr_item``) by the run that wrote those features, so their groups
+    are not opened again; the other features' groups are read back from the store.
+    """
     from pixels_xr.io.zarr_store import open_feature
 
     catalog = pystac.Catalog("pixels-xr-output", f"pixels_xr {config.mode} output",
                              catalog_type=pystac.CatalogType.SELF_CONTAINED)
     manifest = RunManifest(out, config.output_identity, output_format)
+    items = items or {}
     for fid in feature_ids:
+        if fid in items:
+            catalog.add_item(items[fid].clone())
+            continue
         try:
             ds = open_feature(out, fid) if output_format == "zarr" else None
         except OutputError:
             continue
         sources = manifest.sources(fid)
         if ds is not None:
-            catalog.add_item(_zarr_item(fid, ds, sources))
+            catalog.add_item(zarr_item(fid, ds, sources))
         else:
             for label in manifest.done(fid):
                 catalog.add_item(_cog_item(out, fid, label, sources))
@@ -88,7 +97,8 @@ def _item(item_id: str, props: dict, lonlat: list[float], start: str, end: str, 
     return item
 
 
-def _zarr_item(fid: str, ds: Any, sources: dict[str, str]) -> pystac.Item:
+def zarr_item(fid: str, ds: Any, sources: dict[str, str]) -> pystac.Item:
+    """The item of one feature's Zarr group, from its Dataset (as written, or the lazy one that was)."""
     props, lonlat = _grid_properties(ds.rio.crs, ds.rio.transform(), ds.sizes["y"], ds.sizes["x"])
     times = ds["time"].values
     end = ds["time_end"].values[-1] if "time_end" in ds.coords else times[-1]

@@ -75,9 +75,13 @@ def check_alignment(ds: xr.Dataset) -> None:
 
 def write_template(ds: xr.Dataset, store: str, group: str, *, zarr_format: int = 3) -> None:
     """Create ``group`` in ``store`` with all metadata and coordinates; data arrays stay unwritten (fill)."""
+    _check_format(zarr_format)
+    ds.to_zarr(store, group=group, mode="w", compute=False, zarr_format=zarr_format, consolidated=False)
+
+
+def _check_format(zarr_format: int) -> None:
     if zarr_format not in ZARR_FORMATS:
         raise OutputError(f"zarr_format must be 2 or 3, got {zarr_format}", "zarr_format")
-    ds.to_zarr(store, group=group, mode="w", compute=False, zarr_format=zarr_format, consolidated=False)
 
 
 def region_write(ds: xr.Dataset, store: str, group: str, index: int | slice, *,
@@ -106,8 +110,7 @@ def region_write(ds: xr.Dataset, store: str, group: str, index: int | slice, *,
     args: tuple = (target,)
     template = {}
     if template_format is not None:
-        if template_format not in ZARR_FORMATS:
-            raise OutputError(f"zarr_format must be 2 or 3, got {template_format}", "zarr_format")
+        _check_format(template_format)  # refused here, before any task runs
         key = f"pixels-zarr-template-{tokenize(store, group, target)}"
         template[key] = Task(key, write_template, _skeleton(ds), store, group, zarr_format=template_format)
         args += (TaskRef(key),)  # every block write waits for the template

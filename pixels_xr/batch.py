@@ -63,6 +63,11 @@ class FeatureResult:
     stage: str | None = None
     error: str | None = None
     items: int = 0
+    #: why the feature has no observations (no item matched, none overlaps its grid): its bins are written
+    #: all nodata and flagged ``empty``; in mode ``all`` it has no time slice and nothing is written
+    empty_reason: str | None = None
+    #: items the search found but a filter removed, by reason (``platform landsat-7``: 12, …)
+    items_filtered: dict[str, int] = field(default_factory=dict)
 
 
 @dataclass
@@ -99,9 +104,13 @@ class RunReport:
     def summary(self) -> str:
         done = sum(f.status == "done" for f in self.features)
         skipped = sum(f.status == "skipped" for f in self.features)
+        empty = sum(f.empty_reason is not None for f in self.features)
+        filtered = sum(sum(f.items_filtered.values()) for f in self.features)
         return (f"{len(self.features)} features: {done} written, {skipped} already complete, "
-                f"{len(self.failed)} failed; {self.units_written} units written, {self.units_skipped} skipped "
-                f"in {self.seconds:.1f} s → {self.out}")
+                f"{len(self.failed)} failed" + (f", {empty} without observations" if empty else "")
+                + f"; {self.units_written} units written, {self.units_skipped} skipped"
+                + (f", {filtered} items left out by filters" if filtered else "")
+                + f" in {self.seconds:.1f} s → {self.out}")
 
 
 @dataclass
@@ -208,7 +217,11 @@ def _plan(feature: Feature, config: PixelsConfig, manifest: RunManifest, output_
         plan.result.items = len(items)
         stage = "build"
         ds = aligned(collect(config, feature, items=items), config.chunksize)
+        plan.result.empty_reason = ds.attrs.get("empty_reason")
+        plan.result.items_filtered = dict(getattr(items, "filtered", {}))
         plan.labels = unit_labels(ds)
+        if not plan.labels:  # mode all without any acquisition: nothing to write, the report says why
+            return plan
         if manifest.template(feature.id) not in (None, plan.labels):
             manifest.forget(feature.id)  # the time axis changed since the last run: rewrite the feature
         plan.sources = _source_hrefs(items)

@@ -31,7 +31,7 @@ from pixels_xr.config import PixelsConfig
 from pixels_xr.errors import CatalogError
 from pixels_xr.features import Feature
 from pixels_xr.platforms import PROVIDERS, Band, Platform, asset_candidates, canonical_band, \
-    reflectance_scale_offset
+    platform_of_item, reflectance_scale_offset
 from pixels_xr.run_cache import memo
 from pixels_xr.signing import PlanetaryComputerSigner, Signer
 
@@ -63,19 +63,42 @@ def signer_for(catalog: str) -> Signer | None:
 
 
 # ----------------------------------------------------------------------------------------------- search
-def search(config: PixelsConfig, feature: Feature) -> list[dict]:
+class SearchResult(list):
+    """The items of a search (a plain list of normalised item dicts) and ``filtered``: how many items the
+    catalog returned for the feature's area and dates that a filter then removed, by reason
+    (``"platform landsat-7"``, ``"maxcloud"``, ``"collection other"``) — so no item is dropped unsaid."""
+
+    filtered: dict[str, int]
+
+    def __init__(self, items: Iterable[dict] = (), filtered: dict[str, int] | None = None) -> None:
+        super().__init__(items)
+        self.filtered = dict(filtered or {})
+
+
+def search(config: PixelsConfig, feature: Feature) -> SearchResult:
     """Items for a feature over its whole date range: collection, datetime (end day inclusive), geometry,
-    ``maxcloud`` and platform filters, duplicates resolved, normalised, oldest first, at most ``limit``."""
+    ``maxcloud`` and platform filters, duplicates resolved, normalised, oldest first, at most ``limit``.
+    What the collection, cloud and platform filters removed is counted in ``.filtered`` (and logged)."""
     start, end = config.date_range(feature)
     geometry = feature.lonlat_geometry()
     raw = _search_raw(config, geometry, start, end)
-    items = [i for i in raw if _keep(i, config, geometry, start, end)]
-    items = [normalize_item(i, config) for i in items]
+    kept, filtered = [], {}
+    for item in raw:
+        reason = _rejection(item, config, geometry, start, end)
+        if reason is None:
+            kept.append(item)
+        elif reason:  # "" is outside the search itself (area, dates): not a filter's doing
+            filtered[reason] = filtered.get(reason, 0) + 1
+    unusual = {r: n for r, n in filtered.items() if r != "maxcloud"}  # cloud filtering is routine
+    if unusual:
+        log.warning("feature %s: %s", feature.id, ", ".join(f"{n} items left out by {r}"
+                                                           for r, n in sorted(unusual.items())))
+    items = [normalize_item(i, config) for i in kept]
     items = deduplicate(items)
     items.sort(key=lambda i: (item_datetime(i), i["id"]))
     if config.limit is not None:
         items = items[: config.limit]
-    return items
+    return SearchResult(items, filtered)
 
 
 def _search_raw(config: PixelsConfig, geometry: shapely.Geometry, start: dt.date, end: dt.date) -> list[dict]:
@@ -205,28 +228,34 @@ def item_datetime(item: dict) -> dt.datetime:
     return t if t.tzinfo else t.replace(tzinfo=dt.timezone.utc)
 
 
-def _keep(item: dict, config: PixelsConfig, geometry: shapely.Geometry, start: dt.date, end: dt.date) -> bool:
+def _rejection(item: dict, config: PixelsConfig, geometry: shapely.Geometry, start: dt.date,
+               end: dt.date) -> str | None:
+    """Why an item is left out: None (kept), "" (outside the feature's area or dates: not part of the
+    search at all) or the filter that removes it (counted by ``search``)."""
     props = item.get("properties", {})
-    collection = config.collection_id
-    if collection and item.get("collection") not in (None, collection):
-        return False
     day = item_datetime(item).date()
     if not start <= day <= end:
-        return False
-    cloud = props.get("eo:cloud_cover")
-    if cloud is not None and float(cloud) > config.maxcloud:
-        return False
-    platform = props.get("platform")
-    if platform and config.platform.stac_platform and not _platform_matches(platform, config.platform):
-        return False
+        return ""
     geom = item.get("geometry")
     footprint = shape(geom) if geom else (shapely.box(*item["bbox"]) if item.get("bbox") else None)
-    return footprint is None or footprint.intersects(geometry)
+    if footprint is not None and not footprint.intersects(geometry):
+        return ""
+    collection = config.collection_id
+    if collection and item.get("collection") not in (None, collection):
+        return f"collection {item.get('collection')}"
+    cloud = props.get("eo:cloud_cover")
+    if cloud is not None and float(cloud) > config.maxcloud:
+        return "maxcloud"
+    platform = props.get("platform")
+    if platform and any(p.stac_platform for p in config.platform_list) and \
+            platform_of_item(props, config.platform_list) is None:
+        return f"platform {platform}"
+    return None
 
 
-def _platform_matches(value: str, platform: Platform) -> bool:
-    v = value.lower().replace("_", "-")
-    return any(v == p.lower().replace("_", "-") for p in platform.stac_platform)
+def item_platform(item: dict, config: PixelsConfig) -> Platform:
+    """The configured platform an item belongs to (its STAC ``platform``), else the first configured."""
+    return platform_of_item(item.get("properties", {}), config.platform_list) or config.platform
 
 
 # ----------------------------------------------------------------------------------------------- normalise
@@ -310,7 +339,7 @@ def normalize_item(item: dict, config: PixelsConfig) -> dict:
     epsg = item_epsg(out)
     props["proj:epsg"] = epsg
     props.pop("proj:code", None)
-    platform, level = config.platform, config.resolved_level
+    platform, level = item_platform(out, config), config.resolved_level
     assets: dict[str, dict] = {}
     wanted: list[tuple[str, Band | str]] = [(b, canonical_band(platform, level, b))
                                             for b in config.band_names]

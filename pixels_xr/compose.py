@@ -44,6 +44,7 @@ def collect(config: PixelsConfig, feature: Feature, *, items: list[dict] | None 
     """
     if items is None:
         items = search(config, feature)
+    filtered = dict(getattr(items, "filtered", {}))
     problems: list[dict] = []
     if check and items:
         items, problems = check_assets(items, config)
@@ -58,6 +59,7 @@ def collect(config: PixelsConfig, feature: Feature, *, items: list[dict] | None 
     ds.attrs.update({
         "feature": feature.id, "mode": config.mode, "config": config.model_dump_json(exclude_none=True),
         "output": config.output, "asset_problems": json.dumps(problems),
+        "items_filtered": json.dumps(filtered),
         "software": f"pixels_xr {__import__('pixels_xr').__version__}",
     })
     if cube.attrs.get("empty_reason"):

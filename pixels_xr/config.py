@@ -8,8 +8,10 @@ import json
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_serializer, field_validator, \
+    model_validator
 
+from pixels_xr import jsontext
 from pixels_xr.errors import ConfigError
 from pixels_xr.features import Feature
 from pixels_xr.platforms import (
@@ -19,22 +21,34 @@ from pixels_xr.platforms import (
     canonical_band,
     collection_for,
     default_mask,
+    platform_family,
     resolve_platform,
 )
 from pixels_xr.timeslices import Interval, TimeBin, dynamic_range, time_bins
 
 Mode = Literal["all", "latest_pixel", "cloud_sorted_pixel", "composite"]
 CompositeMethod = Literal["median", "first_clear", "quality", "qa_pixel"]
+#: The original pixels' ``composite_method`` values and what they are here (README: differences table).
+COMPOSITE_ALIASES = {"SCL": "first_clear", "FULL": "quality", "QA_PIXEL": "qa_pixel"}
 Resampling = Literal["nearest", "bilinear", "cubic", "average", "mode", "min", "max", "med", "q1", "q3"]
 
 #: Refuse output grids larger than this many pixels per feature and time slice unless ``force`` is set.
 DEFAULT_MAX_PIXELS = 100_000_000
+#: Largest accepted ``scale``: 100 km pixels (anything coarser is a unit mistake, e.g. degrees vs metres).
+MAX_SCALE = 100_000.0
+#: Largest ``interval_step`` / ``dynamic_dates_step``: 10,000 intervals (days: 27 years) keeps every date
+#: arithmetic inside the calendar; longer ranges are refused before any date is computed.
+MAX_STEP = 10_000
+#: Most time bins one feature may have (a daily bin over 270 years); more is refused with the count.
+MAX_BINS = 100_000
+#: ``pool_size`` of the original pixels' default (0: no pool of dates) means this bound on reads here.
+DEFAULT_POOL_SIZE = 8
 
 _LEVEL_DEFAULT = {"sentinel-2": "L2A"}
 
 
 class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True, str_strip_whitespace=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, str_strip_whitespace=True, allow_inf_nan=False)
 
 
 class MaskRule(_Strict):
@@ -100,18 +114,20 @@ class PixelsConfig(_Strict):
     start: dt.date | None = None
     end: dt.date | None = None
     dynamic_dates_interval: Interval | None = None
-    dynamic_dates_step: int | None = Field(None, ge=1)
-    mode: Mode
+    dynamic_dates_step: int | None = Field(None, ge=1, le=MAX_STEP)
+    mode: Mode = "latest_pixel"
     interval: Interval | None = None
-    interval_step: int | None = Field(None, ge=1)
+    interval_step: int | None = Field(None, ge=1, le=MAX_STEP)
     composite_method: CompositeMethod | None = None
-    platforms: str
+    platforms: tuple[str, ...]
     level: str | None = None
     bands: list[str] = Field(min_length=1)
-    scale: float | None = Field(None, gt=0)
+    scale: float | None = Field(None, gt=0, le=MAX_SCALE)
     maxcloud: float = Field(100.0, ge=0, le=100)
     clip: bool = False
-    pool_size: int = Field(8, ge=1, le=256)
+    pool_size: int = Field(DEFAULT_POOL_SIZE, ge=1, le=256)
+    pool_bands: bool = False
+    geojson: dict[str, Any] | None = None
     limit: int | None = Field(None, ge=1)
     catalog: str = "earth-search"
     collection: str | None = None
@@ -126,16 +142,56 @@ class PixelsConfig(_Strict):
     force: bool = False
     cluster: ClusterOptions = ClusterOptions()
 
+    @model_validator(mode="before")
+    @classmethod
+    def _original_forms(cls, data: Any) -> Any:
+        """The original pixels' spellings and defaults, turned into this model's (README: differences)."""
+        if not isinstance(data, dict):
+            return data
+        data = dict(data)
+        method = data.get("composite_method")
+        if isinstance(method, str) and method.strip().upper() in COMPOSITE_ALIASES:
+            data["composite_method"] = COMPOSITE_ALIASES[method.strip().upper()]
+        if data.get("interval") == "all":  # the original's interval "all" is mode all, whatever the mode
+            data.pop("interval")
+            if data.get("interval_step") in (None, 1):
+                data.pop("interval_step", None)
+            if data.get("mode") in (None, "latest_pixel", "cloud_sorted_pixel", "composite", "all"):
+                data["mode"] = "all"
+                if data.get("composite_method") in (None, "first_clear"):  # the original's default SCL
+                    data.pop("composite_method", None)
+        elif data.get("mode") is None and data.get("interval") is None:
+            data["mode"] = "all"  # the original's defaults: latest_pixel over interval "all"
+        if data.get("pool_size") == 0:
+            data["pool_size"] = DEFAULT_POOL_SIZE
+        if data.get("dynamic_dates_interval") is not None:
+            data.setdefault("dynamic_dates_step", 1)
+            if data.get("start") is not None and data.get("end") is not None:  # the original: dynamic wins
+                data.pop("start")
+                data.pop("end")
+        bands = data.get("bands")
+        if isinstance(bands, list) and any(isinstance(b, str) and "," in b for b in bands):
+            data["bands"] = [part.strip() for b in bands for part in (b.split(",") if isinstance(b, str)
+                                                                       else [b]) if part != ""]
+        return data
+
     @field_validator("platforms", mode="before")
     @classmethod
-    def _one_platform(cls, v: Any) -> Any:
-        if isinstance(v, list):
-            if len(v) != 1:
-                raise ValueError("exactly one platform is supported per configuration")
-            v = v[0]
-        if not isinstance(v, str):
-            raise ValueError("must be a platform name such as 'sentinel-2' or 'LANDSAT_8'")
-        return resolve_platform(v).name
+    def _platforms(cls, v: Any) -> Any:
+        names = v if isinstance(v, (list, tuple)) else [v]
+        if not names or not all(isinstance(n, str) for n in names):
+            raise ValueError("must be a platform name such as 'sentinel-2' or 'LANDSAT_8', or a list of them")
+        resolved = tuple(dict.fromkeys(resolve_platform(n).name for n in names))
+        families = {platform_family(resolve_platform(n)) for n in resolved}
+        if len(families) > 1:
+            raise ValueError(f"platforms {list(resolved)} mix families {sorted(families)} that share neither "
+                             "grid nor bands; run one configuration per family")
+        return resolved
+
+    @field_serializer("platforms")
+    def _platforms_out(self, v: tuple[str, ...] | str) -> str | list[str]:
+        names = self.platform_names
+        return names[0] if len(names) == 1 else list(names)  # one platform dumps as before: same output identity
 
     @field_validator("crs")
     @classmethod
@@ -183,22 +239,37 @@ class PixelsConfig(_Strict):
         if self.composite_method is not None and self.mode != "composite":
             raise ConfigError(f"composite_method only applies to mode 'composite', not {self.mode!r}",
                               "composite_method")
+        if self.pool_bands and self.pool_size > 1 and self.pool_size != DEFAULT_POOL_SIZE:
+            raise ConfigError("pool_bands cannot be combined with pool_size > 1 (as in the original pixels); "
+                              "bands of a scene are always read together here", "pool_bands")
+        if self.geojson is not None:
+            from pixels_xr.features import load_features
+
+            try:
+                load_features(self.geojson)
+            except ConfigError as exc:
+                raise ConfigError(exc.message, "geojson" + (exc.where or "").removeprefix("features")) from None
         platform = self.platform
         level = self.resolved_level
-        if level not in platform.levels:
-            raise ConfigError(f"level {self.level!r} is not offered by {platform.name}; allowed: "
-                              f"{', '.join(platform.levels)}", "level")
+        for p in self.platform_list:
+            if level not in p.levels:
+                raise ConfigError(f"level {self.level!r} is not offered by {p.name}; allowed: "
+                                  f"{', '.join(p.levels)}", "level")
         for i, b in enumerate(self.bands):
             try:
-                canonical_band(platform, level, b)
+                names_by_platform = {p.name: canonical_band(p, level, b).name for p in self.platform_list}
             except ConfigError as exc:
                 raise ConfigError(exc.message, f"bands[{i}]") from None
+            if len(set(names_by_platform.values())) > 1:
+                raise ConfigError(f"band {b!r} means different bands on {names_by_platform}; use the common "
+                                  "name", f"bands[{i}]")
         names = [canonical_band(platform, level, b).name for b in self.bands]
         if len(set(names)) != len(names):
             raise ConfigError(f"bands repeat the same band under two names: {self.bands}", "bands")
         if self.mode == "composite":
             method = self.resolved_composite_method
-            allowed = platform.composite_methods.get(level, ())
+            allowed = tuple(m for m in platform.composite_methods.get(level, ())
+                            if all(m in p.composite_methods.get(level, ()) for p in self.platform_list))
             if method not in allowed:
                 raise ConfigError(f"composite_method {method!r} is not available for {platform.name} {level}; "
                                   f"allowed: {', '.join(allowed) or 'none'}", "composite_method")
@@ -219,11 +290,23 @@ class PixelsConfig(_Strict):
     # ----- derived values (no defaults elsewhere) -----
     @property
     def platform(self) -> Platform:
-        return resolve_platform(self.platforms)
+        """The first configured platform: its band table and rules stand for the family (all platforms of
+        a configuration name the bands alike, checked at load)."""
+        return resolve_platform(self.platform_names[0])
+
+    @property
+    def platform_names(self) -> tuple[str, ...]:
+        """Configured platform names (also for a copy made with ``model_copy(update={"platforms": str})``)."""
+        return (self.platforms,) if isinstance(self.platforms, str) else tuple(self.platforms)
+
+    @property
+    def platform_list(self) -> tuple[Platform, ...]:
+        """Every configured platform (several Landsat missions may share one configuration)."""
+        return tuple(resolve_platform(p) for p in self.platform_names)
 
     @property
     def resolved_level(self) -> str:
-        lvl = (self.level or _LEVEL_DEFAULT.get(self.platforms, "L2")).upper()
+        lvl = (self.level or _LEVEL_DEFAULT.get(self.platform.name, "L2")).upper()
         return lvl
 
     @property
@@ -276,12 +359,16 @@ class PixelsConfig(_Strict):
             raise ConfigError("feature has no date but the config uses dynamic dates; add properties.date",
                               f"feature {feature.id!r}")
         assert self.dynamic_dates_interval is not None and self.dynamic_dates_step is not None
-        return dynamic_range(feature.date, self.dynamic_dates_interval, self.dynamic_dates_step)
+        try:
+            return dynamic_range(feature.date, self.dynamic_dates_interval, self.dynamic_dates_step)
+        except (OverflowError, ValueError):
+            raise ConfigError(f"{self.dynamic_dates_step} {self.dynamic_dates_interval} before "
+                              f"{feature.date} is outside the calendar", "dynamic_dates_step") from None
 
     @property
     def output_identity(self) -> str:
         """JSON of the fields that determine output content (not where or how fast it runs)."""
-        return self.model_dump_json(exclude={"cluster", "pool_size"}, exclude_none=True)
+        return self.model_dump_json(exclude={"cluster", "pool_size", "pool_bands", "geojson"}, exclude_none=True)
 
     def bins(self, feature: Feature) -> list[TimeBin]:
         """Time bins for a feature (empty for mode ``all``, which slices by acquisition)."""
@@ -289,7 +376,16 @@ class PixelsConfig(_Strict):
             return []
         start, end = self.date_range(feature)
         assert self.interval is not None
-        return time_bins(start, end, self.interval, self.resolved_interval_step)
+        step = self.resolved_interval_step
+        days_per = {"days": 1, "weeks": 7, "months": 28}[self.interval] * step
+        if ((end - start).days + 1) / days_per > MAX_BINS:
+            raise ConfigError(f"{start}..{end} in bins of {step} {self.interval} is more than {MAX_BINS:,} "
+                              "time bins; use a longer interval or a shorter range", "interval")
+        try:
+            return time_bins(start, end, self.interval, step)
+        except (OverflowError, ValueError):
+            raise ConfigError(f"bins of {step} {self.interval} from {start} run outside the calendar",
+                              "interval_step") from None
 
 
 def _suggest(key: str, allowed: list[str]) -> str:
@@ -322,22 +418,25 @@ def _read_source(source: str | Path | dict) -> tuple[dict, str]:
         return source, "config"
     if isinstance(source, Path) or not str(source).lstrip().startswith(("{", "[")):
         path = Path(source)
+        where = str(path) if len(str(path)) <= 200 else str(path)[:200] + "…"
         try:
-            text = path.read_text()
+            text = path.read_bytes()
         except FileNotFoundError:
-            raise ConfigError("config file not found", str(path)) from None
-        except (OSError, UnicodeDecodeError) as exc:
-            raise ConfigError(f"cannot read config: {exc}", str(path)) from None
-        where = str(path)
+            raise ConfigError("config file not found", where) from None
+        except (OSError, ValueError) as exc:  # a directory, a name too long, a NUL byte in the name
+            raise ConfigError(f"cannot read config: {getattr(exc, 'strerror', None) or exc}", where) from None
     else:
         text, where = str(source), "config"
-    try:
-        data = json.loads(text)
-    except json.JSONDecodeError as exc:
-        raise ConfigError(f"not valid JSON: {exc.msg} at line {exc.lineno} column {exc.colno}", where) from None
+    data = jsontext.loads(text, where, ConfigError)
     if not isinstance(data, dict):
         raise ConfigError("the configuration must be a JSON object", where)
     return data, where
+
+
+def _shown(value: Any) -> str:
+    """A user's value in an error message, cut short (a 10 MB string is not echoed whole)."""
+    text = repr(value)
+    return text if len(text) <= 120 else text[:117] + "…"
 
 
 def load_config(source: str | Path | dict) -> PixelsConfig:
@@ -361,5 +460,5 @@ def load_config(source: str | Path | dict) -> PixelsConfig:
         if isinstance(ctx_err, ConfigError):
             raise ConfigError(ctx_err.message, ctx_err.where) from None
         msg = str(err.get("msg", "invalid value")).removeprefix("Value error, ")
-        raise ConfigError(f"{msg} (got {err.get('input')!r})" if "input" in err and not isinstance(
+        raise ConfigError(f"{msg} (got {_shown(err.get('input'))})" if "input" in err and not isinstance(
             err.get("input"), dict) else msg, field) from None

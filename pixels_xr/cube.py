@@ -107,10 +107,14 @@ def _empty(grid: Grid, names: list[str], dtype: np.dtype, fill: Any, reason: str
     import dask.array as da
 
     data = da.full((0, len(names), grid.height, grid.width), fill, dtype=dtype, chunks=(1, 1, 1024, 1024))
+    none = np.zeros((0, len(names)), "float32")
     cube = xr.DataArray(data, dims=("time", "band", "y", "x"),
                         coords={"time": np.array([], dtype="datetime64[ns]"), "band": names,
                                 "y": np.array(grid.ys()), "x": np.array(grid.xs()),
-                                "id": ("time", np.array([], dtype=object))})
+                                "id": ("time", np.array([], dtype=object)),
+                                "cloud_cover": ("time", np.array([], dtype=float)),
+                                "platform": ("time", np.array([], dtype=object)),
+                                "scale": (("time", "band"), none), "offset": (("time", "band"), none)})
     cube.attrs["empty_reason"] = reason
     return cube
 

@@ -53,6 +53,7 @@ class Platform:
     composite_methods: dict[str, tuple[str, ...]] = field(default_factory=dict)  # level -> methods
     stac_platform: tuple[str, ...] = ()  # values of the STAC `platform` property that belong to it
     reflectance_rule: ReflectanceRule = "none"
+    family: str = ""  # platforms of one family share grids and band names and may mix in one configuration
 
 
 @dataclass(frozen=True)
@@ -131,6 +132,7 @@ def _landsat(number: int, bands: tuple[Band, ...]) -> Platform:
         composite_methods={"L2": ("median", "first_clear", "qa_pixel"), "L1": ("median",)},
         stac_platform=(f"landsat-{number}", f"LANDSAT_{number}"),
         reflectance_rule="landsat_c2",
+        family="landsat",
     )
 
 
@@ -147,6 +149,7 @@ PLATFORMS: dict[str, Platform] = {
             stac_platform=("sentinel-2a", "sentinel-2b", "sentinel-2c", "Sentinel-2A", "Sentinel-2B",
                            "Sentinel-2C"),
             reflectance_rule="s2_baseline",
+            family="sentinel-2",
         ),
         _landsat(4, _LANDSAT_TM),
         _landsat(5, _LANDSAT_TM),
@@ -179,6 +182,20 @@ def resolve_platform(spelling: str) -> Platform:
     allowed = ", ".join(PLATFORMS)
     raise ConfigError(f"unknown platform {spelling!r}; allowed: {allowed} (or SENTINEL_2, LANDSAT_8 …)",
                       "platforms")
+
+
+def platform_family(platform: Platform) -> str:
+    """The family a platform belongs to (``landsat``, ``sentinel-2``)."""
+    return platform.family or platform.name
+
+
+def platform_of_item(properties: dict, platforms: tuple[Platform, ...]) -> Platform | None:
+    """Which configured platform an item's STAC ``platform`` property names (None: none of them)."""
+    value = str(properties.get("platform", "")).lower().replace("_", "-")
+    for p in platforms:
+        if any(value == s.lower().replace("_", "-") for s in p.stac_platform):
+            return p
+    return None
 
 
 def band_table(platform: Platform, level: str) -> tuple[Band, ...]:

@@ -60,10 +60,16 @@ def time_bins(start: dt.date, end: dt.date, interval: Interval, step: int = 1) -
     bins: list[TimeBin] = []
     k = 0
     while True:
-        bin_start = shift(start, interval, k * step)
+        try:
+            bin_start = shift(start, interval, k * step)
+        except (OverflowError, ValueError):  # past the calendar's last day: past ``end`` too
+            break
         if bin_start > end:
             break
-        full_end = shift(start, interval, (k + 1) * step) - dt.timedelta(days=1)
+        try:
+            full_end = shift(start, interval, (k + 1) * step) - dt.timedelta(days=1)
+        except (OverflowError, ValueError):  # the next bin would start past the calendar's last day
+            full_end = dt.date.max
         bins.append(TimeBin(bin_start, min(full_end, end), partial=full_end > end))
         k += 1
     return bins

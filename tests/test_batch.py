@@ -364,3 +364,51 @@ def test_zarr_v2_on_request(tmp_path, clean_run, config, features, client) -> No
     assert zarr.open_group(out, mode="r", path=features[0].id).metadata.zarr_format == 2
     assert_same_arrays(store_arrays(out, [f.id for f in features[:2]]),
                        store_arrays(clean_run, [f.id for f in features[:2]]))
+
+
+# ------------------------------------------------------------------------------ features no scene covers
+FAR = Feature("far-away", __import__("shapely").geometry.box(-8.0, 31.5, -7.99, 31.51))
+
+
+@pytest.mark.parametrize("fmt", ["zarr", "cog"])
+@pytest.mark.parametrize("mode", ["latest_pixel", "all"])
+def test_feature_no_scene_covers_is_empty_not_failed(tmp_path, sample, features, client, fmt, mode) -> None:
+    """A parcel outside every tile used to fail its batch feature (AttributeError in compose)."""
+    config = make_config(sample.catalog, mode=mode, **({"interval": None} if mode == "all" else {}))
+    out = str(tmp_path / f"out.{fmt}")
+    report = run_batch(config, [features[0], FAR], out, client=client, progress=False, output_format=fmt)
+    assert report.ok, report.to_dict()
+    far = next(f for f in report.features if f.id == FAR.id)
+    assert far.status == "done" and far.items == 0 and far.empty_reason == "no items matched the search"
+    assert json.loads(Path(out, MANIFEST_DIR, "report.json").read_text())["features"][1]["empty_reason"]
+    if mode == "all":  # no acquisition, no time slice: nothing written for it
+        assert far.units_written == 0
+        return
+    assert far.units_written == 2
+    if fmt == "zarr":
+        ds = open_feature(out, FAR.id)
+        assert ds.empty.values.all() and int(ds.clear_count.max()) == 0
+        assert all(np.isnan(ds[b].values).all() for b in config.band_names)
+        ref = collect(config, FAR)
+        assert ds.rio.transform() == ref.rio.transform() and ds.sizes == ref.sizes
+    else:
+        tifs = sorted((Path(out) / FAR.id).glob("*.tif"))
+        assert len(tifs) == 6
+        with rasterio.open(tifs[0]) as src:
+            assert np.isnan(src.read()).all()
+    again = run_batch(config, [features[0], FAR], out, client=client, progress=False, output_format=fmt)
+    assert again.units_written == 0
+
+
+def test_preview_names_an_empty_feature(tmp_path, sample) -> None:
+    cfg = tmp_path / "c.json"
+    cfg.write_text(json.dumps({"start": "2021-11-01", "end": "2021-12-31", "interval": "months",
+                               "platforms": "SENTINEL_2", "bands": ["red"], "catalog": str(sample.catalog)}))
+    feats = tmp_path / "f.geojson"
+    feats.write_text(json.dumps({"type": "FeatureCollection", "features": [
+        {"type": "Feature", "id": FAR.id, "properties": {},
+         "geometry": __import__("shapely").geometry.mapping(FAR.geometry)}]}))
+    run = subprocess.run([sys.executable, "-m", "pixels_xr.cli", "preview", str(cfg), "--features", str(feats)],
+                         capture_output=True, text=True, timeout=120)
+    assert run.returncode == 0, run.stderr
+    assert "empty: no items matched the search" in run.stdout and run.stdout.count("(empty bin)") == 2

@@ -185,3 +185,108 @@ def test_graphs_of_two_features_share_no_key(fmask_series: dict[str, Any]) -> No
         assert ds.empty.values.any()
         graphs.append(set(ds.__dask_graph__().keys()))
     assert graphs[0] and not graphs[0] & graphs[1]
+
+
+# ------------------------------------------------------------------------------ fields no scene covers
+@pytest.fixture(scope="module")
+def small_sample(tmp_path_factory: pytest.TempPathFactory):
+    from pixels_xr.sample import make_sample
+
+    return make_sample(tmp_path_factory.mktemp("empty") / "sample", n_dates=6, width=64, height=64,
+                       every_days=10)
+
+
+@pytest.mark.parametrize("mode,method", [("all", None), ("latest_pixel", None), ("cloud_sorted_pixel", None),
+                                         ("composite", "median"), ("composite", "first_clear"),
+                                         ("composite", "quality")])
+@pytest.mark.parametrize("where", ["outside every footprint", "inside a bbox, off every grid"])
+def test_feature_no_scene_covers_gives_the_empty_result(small_sample, mode: str, method: str | None,
+                                                        where: str) -> None:
+    """Every mode and method: the feature's grid, every bin present and flagged, all nodata, the reason."""
+    raw = {"start": "2021-11-01", "end": "2022-01-31", "mode": mode, "platforms": "SENTINEL_2",
+           "bands": ["red", "nir"], "catalog": str(small_sample.catalog), "scale": 10}
+    if mode != "all":
+        raw["interval"] = "months"
+    if method:
+        raw["composite_method"] = method
+    cfg = load_config(raw)
+    if where == "outside every footprint":
+        feature = Feature("far", box(-8.0, 31.5, -7.99, 31.51))
+        items = None
+    else:  # the search found items (say from a coarse bbox) but none of their rasters touches the grid
+        from pixels_xr.catalog import search
+
+        items = search(cfg, load_features(small_sample.features)[0])
+        feature = Feature("off-grid", box(-8.0, 31.5, -7.99, 31.51))
+    ds = collect(cfg, feature, items=items).compute()
+    assert ds.attrs["empty_reason"] in {"no items matched the search", "no item overlaps the output grid"}
+    assert ds.sizes["y"] > 50 and ds.sizes["x"] > 50 and ds.rio.crs is not None
+    assert int(ds.clear_count.max()) == 0 if ds.sizes["time"] else True
+    if mode == "all":
+        assert ds.sizes["time"] == 0
+        return
+    assert ds.sizes["time"] == 3 and ds.empty.values.all()
+    for band in cfg.band_names:
+        assert np.isnan(ds[band].values).all()
+    if "source_time" in ds:
+        assert np.isnat(ds.source_time.values).all()
+
+
+# ------------------------------------------------------------------------------ several Landsat platforms
+@pytest.fixture(scope="module")
+def platform_series(fmask_series: dict[str, Any], tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The real series with each item's STAC ``platform`` from its scene id (LT5… Landsat 5, LE7… 7)."""
+    items = [json.loads(line) for line in Path(fmask_series["catalog"]).read_text().splitlines()]
+    for item in items:
+        item["properties"]["platform"] = {"LT5": "landsat-5", "LE7": "landsat-7"}[item["id"][:3]]
+    path = tmp_path_factory.mktemp("platforms") / "items.ndjson"
+    path.write_text("\n".join(json.dumps(i) for i in items))
+    return path
+
+
+def test_several_landsat_platforms_share_one_config(platform_series: Path, fmask_series: dict[str, Any]) -> None:
+    from pixels_xr.catalog import search
+
+    feature = Feature("series", box(*fmask_series["bounds"]), crs="EPSG:32613")
+    items = [json.loads(line) for line in platform_series.read_text().splitlines()]
+    in_range = [i for i in items if "2008-01-01" <= i["properties"]["datetime"][:10] <= "2011-12-31"]
+    n5 = sum(i["properties"]["platform"] == "landsat-5" for i in in_range)
+    n7 = len(in_range) - n5
+    assert n5 and n7
+    only5 = _fmask_config(platform_series, mode="all")
+    found = search(only5, feature)
+    assert len(found) == n5 and found.filtered == {"platform landsat-7": n7}  # counted, not silent
+    both = _fmask_config(platform_series, mode="composite", interval="months", interval_step=6,
+                         platforms=["LANDSAT_5", "LANDSAT_7"])
+    assert both.platforms == ("landsat-5", "landsat-7")
+    ds = collect(both, feature).compute()
+    assert json.loads(ds.attrs["items_filtered"]) == {}
+    assert sum(len(v) for v in json.loads(ds.attrs["item_ids"]).values()) == n5 + n7
+    ref = collect(_fmask_config(fmask_series["catalog"], mode="composite", interval="months",
+                                interval_step=6), feature).compute()  # no platform property at all
+    for band in ("red", "nir08", "clear_count"):
+        np.testing.assert_array_equal(ds[band].values, ref[band].values)
+
+
+def test_platform_filter_is_counted_in_the_run_report(platform_series: Path, fmask_series: dict[str, Any],
+                                                      tmp_path: Path) -> None:
+    from pixels_xr.batch import run_batch
+
+    feature = Feature("series", box(*fmask_series["bounds"]), crs="EPSG:32613")
+    cfg = _fmask_config(platform_series, mode="latest_pixel", interval="months", interval_step=12)
+    report = run_batch(cfg, [feature], str(tmp_path / "o.zarr"), cluster=None, progress=False)
+    assert report.ok and list(report.features[0].items_filtered) == ["platform landsat-7"]
+    assert "items left out by filters" in report.summary()
+
+
+@pytest.mark.parametrize("platforms,bands,text", [
+    (["LANDSAT_5", "SENTINEL_2"], ["red"], "mix families"),
+    (["LANDSAT_7", "LANDSAT_8"], ["B4", "red"], "means different bands"),
+    (["LANDSAT_7", "LANDSAT_8"], ["coastal"], "unknown band"),
+])
+def test_platforms_that_cannot_share_a_config_are_refused(platforms, bands, text) -> None:
+    from pixels_xr.errors import ConfigError
+
+    with pytest.raises(ConfigError, match=text):
+        load_config({"start": "2021-01-01", "end": "2021-02-01", "mode": "all", "platforms": platforms,
+                     "level": "L2", "bands": bands})

@@ -220,3 +220,129 @@ def test_fuzz_mutated_configs_raise_only_config_error(key: str, value: Any) -> N
         load_config({**BASE, key: value})
     except ConfigError:
         pass
+
+
+# ------------------------------------------------------------------------------ the original pixels' configs
+def _original_minimal() -> dict[str, Any]:
+    """tesselo/pixels tests/test_validators.py ``minimal_valid_config`` (their sample geojson: a parcel)."""
+    return {"start": "2018-01-01", "end": "2018-03-31", "platforms": "SENTINEL_2", "level": "L2A",
+            "bands": ["B02,B03,B04,B08,B11,B12"],
+            "geojson": {"type": "FeatureCollection", "crs": {"init": "EPSG:3857"}, "features": [
+                {"type": "Feature", "properties": {},
+                 "geometry": {"type": "Polygon", "coordinates": [[[-1028560.0, 4689500.0], [-1028560.0, 4689000.0],
+                                                                  [-1028000.0, 4689000.0], [-1028000.0, 4689500.0],
+                                                                  [-1028560.0, 4689500.0]]]}}]}}
+
+
+def test_original_minimal_config_runs_unchanged() -> None:
+    c = load_config(_original_minimal())
+    assert c.mode == "all" and c.interval is None  # the original: latest_pixel over interval "all"
+    assert c.band_names == ["blue", "green", "red", "nir", "swir16", "swir22"]
+    assert c.geojson is not None
+
+
+def test_original_complete_config_runs_unchanged() -> None:
+    """``complete_valid_config`` of the original's tests: both fixed and dynamic dates (dynamic wins),
+    interval "all", pool_size 0, mode latest_pixel."""
+    raw = {**_original_minimal(), "dynamic_dates_step": 2, "end": "2018-01-31", "interval": "all",
+           "interval_step": 1, "scale": 10, "clip": True, "maxcloud": 20, "pool_size": 0, "limit": 100,
+           "mode": "latest_pixel", "dynamic_dates_interval": "months"}
+    c = load_config(raw)
+    assert c.mode == "all" and c.start is None and c.dynamic_dates_step == 2
+    assert c.pool_size == 8 and c.pool_bands is False
+    feature = Feature("f", box(0, 0, 1, 1), date=dt.date(2018, 5, 31))
+    assert c.date_range(feature) == (dt.date(2018, 3, 31), dt.date(2018, 5, 31))
+
+
+@pytest.mark.parametrize("original,ours", [("SCL", "first_clear"), ("FULL", "quality"), ("scl", "first_clear")])
+def test_original_composite_methods_are_aliases(original: str, ours: str) -> None:
+    c = cfg(mode="composite", composite_method=original)
+    assert c.composite_method == ours == c.resolved_composite_method
+    landsat = cfg(mode="composite", composite_method="QA_PIXEL", platforms="LANDSAT_8", level="L2",
+                  bands=["red", "nir08"], scale=30)
+    assert landsat.composite_method == "qa_pixel"
+
+
+def test_original_defaults_and_pool_options() -> None:
+    c = cfg(mode=None)  # mode omitted, interval given: the original's default mode
+    assert c.mode == "latest_pixel"
+    assert cfg(pool_size=0).pool_size == 8
+    assert cfg(pool_size=1, pool_bands=True).pool_bands is True
+    e = err(pool_size=4, pool_bands=True)
+    assert e.where == "pool_bands"
+    assert cfg(dynamic_dates_interval="weeks", start=None, end=None).dynamic_dates_step == 1
+
+
+def test_original_interval_all_means_mode_all() -> None:
+    for mode in ("latest_pixel", "composite", None):
+        c = cfg(mode=mode, interval="all", interval_step=1)
+        assert c.mode == "all" and c.interval is None and c.interval_step is None
+
+
+def test_geojson_in_the_config_is_validated() -> None:
+    bad = {**_original_minimal(), "geojson": {"type": "FeatureCollection", "features": []}}
+    with pytest.raises(ConfigError) as info:
+        load_config(bad)
+    assert info.value.where.startswith("geojson")
+
+
+def test_config_identity_of_one_platform_is_unchanged() -> None:
+    """Outputs written before several platforms were allowed must not look like another config's."""
+    assert '"platforms":"sentinel-2"' in cfg().output_identity
+    assert "pool_bands" not in cfg().output_identity and "geojson" not in cfg().output_identity
+
+
+# ------------------------------------------------------------------------------ hostile numbers and dates
+@pytest.mark.parametrize("raw_json,field", [
+    ('"scale": Infinity', "scale"), ('"scale": 1e400', "scale"), ('"scale": NaN', "scale"),
+    ('"scale": 1e308', "scale"), ('"maxcloud": NaN', "maxcloud"),
+    ('"interval_step": 1000000000000', "interval_step"),
+])
+def test_non_finite_and_huge_numbers_name_their_field(raw_json: str, field: str) -> None:
+    text = json.dumps({k: v for k, v in BASE.items() if k not in {"scale", "interval_step", "maxcloud"}})
+    e = pytest.raises(ConfigError, load_config, text[:-1] + ", " + raw_json + "}").value
+    assert e.where == field, str(e)
+
+
+def test_dates_outside_the_calendar_are_config_errors() -> None:
+    dyn = cfg(start=None, end=None, dynamic_dates_interval="months", dynamic_dates_step=10_000)
+    with pytest.raises(ConfigError, match="outside the calendar"):
+        dyn.bins(Feature("f", box(0, 0, 1, 1), date=dt.date(5, 1, 1)))
+    huge = cfg(start="0001-01-01", end="9999-12-31", interval="days")
+    with pytest.raises(ConfigError, match="time bins") as info:
+        huge.bins(Feature("f", box(0, 0, 1, 1)))
+    assert info.value.where == "interval"
+    late = cfg(start="9999-01-01", end="9999-12-31", interval="months", interval_step=10_000)
+    assert len(late.bins(Feature("f", box(0, 0, 1, 1)))) == 1  # the bin past the calendar is cut at end
+
+
+def test_deeply_nested_and_long_inputs_are_one_line(tmp_path: Path) -> None:
+    deep = '{"start": "2021-01-01", "mask": ' + "[" * 100_000 + "]" * 100_000 + "}"
+    e = pytest.raises(ConfigError, load_config, deep).value
+    assert "nested" in str(e) and "\n" not in str(e)
+    e = pytest.raises(ConfigError, load_config, {**BASE, "catalog": "x" * 10_000_000, "limit": "y" * 10**6}).value
+    assert len(str(e)) < 400
+    e = pytest.raises(ConfigError, load_config, tmp_path).value  # a directory
+    assert e.where == str(tmp_path)
+
+
+_hostile = st.one_of(st.floats(allow_nan=True, allow_infinity=True), st.integers(-10**20, 10**20),
+                     st.sampled_from(["0001-01-01", "9999-12-31", "-1", "", "all", "years", "1e400"]),
+                     st.text(max_size=5))
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(values=st.dictionaries(st.sampled_from(["scale", "interval_step", "dynamic_dates_step", "start", "end",
+                                               "maxcloud", "limit", "chunksize", "max_pixels", "interval",
+                                               "pool_size"]), _hostile, max_size=4),
+       dynamic=st.booleans(), date=st.dates())
+def test_fuzz_hostile_numbers_and_dates_reach_only_config_errors(values: dict[str, Any], dynamic: bool,
+                                                                 date: dt.date) -> None:
+    """Load, then plan bins and a grid: no OverflowError/ValueError from dateutil, grid or datetime."""
+    raw = {**BASE, **({"start": None, "end": None, "dynamic_dates_interval": "months",
+                       "dynamic_dates_step": 3} if dynamic else {}), **values}
+    try:
+        c = load_config({k: v for k, v in raw.items() if v is not None})
+        plan_feature(c, Feature("f", box(-8.99, 30.44, -8.98, 30.45), date=date))
+    except ConfigError:
+        pass

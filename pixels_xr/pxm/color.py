@@ -1,14 +1,20 @@
-"""rio-color formulas on 8-bit RGB: parsed strictly, applied as exact lookup tables (bit-exact with rio-color).
+"""rio-color formulas on 8-bit RGB: rio-color's own grammar, applied as exact lookup tables (bit-exact).
 
-Grammar (rio-color's, made strict)::
+Grammar: exactly what ``rio_color.operations.parse_operations`` accepts (ported step by step)::
 
-    formula    := operation (","? operation)*
+    formula    := operation (" " operation)*      commas are deleted first ("r,g,b" is "rgb", "1,5" is "15")
     operation  := "sigmoidal" BANDS CONTRAST BIAS | "gamma" BANDS VALUE | "saturation" PROPORTION
-    BANDS      := one or more of r g b 1 2 3 (case-insensitive, no separators: "rgb", "RGB", "13", "b")
+    BANDS      := characters r g b 1 2 3 (any case, any order, repeats allowed: "rgb", "RGB", "13", "rR1")
 
-Ranges: sigmoidal CONTRAST finite (0 = no-op) and BIAS in [0, 1], with every output finite; gamma VALUE > 0;
-saturation PROPORTION >= 0. Where rio-color silently drops extra arguments, turns "1,5" into "15" or fails
-late with a KeyError/IndexError, this parser raises :class:`FormulaError` naming the token.
+Tokens are separated by single spaces (a leading, trailing or doubled space is an empty token: an error,
+as in rio-color); operation names are case-insensitive; numbers are Python ``float`` literals (``inf``,
+``1_0`` included); extra arguments are ignored, as rio-color ignores them; an operation on no band (an
+empty BANDS token) is a no-op and is dropped. Values are checked as rio-color checks them when it runs:
+gamma VALUE > 0; sigmoidal BIAS within [0, 1] (to one float64 epsilon); every sigmoidal/gamma input
+within [0, 1]. On top of that a formula must give a *defined* result for every 8-bit input (rio-color
+would cast NaN to uint8, an undefined value): checked exactly over all 256 values per band for
+formulas without ``saturation``, on a grid of colours (and of [0, 1] values after it) otherwise. Every
+rejection is a :class:`FormulaError` naming the operation and token at fault.
 
 Semantics are rio-color's: ``to_math_type`` (uint8 / 255 in float64), the operations in order on float64,
 then ``scale_dtype`` (``(x * 255).astype(uint8)``, i.e. truncation). Because every 8-bit input maps to one
@@ -21,7 +27,6 @@ Cython emits it) and kept in a lazily filled 2^24-entry table per formula, so la
 from __future__ import annotations
 
 import math
-import re
 import threading
 from collections import OrderedDict
 from dataclasses import dataclass
@@ -37,13 +42,14 @@ __all__ = ["FormulaError", "Op", "parse_formula", "format_formula", "apply", "ba
 OpName = Literal["sigmoidal", "gamma", "saturation"]
 
 _EPS = float(np.finfo(np.float64).eps)
-_NUMBER = re.compile(r"[+-]?(?:\d+(?:\.\d*)?|\.\d+)(?:[eE][+-]?\d+)?")
-_BANDS = {"r": 1, "g": 2, "b": 3, "1": 1, "2": 2, "3": 3}
+_BAND_LETTERS = {"r": 1, "g": 2, "b": 3}
 _ARGS: dict[str, tuple[str, ...]] = {
     "sigmoidal": ("BANDS", "CONTRAST", "BIAS"),
     "gamma": ("BANDS", "VALUE"),
     "saturation": ("PROPORTION",),
 }
+_EXAMPLE = "e.g. 'sigmoidal RGB 3 0.5'"
+_SPACE = "an empty token: rio-color separates tokens by single spaces (no leading, trailing or double spaces)"
 
 
 class FormulaError(PixelsError, ValueError):
@@ -68,89 +74,109 @@ class Op:
 # ------------------------------------------------------------------------------------------------ parsing
 
 
-def _tokens(formula: str) -> list[str]:
-    """Whitespace-split tokens; a comma may only end a token (rio-color's optional separator)."""
-    out = []
-    for raw in formula.split():
-        tok = raw.rstrip(",")
-        if "," in tok:
-            raise FormulaError(f"unexpected comma inside {raw!r} (commas only separate operations)")
-        if tok:
-            out.append(tok)
-    return out
+def _groups(formula: str) -> list[list[str]]:
+    """rio-color's tokenizer: delete commas, split on single spaces, strip, lower-case; an operation name
+    starts a new group."""
+    tokens = [x.strip() for x in formula.replace(",", "").split(" ")]
+    groups: list[list[str]] = []
+    current: list[str] = []
+    for token in tokens:
+        if token.lower() in _ARGS and current:
+            groups.append(current)
+            current = []
+        current.append(token.lower())
+    if current:
+        groups.append(current)
+    return groups
 
 
-def _number(op: str, what: str, tok: str) -> float:
-    if not _NUMBER.fullmatch(tok):
-        raise FormulaError(f"{op} {what} must be a number, got {tok!r}")
-    value = float(tok)
-    if not np.isfinite(value):
-        raise FormulaError(f"{op} {what} must be finite, got {tok!r}")
-    return value
-
-
-def _bands(op: str, tok: str) -> tuple[int, ...]:
+def _band_set(name: str, token: str) -> tuple[int, ...]:
     bands = set()
-    for ch in tok.lower():
-        if ch not in _BANDS:
-            raise FormulaError(f"{op} BANDS must be letters r, g, b or digits 1-3 (e.g. 'rgb'), got {tok!r}")
-        bands.add(_BANDS[ch])
+    for ch in token:
+        try:
+            band = int(ch)
+        except ValueError:
+            if ch.lower() not in _BAND_LETTERS:
+                raise FormulaError(f"{name} BANDS must be letters r, g, b or digits 1-3 (e.g. 'rgb'), got"
+                                   f" {token!r}") from None
+            band = _BAND_LETTERS[ch.lower()]
+        if not 1 <= band <= 3:
+            raise FormulaError(f"{name} BANDS must be letters r, g, b or digits 1-3 (e.g. 'rgb'), got {token!r}")
+        bands.add(band)
     return tuple(sorted(bands))
 
 
-def _check_sigmoidal(contrast: float, bias: float) -> None:
-    if not 0.0 <= bias <= 1.0:
-        raise FormulaError(f"sigmoidal BIAS must be between 0 and 1, got {bias!r}")
-    grid = np.concatenate([np.linspace(0.0, 1.0, 4097), np.arange(256) / 255])
-    with np.errstate(all="ignore"):
-        out = _sigmoidal(grid, contrast, bias)
-    if not np.all(np.isfinite(out)) or out.min() < -1e-9 or out.max() > 1 + 1e-9:
-        raise FormulaError(f"sigmoidal CONTRAST {contrast!r} with BIAS {bias!r} gives undefined values")
+def _op(parts: list[str]) -> Op | None:
+    """One rio-color operation from its tokens; None for an operation on no band (a no-op in rio-color)."""
+    name = parts[0]
+    if name not in _ARGS:
+        if not name:
+            raise FormulaError(f"{_SPACE}")
+        raise FormulaError(f"{name!r} is not an operation (expected one of {', '.join(sorted(_ARGS))})")
+    want = _ARGS[name]
+    if len(parts) < 2:
+        raise FormulaError(f"{name} takes {len(want)} argument(s) ({' '.join(want)}), got 0")
+    if name == "saturation":
+        bands, args, names = (1, 2, 3), parts[1:], want
+    else:
+        bands, args, names = _band_set(name, parts[1]), parts[2:], want[1:]
+    values = []
+    for i, tok in enumerate(args):
+        what = names[i] if i < len(names) else "extra argument"
+        try:
+            values.append(float(tok))
+        except ValueError:
+            raise FormulaError(f"{name} {what}: {_SPACE}" if not tok else
+                               f"{name} {what} must be a number, got {tok!r}") from None
+    if not bands:
+        return None
+    if len(values) < len(names):
+        raise FormulaError(f"{name} takes {len(want)} argument(s) ({' '.join(want)}), got"
+                           f" {len(parts) - 1}: {' '.join(parts[1:])}")
+    values = values[: len(names)]  # rio-color zips the arguments with the names: extras are dropped
+    if name == "gamma" and not values[0] > 0:
+        raise FormulaError(f"gamma VALUE must be > 0, got {args[0]!r}")
+    if name == "sigmoidal":
+        contrast, bias = values
+        if bias > 1.0 + _EPS or bias < 0 - _EPS:
+            raise FormulaError(f"sigmoidal BIAS must be between 0 and 1, got {args[1]!r}")
+        if contrast == 0 and math.isnan(bias):
+            values = [contrast, 0.5]  # the identity either way; keeps operations comparable
+    return Op(name, bands, tuple(values))  # type: ignore[arg-type]
 
 
 def parse_formula(formula: str) -> list[Op]:
-    """Parse a rio-color formula into operations; raise :class:`FormulaError` on any defect."""
+    """Parse a rio-color formula into operations, accepting what rio-color accepts; raise
+    :class:`FormulaError` on anything rio-color rejects or that gives an undefined result."""
     if not isinstance(formula, str):
         raise FormulaError(f"a formula must be a string, got {type(formula).__name__}")
-    tokens = _tokens(formula)
-    if not tokens:
-        raise FormulaError("empty formula (expected e.g. 'sigmoidal RGB 3 0.5')")
-    groups: list[list[str]] = []
-    for tok in tokens:
-        if tok.lower() in _ARGS:
-            groups.append([tok.lower()])
-        elif not groups:
-            raise FormulaError(
-                f"{tok!r} is not an operation (expected one of {', '.join(sorted(_ARGS))})"
-            )
-        else:
-            groups[-1].append(tok)
+    if not formula.replace(",", "").strip():
+        raise FormulaError(f"empty formula ({_EXAMPLE})")
     ops: list[Op] = []
-    for name, *args in groups:
-        want = _ARGS[name]
-        if len(args) != len(want):
-            raise FormulaError(
-                f"{name} takes {len(want)} argument(s) ({' '.join(want)}), got {len(args)}"
-                + (f": {' '.join(args)}" if args else "")
-            )
-        if name == "saturation":
-            prop = _number(name, "PROPORTION", args[0])
-            if prop < 0:
-                raise FormulaError(f"saturation PROPORTION must be >= 0, got {args[0]!r}")
-            ops.append(Op("saturation", (1, 2, 3), (prop,)))
-            continue
-        bands = _bands(name, args[0])
-        if name == "gamma":
-            g = _number(name, "VALUE", args[1])
-            if g <= 0:
-                raise FormulaError(f"gamma VALUE must be > 0, got {args[1]!r}")
-            ops.append(Op("gamma", bands, (g,)))
-        else:
-            contrast = _number(name, "CONTRAST", args[1])
-            bias = _number(name, "BIAS", args[2])
-            _check_sigmoidal(contrast, bias)
-            ops.append(Op("sigmoidal", bands, (contrast, bias)))
+    for parts in _groups(formula):
+        op = _op(parts)
+        if op is not None:
+            ops.append(op)
+    _check_defined(ops)
     return ops
+
+
+def _check_defined(ops: list[Op]) -> None:
+    """Run ``ops`` as rio-color would on every 8-bit value (exact without saturation, a grid with it)."""
+    if not ops:
+        return
+    ramp = np.ascontiguousarray(np.broadcast_to(np.arange(256, dtype=np.float64) / 255, (3, 256)))
+    first = next((i for i, op in enumerate(ops) if op.name == "saturation"), len(ops))
+    arr = _run_float(ramp, ops[:first])
+    if first < len(ops):
+        idx = np.r_[0:256:15, 255]
+        r, g, b = np.meshgrid(arr[0, idx], arr[1, idx], arr[2, idx], indexing="ij")
+        colours = np.concatenate([arr, np.stack([r.ravel(), g.ravel(), b.ravel()])], axis=1)
+        out = _run_float(colours, ops[first:first + 1])
+        _to_uint8(out)
+        levels = np.broadcast_to(np.linspace(0.0, 1.0, 4097), (3, 4097))  # saturation outputs anything in [0,1]
+        arr = _run_float(np.concatenate([out, levels, ramp], axis=1), ops[first + 1:])
+    _to_uint8(arr)
 
 
 def format_formula(ops: list[Op]) -> str:
@@ -259,7 +285,8 @@ def _saturation(arr: np.ndarray, proportion: float) -> np.ndarray:
 
 
 def _run_float(arr: np.ndarray, ops: list[Op] | tuple[Op, ...]) -> np.ndarray:
-    """Apply ``ops`` to a (3, N) float64 array in [0, 1], exactly as rio-color's op closures do."""
+    """Apply ``ops`` to a (3, N) float64 array in [0, 1], exactly as rio-color's op closures do, with its
+    run-time check: a sigmoidal/gamma band given values outside [0, 1] (by more than epsilon) is an error."""
     with np.errstate(all="ignore"):
         for op in ops:
             if op.name == "saturation":
@@ -268,16 +295,21 @@ def _run_float(arr: np.ndarray, ops: list[Op] | tuple[Op, ...]) -> np.ndarray:
             new = arr.copy()
             for b in op.bands:
                 band = arr[b - 1]
+                if band.size and (band.max() > 1.0 + _EPS or band.min() < 0 - _EPS):
+                    raise FormulaError(f"'{op}' gets values outside 0-1 from the operation before it (rio-color"
+                                       " refuses them)")
                 new[b - 1] = _gamma(band, *op.args) if op.name == "gamma" else _sigmoidal(band, *op.args)
             arr = new
     return arr
 
 
 def _to_uint8(arr: np.ndarray) -> np.ndarray:
-    """rio-color's scale_dtype: ``(arr * 255).astype(uint8)``; refuses non-finite values."""
-    if not np.all(np.isfinite(arr)):
-        raise FormulaError("formula produced undefined (NaN/inf) values")
-    return (arr * 255).astype(np.uint8)
+    """rio-color's scale_dtype: ``(arr * 255).astype(uint8)``; refuses values whose cast is undefined."""
+    with np.errstate(all="ignore"):
+        scaled = arr * 255
+    if not np.all(np.isfinite(scaled)) or scaled.min(initial=0) <= -1 or scaled.max(initial=0) >= 256:
+        raise FormulaError("formula gives undefined values (NaN, infinite or outside 0-1) for some colours")
+    return scaled.astype(np.uint8)
 
 
 # ------------------------------------------------------------------------------------------- application

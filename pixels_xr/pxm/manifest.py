@@ -3,7 +3,8 @@
 Two forms are read: the public 0.5 form (a top-level ``"version": "0.5.x"``; ``ndv``/``bidx`` may be JSON
 arrays as in its schema) and the 0.4 draft (no ``version``). ``ndv``/``bidx`` are accepted either as the
 draft's strings (``"[255, 255, 255]"``, ``"1,2,3"``) or as arrays, in both forms. Unknown keys are rejected
-(a misspelt optional key, e.g. ``colour``, would otherwise be silently ignored).
+(a misspelt optional key, e.g. ``colour``, would otherwise be silently ignored). ``notes`` may be empty
+(``""``): the spec only asks for a string, and its reference tool writes ``"notes": ""`` by default.
 
 Colour keys are regexes *searched* in the source file name (``7RLL675`` selects ``17RLL675930.tif``). When
 several keys match one file, **the longest match wins; on a tie the key listed later wins** (so a catch-all
@@ -413,7 +414,7 @@ def _check_info(info: Any, version: SpecVersion) -> ManifestInfo:
             raise ManifestError(f"duplicate tileset {ts!r}", where=w)
         seen.add(ts)
     license_ = _string(info["license"], "info.license")
-    notes = _string(info["notes"], "info.notes")
+    notes = _string(info["notes"], "info.notes", nonempty=False)  # the spec's own tool writes "" by default
     product = _string(info["product"], "info.product")
     if not _PRODUCT.fullmatch(product) or ".." in product or product.startswith("."):
         raise ManifestError(f"must be 1-128 of A-Z a-z 0-9 _ - . without spaces or '..', got {product!r}",

@@ -174,7 +174,6 @@ RULES = [
     ("info.date", "0000", "info.date", "not a real date"),
     ("info.date", 2018, "info.date", "must be a string"),
     ("info.license", "  ", "info.license", "non-empty"),
-    ("info.notes", "", "info.notes", "non-empty"),
     ("info.notes", ["a"], "info.notes", "must be a string"),
     ("info.crs", "26910", "info.crs", "EPSG:NNNN"),
     ("info.crs", "epsg:26910", "info.crs", "EPSG:NNNN"),
@@ -220,6 +219,14 @@ def test_every_rule_names_its_path(path: str, value: Any, where: str, message: s
     assert err.value.where == where
     assert message in err.value.message
     assert "\n" not in str(err.value) and str(err.value).startswith(f"{where}: ")
+
+
+def test_empty_notes_are_accepted() -> None:
+    """The spec's reference tool writes ``"notes": ""`` by default (issue 14.4); it is still a string."""
+    for doc in (with_("info.notes", ""), {**with_("info.notes", ""), "version": "0.5.1"}):
+        assert validate_manifest(doc).info.notes == ""
+    with pytest.raises(ManifestError, match="must be a string"):
+        validate_manifest(with_("info.notes", None))
 
 
 def test_05_account_is_lowercase() -> None:

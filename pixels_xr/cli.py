@@ -21,6 +21,34 @@ app = typer.Typer(
 )
 
 F = TypeVar("F", bound=Callable[..., Any])
+#: Printed where the pxm commands are missing; escaped because help text is rich markup (``[pxm]`` is a tag).
+PXM_INSTALL_HINT = "pip install 'pixels-xr[pxm]'"
+
+
+def _flags_show_as_flags() -> None:
+    """Help without a ``<bool>`` value after ``--overwrite/--no-overwrite``, ``--quiet`` or ``--help``.
+
+    typer 0.29 prints the parameter type of every option in rich help, flags included, as if they took a
+    value; a flag has no value to show. Wrapped once, and only where typer has the method it wraps.
+    """
+    try:
+        from typer.core import TyperOption
+    except ImportError:  # pragma: no cover - another typer layout: its own help stays as it is
+        return
+    original = getattr(TyperOption, "display_type_rich", None)
+    if original is None or getattr(original, "_pixels_xr_flags", False):
+        return
+
+    def display_type_rich(self: Any, ctx: Any) -> str | None:
+        if getattr(self, "is_flag", False) and self.metavar is None:
+            return None
+        return original(self, ctx)
+
+    display_type_rich._pixels_xr_flags = True  # type: ignore[attr-defined]
+    TyperOption.display_type_rich = display_type_rich  # type: ignore[method-assign]
+
+
+_flags_show_as_flags()
 
 
 def one_line_errors(func: F) -> F:
@@ -116,7 +144,8 @@ def preview(
     cfg = load_config(config)
     for feature in load_features(features)[:limit]:
         ds = collect(cfg, feature).compute()
-        typer.echo(f"feature {feature.id}: {dict(ds.sizes)} in {ds.rio.crs}")
+        typer.echo(f"feature {feature.id}: {dict(ds.sizes)} in {ds.rio.crs}"
+                   + (f"; empty: {ds.attrs['empty_reason']}" if ds.attrs.get("empty_reason") else ""))
         band = cfg.band_names[0]
         for k in range(ds.sizes["time"]):
             values = ds[band].isel(time=k).values
@@ -211,10 +240,12 @@ def _mount_pxm() -> None:
     except ImportError as exc:  # the pxm extra is not installed
         missing = str(exc)
 
-        @app.command("pxm")
+        from rich.markup import escape
+
+        @app.command("pxm", help=f"PXM manifests (needs the pxm extra: {escape(PXM_INSTALL_HINT)}).",
+                     context_settings={"ignore_unknown_options": True, "allow_extra_args": True})
         def pxm_missing() -> None:
-            """PXM manifests (needs the pxm extra: pip install 'pixels-xr[pxm]')."""
-            typer.echo(f"error: the pxm commands need the pxm extra ({missing})", err=True)
+            typer.echo(f"error: pxm: the pxm commands need the pxm extra ({missing}); {PXM_INSTALL_HINT}", err=True)
             raise typer.Exit(1)
     else:
         app.add_typer(pxm_app, name="pxm", help="PXM (Mapbox Pixelmonster) manifests: validate and check sources.")

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -14,7 +16,16 @@ from pixels_xr.cli import app
 from pixels_xr.config import load_config
 
 REPO = Path(__file__).resolve().parents[1]
+CLI = str(Path(sys.executable).parent / "pixels-xr")
 runner = CliRunner()
+WIDE = {**os.environ, "COLUMNS": "200", "NO_COLOR": "1", "TERM": "dumb"}
+
+
+def help_text(*args: str, argv_prefix: list[str] | None = None) -> str:
+    proc = subprocess.run([*(argv_prefix or [CLI]), *args, "--help"], capture_output=True, text=True, timeout=120,
+                          env=WIDE)
+    assert proc.returncode == 0, proc.stderr
+    return proc.stdout
 
 
 def test_help_lists_every_command() -> None:
@@ -66,3 +77,28 @@ def test_preview_runs_offline_on_the_sample(tmp_path: Path) -> None:
                               "--limit", "1"])
     assert res.exit_code == 0, res.output
     assert "feature field-1" in res.output and "2021-11-01" in res.output and "filled" in res.output
+
+
+def test_help_shows_flags_as_flags_in_the_real_cli() -> None:
+    for command in ((), ("pxm", "validate")):
+        out = help_text(*command)
+        assert "<bool>" not in out, out
+        assert re.search(r"--help\s+Show this message", out), out
+    out = help_text("collect")
+    assert "<bool>" not in out, out
+    assert re.search(r"--overwrite\s+--no-overwrite\s+Redo every unit", out), out
+    assert re.search(r"--quiet\s+--no-quiet\s+No progress bar", out), out
+    assert re.search(r"--workers\s+<int>\s+Workers", out), out  # options with a value keep their type
+
+
+def test_help_without_the_pxm_extra_shows_the_install_hint_whole() -> None:
+    # the state of an environment without the pxm extra: its `regex` dependency cannot be imported
+    # (a None entry in sys.modules is how Python marks a module as not importable)
+    without_pxm = [sys.executable, "-c", "import sys; sys.modules['regex'] = None; sys.argv[0] = 'pixels-xr'; "
+                   "from pixels_xr.cli import main; main()"]
+    out = help_text(argv_prefix=without_pxm)
+    assert "pip install 'pixels-xr[pxm]'" in " ".join(out.replace("│", " ").split()), out
+    proc = subprocess.run([*without_pxm, "pxm", "validate", "m.json"], capture_output=True, text=True,
+                          timeout=120, env=WIDE)
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr
+    assert proc.stderr.strip().startswith("error: pxm:") and "pixels-xr[pxm]" in proc.stderr, proc.stderr

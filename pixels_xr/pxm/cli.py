@@ -49,8 +49,7 @@ def validate(
             for uri in m.sources:
                 rule = m.color_rule(uri)
                 typer.echo(f"  colour {Path(uri).name}: " + (f"{rule.formula} (key {rule.key!r})" if rule else "none"))
-            unused = [r.key for r in info.color if not any(r.search(Path(u).name) is not None for u in m.sources)]
-            for key in unused:
+            for key in m.unused_color_keys():
                 typer.echo(f"  warning: colour key {key!r} matches no source")
         if check_sources:
             findings = run_checks(m)

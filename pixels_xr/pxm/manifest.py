@@ -9,7 +9,10 @@ draft's strings (``"[255, 255, 255]"``, ``"1,2,3"``) or as arrays, in both forms
 Colour keys are regexes *searched* in the source file name (``7RLL675`` selects ``17RLL675930.tif``). When
 several keys match one file, **the longest match wins; on a tie the key listed later wins** (so a catch-all
 ``"."`` listed first is a default that any more specific key overrides). Keys are checked for catastrophic
-backtracking (nested or alternating quantifiers, backreferences) and matched with a time limit.
+backtracking (nested or alternating quantifiers, backreferences). Each key is searched once per *distinct*
+file name at validation (500 sources in one folder pattern are 500 names, the same name in 500 folders is
+one), and all those searches together get ``MATCH_BUDGET`` seconds: a legal but slow key fails the manifest
+in one line instead of slowing every later look-up.
 """
 
 from __future__ import annotations
@@ -17,6 +20,7 @@ from __future__ import annotations
 import datetime as _dt
 import json
 import re
+import time
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
@@ -30,6 +34,7 @@ from pixels_xr.pxm.color import FormulaError, Op, parse_formula
 __all__ = [
     "ColorRule",
     "Finding",
+    "MATCH_BUDGET",
     "Manifest",
     "ManifestInfo",
     "check_sources",
@@ -50,7 +55,8 @@ _DATE = re.compile(r"[0-9]{4}(?:-[0-9]{2}-[0-9]{2})?")
 _CRS = re.compile(r"EPSG:([0-9]{4,6})")
 _VERSION = re.compile(r"0\.5(?:\.[0-9]+)?")
 _MAX_KEY = 256
-_MATCH_TIMEOUT = 0.05  # seconds per regex search on one file name
+#: Seconds for every colour key over every distinct source file name of one manifest, all together.
+MATCH_BUDGET = 2.0
 
 
 def _q(key: str) -> str:
@@ -73,13 +79,46 @@ class ColorRule:
     ops: tuple[Op, ...]
     pattern: Any = field(repr=False, compare=False)
 
-    def search(self, name: str) -> int | None:
+    def search(self, name: str, timeout: float = MATCH_BUDGET) -> int | None:
         """Length of the first match of the key in ``name``, or None when it does not match."""
         try:
-            m = self.pattern.search(name, timeout=_MATCH_TIMEOUT)
-        except TimeoutError as err:
-            raise ManifestError(f"regex key timed out on {name!r}", where=f"info.color[{json.dumps(self.key)}]") from err
+            m = self.pattern.search(name, timeout=timeout)
+        except TimeoutError:
+            raise ManifestError(f"regex key took more than {timeout:.3g} s on {name!r}; simplify it",
+                                where=f"info.color[{json.dumps(self.key)}]") from None
         return None if m is None else m.end() - m.start()
+
+
+Hits = tuple[tuple[int, int], ...]  # (rule index, match length) of every key that matches one file name
+
+
+def _match_names(rules: tuple[ColorRule, ...], names: list[str], budget: float = MATCH_BUDGET) -> dict[str, Hits]:
+    """Search every key in every distinct name once, all within ``budget`` seconds together."""
+    deadline = time.monotonic() + budget
+    spent = [0.0] * len(rules)  # per key, to name the slowest one when the budget runs out
+    out: dict[str, Hits] = {}
+    for name in names:
+        if name in out:
+            continue
+        hits = []
+        for i, rule in enumerate(rules):
+            start = time.monotonic()
+            try:
+                if start >= deadline:
+                    raise TimeoutError
+                m = rule.pattern.search(name, timeout=deadline - start)
+            except TimeoutError:
+                spent[i] += time.monotonic() - start
+                slow = rules[max(range(len(rules)), key=spent.__getitem__)]
+                raise ManifestError(
+                    f"colour keys took more than {budget:g} s to match {len(set(names))} source file name(s),"
+                    f" this one most ({max(spent):.2g} s, stopped at {name!r}); simplify the regex",
+                    where=f"info.color[{json.dumps(slow.key)}]") from None
+            spent[i] += time.monotonic() - start
+            if m is not None:
+                hits.append((i, m.end() - m.start()))
+        out[name] = tuple(hits)
+    return out
 
 
 @dataclass(frozen=True)
@@ -107,16 +146,24 @@ class Manifest:
     info: ManifestInfo
     version_string: str | None = None
     path: str | None = None
+    matches: dict[str, Hits] = field(default_factory=dict, repr=False, compare=False)
+
+    def _hits(self, source: str) -> Hits:
+        name = PurePosixPath(source).name
+        hits = self.matches.get(name)
+        return hits if hits is not None else _match_names(self.info.color, [name])[name]
 
     def color_rule(self, source: str) -> ColorRule | None:
-        """The colour rule for a source (URI or file name): longest match wins, ties go to the later key."""
-        name = PurePosixPath(source).name
-        best: tuple[int, int, ColorRule] | None = None
-        for i, rule in enumerate(self.info.color):
-            n = rule.search(name)
-            if n is not None and (best is None or (n, i) >= best[:2]):
-                best = (n, i, rule)
-        return None if best is None else best[2]
+        """The colour rule for a source (URI or file name): longest match wins, ties go to the later key.
+
+        The sources' own names were matched once at validation; other names are matched on demand."""
+        best = max(((n, i) for i, n in self._hits(source)), default=None)
+        return None if best is None else self.info.color[best[1]]
+
+    def unused_color_keys(self) -> list[str]:
+        """Colour keys that match no source file name."""
+        used = {i for uri in self.sources for i, _ in self._hits(uri)}
+        return [r.key for i, r in enumerate(self.info.color) if i not in used]
 
     def color_ops(self, source: str) -> tuple[Op, ...]:
         """The parsed colour operations for a source (empty when no key matches)."""
@@ -470,11 +517,10 @@ def validate_manifest(source: str | Path | dict) -> Manifest:
             raise ManifestError(f"duplicate of sources[{first[uri]}]", where=f"sources[{i}]")
         first[uri] = i
     info = _check_info(doc["info"], version)
-    manifest = Manifest(version=version, sources=tuple(sources), info=info, version_string=version_string,
-                        path=path)
-    for uri in manifest.sources:  # every key is exercised (and time-limited) on every file name now
-        manifest.color_rule(uri)
-    return manifest
+    names = [PurePosixPath(uri).name for uri in sources]
+    matches = _match_names(info.color, names) if info.color else {}  # once per distinct name, one budget
+    return Manifest(version=version, sources=tuple(sources), info=info, version_string=version_string,
+                    path=path, matches=matches)
 
 
 # --------------------------------------------------------------------------------------- source checks

@@ -369,3 +369,37 @@ def test_cli_check_sources(s3_server, shared_data: Path, tmp_path: Path) -> None
     res = CliRunner().invoke(pxm_app, ["validate", str(f), "--check-sources"])
     assert res.exit_code == 1 and "error: sources[1] s3://pxm-cli/a/ndv_tiny.tif: the edge" in res.output
     assert "Traceback" not in res.output
+
+
+# ---------------------------------------------------------------------------------- colour key cost (15.6)
+
+#: A legal key (no nested quantifiers) that backtracks polynomially: ~20 ms on a 100-character name here.
+SLOW_KEY = "a*a*a*a*a*_2"
+
+
+def _many(names: list[str]) -> dict:
+    doc = copy.deepcopy(VALID)
+    doc["sources"] = [f"s3://my-bucket/{folder}/{name}" for folder, name in names]
+    doc["info"]["color"] = {SLOW_KEY: "gamma r 1.1", ".": "gamma g 1.2"}
+    return doc
+
+
+def test_colour_keys_share_one_time_budget_per_manifest() -> None:
+    """1000 distinct names × a 20 ms key: each search is quick, all of them together are not (issue 15.6)."""
+    doc = _many([("f", "a" * 100 + f"_1x{i}_2.tif") for i in range(1000)])
+    with pytest.raises(ManifestError, match="colour keys took more than 2 s to match 1000 source file") as err:
+        validate_manifest(doc)
+    assert err.value.where == f'info.color["{SLOW_KEY}"]' and "\n" not in str(err.value)
+
+
+@pytest.mark.timeout(30)
+def test_colour_keys_are_matched_once_per_distinct_name() -> None:
+    """The same file name in 1000 folders is one search per key, and look-ups reuse it (no re-matching)."""
+    name = "a" * 100 + "_1x_2.tif"
+    m = validate_manifest(_many([(f"f{i}", name) for i in range(1000)]))
+    assert list(m.matches) == [name]
+    assert all(m.color_rule(uri).key == SLOW_KEY for uri in m.sources)  # 5 characters beat "."
+    assert m.unused_color_keys() == []
+    fast = validate_manifest(_many([("f", f"x{i}_3.tif") for i in range(1000)]))  # cheap names: no limit hit
+    assert len(fast.matches) == 1000 and fast.color_rule(fast.sources[0]).key == "."
+    assert validate_manifest(with_("info.color", {"^Z": "gamma r 1.1", ".": "gamma g 1"})).unused_color_keys() == ["^Z"]

@@ -10,7 +10,16 @@ Same-day duplicates of one tile (reprocessings) keep one item: the highest proce
 latest ``updated``/``created``/processing time, then the greatest id.
 
 Hrefs stay unsigned here: the readers sign them just before opening, through the signer registered for
-the catalog (``SIGNERS``; Planetary Computer by default), and again when the signature expires.
+the catalog (``SIGNERS``; Planetary Computer by default), and again when the signature expires. 
+
+STAC API requests (landing page, conformance, every search page) have a connect timeout
+(``STAC_CONNECT_TIMEOUT``) and a read timeout (``STAC_READ_TIMEOUT``: the longest wait for the next bytes of
+a response), overridable with ``$PIXELS_XR_STAC_TIMEOUT`` (``SECONDS`` or ``CONNECT,READ``). A timed-out
+request is retried within the same budget as 429/5xx answers (``RETRY_TOTAL``, backoff 0, 1, 2, 4, 8 s;
+a ``Retry-After`` is honoured up to ``RETRY_AFTER_MAX`` s), so one request gives up after at most
+(RETRY_TOTAL + 1) × (connect or read timeout) + 15 s + RETRY_TOTAL × RETRY_AFTER_MAX, and the search
+raises a one-line ``CatalogError`` naming the (redacted) URL. Secrets in the catalog URL (userinfo, query
+tokens) never reach errors or logs (pystac-client's and urllib3's request logs are redacted).
 """
 
 from __future__ import annotations
@@ -19,6 +28,8 @@ import copy
 import datetime as dt
 import json
 import logging
+import math
+import os
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
@@ -28,19 +39,29 @@ from pyproj import CRS
 from shapely.geometry import mapping, shape
 
 from pixels_xr.config import PixelsConfig
-from pixels_xr.errors import CatalogError
+from pixels_xr.errors import CatalogError, ConfigError
 from pixels_xr.features import Feature
 from pixels_xr.platforms import PROVIDERS, Band, Platform, asset_candidates, canonical_band, \
     platform_of_item, reflectance_scale_offset
 from pixels_xr.run_cache import memo
-from pixels_xr.signing import PlanetaryComputerSigner, Signer
+from pixels_xr.signing import PlanetaryComputerSigner, RedactingFilter, Signer, redact
 
 log = logging.getLogger(__name__)
 
 #: HTTP statuses retried with exponential backoff by STAC API searches.
 RETRY_STATUSES = (429, 500, 502, 503, 504)
-#: Total retries per request (backoff 0.5 s × 2^n, so a bounded ~30 s budget).
+#: Total retries per request, of 429/5xx answers and timeouts alike (backoff 0, 1, 2, 4, 8 s: ~15 s).
 RETRY_TOTAL = 5
+#: Longest ``Retry-After`` (seconds) a STAC API may ask for before a retry; a longer one is cut to this.
+RETRY_AFTER_MAX = 30.0
+#: Seconds to wait for a STAC API's TCP (and TLS) connection, per try.
+STAC_CONNECT_TIMEOUT = 10.0
+#: Seconds to wait for the next bytes of a STAC API response (headers or body), per try.
+STAC_READ_TIMEOUT = 60.0
+#: Environment override of both timeouts: ``SECONDS`` (connect and read) or ``CONNECT,READ``.
+STAC_TIMEOUT_ENV = "PIXELS_XR_STAC_TIMEOUT"
+#: Third-party loggers that log request URLs or headers: their records are redacted (``RedactingFilter``).
+REDACTED_LOGGERS = ("pystac_client.stac_api_io", "urllib3.connectionpool", "urllib3.util.retry")
 
 # ----------------------------------------------------------------------------------------------- signing
 #: Catalog (provider name, STAC API URL or local path) → signer of asset hrefs, called by the readers just
@@ -118,13 +139,11 @@ def search_api(url: str, collection: str | None, geometry: shapely.Geometry, sta
     """Search a STAC API with pystac-client: intersects + datetime + collection (+ cloud filter the server
     advertises: CQL2 ``filter`` or ``query``), following every page, retrying 429/5xx with backoff."""
     from pystac_client import Client
-    from pystac_client.stac_api_io import StacApiIO
-    from urllib3.util.retry import Retry
 
-    retry = Retry(total=RETRY_TOTAL, backoff_factor=0.5, status_forcelist=RETRY_STATUSES,
-                  allowed_methods=None, raise_on_status=True)
+    timeout = stac_timeouts()
+    _redact_request_logs()
     try:
-        client = Client.open(url, stac_io=StacApiIO(max_retries=retry, timeout=60))
+        client = Client.open(url, stac_io=_stac_io(timeout), timeout=timeout)
         kwargs: dict[str, Any] = {}
         if maxcloud < 100:
             if _has_conformance(client, "FILTER"):
@@ -139,7 +158,89 @@ def search_api(url: str, collection: str | None, geometry: shapely.Geometry, sta
     except CatalogError:
         raise
     except Exception as exc:  # requests/urllib3/pystac-client raise many types; all mean "search failed"
-        raise CatalogError(f"STAC search failed: {type(exc).__name__}: {_first_line(exc)}", url) from None
+        if _timed_out(exc):
+            raise CatalogError(f"STAC API did not answer in time (connect timeout {timeout[0]:g} s, read "
+                               f"timeout {timeout[1]:g} s, {RETRY_TOTAL + 1} tries; set "
+                               f"${STAC_TIMEOUT_ENV} to wait longer): {redact(_first_line(exc))}",
+                               redact(url)) from None
+        raise CatalogError(f"STAC search failed: {type(exc).__name__}: {redact(_first_line(exc))}",
+                           redact(url)) from None
+
+
+def stac_timeouts() -> tuple[float, float]:
+    """(connect, read) timeouts in seconds of STAC API requests: ``$PIXELS_XR_STAC_TIMEOUT`` (``SECONDS`` or
+    ``CONNECT,READ``) when set, else ``STAC_CONNECT_TIMEOUT`` and ``STAC_READ_TIMEOUT``."""
+    raw = os.environ.get(STAC_TIMEOUT_ENV, "").strip()
+    if not raw:
+        return float(STAC_CONNECT_TIMEOUT), float(STAC_READ_TIMEOUT)
+    try:
+        values = [float(v) for v in raw.split(",")]
+    except ValueError:
+        values = []
+    if len(values) not in (1, 2) or not all(math.isfinite(v) and v > 0 for v in values):
+        raise ConfigError(f"must be SECONDS or CONNECT,READ (positive numbers), got {raw!r}", STAC_TIMEOUT_ENV)
+    return values[0], values[-1]
+
+
+_STAC_IO: Any = None
+
+
+def _stac_io(timeout: tuple[float, float]) -> Any:
+    """A pystac-client ``StacApiIO`` with retries (``RETRY_TOTAL``: 429/5xx, connection errors and
+    timeouts) and the timeouts on every request. pystac-client 0.9.1's ``Client.from_file`` calls
+    ``stac_io.update(timeout=None)``, which would reset them (no timeout: a silent API stalls forever);
+    this subclass keeps its timeout when ``update`` passes none."""
+    global _STAC_IO
+    if _STAC_IO is None:
+        from pystac_client.stac_api_io import StacApiIO
+        from urllib3.util.retry import Retry
+
+        class CappedRetry(Retry):
+            """``Retry`` honouring ``Retry-After`` up to ``RETRY_AFTER_MAX`` seconds."""
+
+            def parse_retry_after(self, retry_after: str) -> float:
+                return min(float(super().parse_retry_after(retry_after)), float(RETRY_AFTER_MAX))
+
+        class TimedStacApiIO(StacApiIO):
+            def update(self, headers: Any = None, parameters: Any = None, request_modifier: Any = None,
+                       timeout: Any = None) -> None:
+                keep = getattr(self, "timeout", None)
+                super().update(headers=headers, parameters=parameters, request_modifier=request_modifier,
+                               timeout=keep if timeout is None else timeout)
+
+        _STAC_IO = (TimedStacApiIO, CappedRetry)
+    io_class, retry_class = _STAC_IO
+    retry = retry_class(total=RETRY_TOTAL, backoff_factor=0.5, status_forcelist=RETRY_STATUSES,
+                        allowed_methods=None, raise_on_status=True)
+    return io_class(max_retries=retry, timeout=timeout)
+
+
+def _timed_out(exc: BaseException) -> bool:
+    """Whether a failed request (any wrapping: pystac-client's APIError, requests, urllib3) timed out."""
+    import requests
+    import urllib3
+
+    seen: set[int] = set()
+    todo: list[Any] = [exc]
+    while todo:
+        e = todo.pop()
+        if e is None or id(e) in seen:
+            continue
+        seen.add(id(e))
+        if isinstance(e, requests.exceptions.Timeout | urllib3.exceptions.TimeoutError | TimeoutError):
+            return True
+        if isinstance(e, BaseException):
+            todo += [e.__cause__, e.__context__, getattr(e, "reason", None), *e.args]
+    return False
+
+
+def _redact_request_logs() -> None:
+    """Redact URLs and headers in the records of ``REDACTED_LOGGERS`` (their debug logs print request URLs
+    with tokens and ``Authorization`` headers)."""
+    for name in REDACTED_LOGGERS:
+        logger = logging.getLogger(name)
+        if not any(isinstance(f, RedactingFilter) for f in logger.filters):
+            logger.addFilter(RedactingFilter())
 
 
 def _has_conformance(client: Any, name: str) -> bool:

@@ -11,7 +11,8 @@ token of its container from ``{token API}/{account}/{container}`` (default
 optional ``PC_SDK_SUBSCRIPTION_KEY`` is sent as ``Ocp-Apim-Subscription-Key``). The token is appended as
 the query string and cached per (account, container) until ``margin`` seconds before its ``msft:expiry``.
 Emulator-style URLs (``http://127.0.0.1:10000/{account}/{container}/{path}``, as Azurite serves them) are
-understood too. Other hrefs pass unchanged. Tokens never reach logs or errors: see ``redact``.
+understood too. Other hrefs pass unchanged. Tokens never reach logs, errors or outputs: see ``redact``.
+
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ import urllib.parse
 import urllib.request
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 from pixels_xr.errors import AssetReadError
 
@@ -55,12 +57,65 @@ def sign(signer: Signer | None, href: str) -> SignedHref:
     return out if isinstance(out, SignedHref) else SignedHref(str(out))
 
 
-_QUERY = re.compile(r"(\b[a-zA-Z][a-zA-Z0-9+.-]*://[^\s'\"?#]*)\?[^\s'\"#]*")
+#: Query parameters whose values are secrets (compared case-insensitively): masked wherever they appear,
+#: also in URLs without a scheme (``url: /search?token=…`` in urllib3 messages).
+SECRET_PARAMS = ("token", "access_token", "refresh_token", "id_token", "sig", "signature", "se", "sp", "st",
+                 "sv", "skoid", "sktid", "skt", "ske", "sks", "skv", "x-amz-signature", "x-amz-credential",
+                 "x-amz-security-token", "x-goog-signature", "x-goog-credential", "key", "api_key", "apikey",
+                 "api-key", "subscription-key", "password", "passwd", "secret", "client_secret")
+#: Header names whose values are secrets (masked in logged header dicts such as pystac-client's debug log).
+SECRET_HEADERS = ("authorization", "proxy-authorization", "cookie", "x-api-key", "ocp-apim-subscription-key",
+                  "x-amz-security-token")
+
+_URL_QUERY = re.compile(r"(\b[a-zA-Z][a-zA-Z0-9+.-]*://[^\s'\"?#]*)\?[^\s'\"#]*")
+_USERINFO = re.compile(r"(\b[a-zA-Z][a-zA-Z0-9+.-]*://)[^\s'\"/?#@]*@")
+_PARAM = re.compile(r"(?i)(?<![A-Za-z0-9_.-])(" + "|".join(map(re.escape, SECRET_PARAMS))
+                    + r")=[^&;\s'\"#]+")
+_HEADER = re.compile(r"(?i)(['\"]?(?:" + "|".join(map(re.escape, SECRET_HEADERS))
+                     + r")['\"]?\s*[:=]\s*['\"]?)[^'\"\r\n,}]+")
 
 
 def redact(text: str) -> str:
-    """``text`` with the query string of every URL in it removed (SAS tokens, signatures)."""
-    return _QUERY.sub(r"\1", text)
+    """``text`` without secrets: every URL loses its userinfo (``user:pass@``) and its query string (SAS
+    tokens, signatures, API keys), any other ``SECRET_PARAMS`` value and ``SECRET_HEADERS`` value is
+    masked as ``***``. Use it on everything that is logged, raised or written (hrefs, URLs, messages)."""
+    text = _USERINFO.sub(r"\1", text)
+    text = _URL_QUERY.sub(r"\1", text)
+    text = _PARAM.sub(r"\1=***", text)
+    return _HEADER.sub(r"\1***", text)
+
+
+def redact_obj(value: Any) -> Any:
+    """``value`` (JSON-like: dicts, lists, strings) with ``redact`` applied to every string in it."""
+    if isinstance(value, str):
+        return redact(value)
+    if isinstance(value, dict):
+        return {k: redact_obj(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [redact_obj(v) for v in value]
+    return value
+
+
+def redact_json(text: str) -> str:
+    """A JSON document (a config's JSON) with every string value redacted; unchanged when nothing is secret."""
+    if redact(text) == text:
+        return text
+    return json.dumps(redact_obj(json.loads(text)), ensure_ascii=False, separators=(",", ":"))
+
+
+class RedactingFilter:
+    """A ``logging`` filter that redacts each record's message (installed on third-party loggers that log
+    request URLs and headers: pystac-client, urllib3)."""
+
+    def filter(self, record: Any) -> bool:
+        try:
+            message = record.getMessage()
+        except Exception:  # a broken record is the logging module's business
+            return True
+        clean = redact(message)
+        if clean != message:
+            record.msg, record.args = clean, ()
+        return True
 
 
 def _emulator_host(host: str) -> bool:

@@ -216,3 +216,171 @@ def test_retry_budget_exhaustion_names_url(monkeypatch) -> None:
         assert url in str(info.value) and "\n" not in str(info.value)
     finally:
         server.shutdown()
+
+
+# ----------------------------------------------------------------------------------------------- timeouts
+class BlackHole:
+    """A TCP server on 127.0.0.1 that accepts every connection and never answers (nor closes)."""
+
+    def __init__(self) -> None:
+        import socket
+
+        self.sock = socket.create_server(("127.0.0.1", 0))
+        self.url = f"http://127.0.0.1:{self.sock.getsockname()[1]}"
+        self.accepted: list[Any] = []
+        self.thread = threading.Thread(target=self._accept, daemon=True)
+        self.thread.start()
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                conn, _ = self.sock.accept()
+            except OSError:
+                return
+            self.accepted.append(conn)
+
+    def close(self) -> None:
+        self.sock.close()
+        for conn in self.accepted:
+            conn.close()
+
+
+def _search_within(cfg: Any, seconds: float) -> tuple[BaseException | None, float]:
+    """Run ``search`` in a thread; (its exception, seconds taken). Fails the test when it is still running
+    after ``seconds`` (a stalled search) instead of hanging the run."""
+    import time
+
+    out: dict[str, Any] = {}
+
+    def run() -> None:
+        try:
+            search(cfg, Feature("f", box(0, 0, 1, 1)))
+        except BaseException as exc:  # noqa: BLE001 - handed to the test
+            out["error"] = exc
+
+    start = time.monotonic()
+    thread = threading.Thread(target=run, daemon=True)
+    thread.start()
+    thread.join(seconds)
+    assert not thread.is_alive(), f"the search was still waiting after {seconds} s"
+    return out.get("error"), time.monotonic() - start
+
+
+def test_an_api_that_never_answers_fails_promptly_naming_the_url(monkeypatch) -> None:
+    hole = BlackHole()
+    try:
+        monkeypatch.setenv(catalog_mod.STAC_TIMEOUT_ENV, "0.5")
+        monkeypatch.setattr(catalog_mod, "RETRY_TOTAL", 1)
+        error, took = _search_within(_cfg(catalog=hole.url, collection="x"), 60)
+        assert isinstance(error, CatalogError), error
+        assert str(error).startswith(f"{hole.url}: STAC API did not answer in time") and "\n" not in str(error)
+        assert hole.accepted  # it did connect: the read timed out
+        assert took < 20  # 2 tries × 0.5 s, no backoff before the first retry
+    finally:
+        hole.close()
+
+
+class _PagedThenSilent(http.server.BaseHTTPRequestHandler):
+    """A STAC API whose landing page and first search page answer; the next page never does."""
+
+    release = threading.Event()
+    served: list[str] = []
+
+    def _json(self, body: dict) -> None:
+        data = json.dumps(body).encode()
+        self.send_response(200)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(data)))
+        self.end_headers()
+        self.wfile.write(data)
+
+    def do_GET(self) -> None:  # noqa: N802
+        base = f"http://127.0.0.1:{self.server.server_address[1]}"
+        self.served.append(f"GET {self.path}")
+        if self.path.startswith("/search/page2"):
+            self.release.wait(120)  # never answers while the test runs
+            return
+        self._json({"type": "Catalog", "id": "t", "stac_version": "1.0.0", "description": "paged",
+                    "conformsTo": ["https://api.stacspec.org/v1.0.0/core",
+                                   "https://api.stacspec.org/v1.0.0/item-search"],
+                    "links": [{"rel": "self", "href": f"{base}/"}, {"rel": "root", "href": f"{base}/"},
+                              {"rel": "search", "href": f"{base}/search", "method": "POST",
+                               "type": "application/geo+json"}]})
+
+    def do_POST(self) -> None:  # noqa: N802
+        base = f"http://127.0.0.1:{self.server.server_address[1]}"
+        self.served.append(f"POST {self.path}")
+        self.rfile.read(int(self.headers.get("Content-Length", 0)))
+        item = {"type": "Feature", "stac_version": "1.0.0", "id": "a", "bbox": [0, 0, 1, 1],
+                "geometry": mapping(box(0, 0, 1, 1)), "properties": {"datetime": "2024-06-01T00:00:00Z"},
+                "links": [], "assets": {}}
+        self._json({"type": "FeatureCollection", "features": [item],
+                    "links": [{"rel": "next", "href": f"{base}/search/page2", "method": "GET"}]})
+
+    def log_message(self, *args: Any) -> None:
+        pass
+
+
+def test_every_search_page_has_the_timeout(monkeypatch) -> None:
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _PagedThenSilent)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    _PagedThenSilent.served.clear()
+    try:
+        monkeypatch.setenv(catalog_mod.STAC_TIMEOUT_ENV, "5,0.5")
+        monkeypatch.setattr(catalog_mod, "RETRY_TOTAL", 1)
+        url = f"http://127.0.0.1:{server.server_address[1]}"
+        error, took = _search_within(_cfg(catalog=url, collection="x"), 60)
+        assert isinstance(error, CatalogError) and "did not answer in time" in str(error), error
+        assert "read timeout 0.5 s" in str(error) and str(error).startswith(url)
+        served = _PagedThenSilent.served
+        assert served[0] == "GET /" and "POST /search" in served  # landing page and page 1 answered
+        assert _PagedThenSilent.served.count("GET /search/page2") == 2  # page 2 timed out, retried once
+        assert took < 20
+    finally:
+        _PagedThenSilent.release.set()
+        server.shutdown()
+        server.server_close()
+
+
+class _RetryAfterForever(http.server.BaseHTTPRequestHandler):
+    def do_GET(self) -> None:  # noqa: N802
+        self.send_response(503)
+        self.send_header("Retry-After", "86400")
+        self.send_header("Content-Length", "0")
+        self.end_headers()
+
+    def log_message(self, *args: Any) -> None:
+        pass
+
+
+def test_retry_after_is_capped(monkeypatch) -> None:
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _RetryAfterForever)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        monkeypatch.setattr(catalog_mod, "RETRY_TOTAL", 2)
+        monkeypatch.setattr(catalog_mod, "RETRY_AFTER_MAX", 0.2)
+        url = f"http://127.0.0.1:{server.server_address[1]}"
+        error, took = _search_within(_cfg(catalog=url, collection="x"), 60)
+        assert isinstance(error, CatalogError) and str(error).startswith(url), error
+        assert took < 20
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+@pytest.mark.parametrize("value", ["soon", "0", "-1", "1,2,3", "nan", "inf"])
+def test_bad_timeout_setting_is_a_config_error(monkeypatch, value: str) -> None:
+    from pixels_xr.errors import ConfigError
+
+    monkeypatch.setenv(catalog_mod.STAC_TIMEOUT_ENV, value)
+    with pytest.raises(ConfigError, match=rf"^{catalog_mod.STAC_TIMEOUT_ENV}: must be SECONDS or CONNECT,READ"):
+        search(_cfg(catalog="http://127.0.0.1:9", collection="x"), Feature("f", box(0, 0, 1, 1)))
+
+
+def test_timeout_settings(monkeypatch) -> None:
+    monkeypatch.delenv(catalog_mod.STAC_TIMEOUT_ENV, raising=False)
+    assert catalog_mod.stac_timeouts() == (catalog_mod.STAC_CONNECT_TIMEOUT, catalog_mod.STAC_READ_TIMEOUT)
+    monkeypatch.setenv(catalog_mod.STAC_TIMEOUT_ENV, "3")
+    assert catalog_mod.stac_timeouts() == (3.0, 3.0)
+    monkeypatch.setenv(catalog_mod.STAC_TIMEOUT_ENV, "2, 7.5")
+    assert catalog_mod.stac_timeouts() == (2.0, 7.5)

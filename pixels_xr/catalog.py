@@ -10,7 +10,9 @@ Same-day duplicates of one tile (reprocessings) keep one item: the highest proce
 latest ``updated``/``created``/processing time, then the greatest id.
 
 Hrefs stay unsigned here: the readers sign them just before opening, through the signer registered for
-the catalog (``SIGNERS``; Planetary Computer by default), and again when the signature expires. 
+the catalog (``SIGNERS``; Planetary Computer by default), and again when the signature expires. Before
+that, every href is checked against the catalog's allow-list (``href_policy``: schemes and hosts derived
+from where the catalog lives, see ``pixels_xr.signing``); ``signer_for`` gives readers both in one callable.
 
 STAC API requests (landing page, conformance, every search page) have a connect timeout
 (``STAC_CONNECT_TIMEOUT``) and a read timeout (``STAC_READ_TIMEOUT``: the longest wait for the next bytes of
@@ -44,7 +46,8 @@ from pixels_xr.features import Feature
 from pixels_xr.platforms import PROVIDERS, Band, Platform, asset_candidates, canonical_band, \
     platform_of_item, reflectance_scale_offset
 from pixels_xr.run_cache import memo
-from pixels_xr.signing import PlanetaryComputerSigner, RedactingFilter, Signer, redact
+from pixels_xr.signing import HrefGate, HrefPolicy, PlanetaryComputerSigner, RedactingFilter, Signer, \
+    env_prefixes, redact
 
 log = logging.getLogger(__name__)
 
@@ -75,12 +78,48 @@ def register_signer(catalog: str, signer: Signer) -> None:
     SIGNERS[catalog] = signer
 
 
-def signer_for(catalog: str) -> Signer | None:
+def registered_signer(catalog: str) -> Signer | None:
     """The signer registered for a catalog, also when a provider is named by its API URL."""
     if catalog in SIGNERS:
         return SIGNERS[catalog]
     names = [name for name, url in PROVIDERS.items() if url.rstrip("/") == catalog.rstrip("/")]
     return SIGNERS.get(names[0]) if names else None
+
+
+def signer_for(catalog: str) -> HrefGate:
+    """What readers, asset checks and header reads call on every href just before opening it: the
+    catalog's allow-list (``href_policy``; a refused href raises ``signing.HrefRefused`` and is never
+    opened), then the catalog's registered signer (``registered_signer``)."""
+    return HrefGate(href_policy(catalog), registered_signer(catalog))
+
+
+# ----------------------------------------------------------------------------------------------- allow-list
+#: Catalog (provider name, STAC API URL or local path) → extra href prefixes allowed for its items, on
+#: top of ``href_policy``'s defaults and ``$PIXELS_XR_ALLOWED_HREFS`` (``"*"`` allows every href).
+ALLOWED_HREFS: dict[str, tuple[str, ...]] = {}
+
+
+def allow_hrefs(catalog: str, *prefixes: str) -> None:
+    """Allow asset hrefs starting with any of ``prefixes`` for items of ``catalog`` (added to those already
+    allowed), e.g. ``allow_hrefs("https://stac.internal/api", "http://10.0.0.7:9000/")``."""
+    ALLOWED_HREFS[catalog] = (*ALLOWED_HREFS.get(catalog, ()), *prefixes)
+
+
+def is_remote(catalog: str) -> bool:
+    """Whether a configured catalog is a STAC API (a provider name or an http(s) URL), not a local file."""
+    return catalog in PROVIDERS or catalog.startswith(("http://", "https://"))
+
+
+def href_policy(catalog: str) -> HrefPolicy:
+    """The asset href allow-list of a configured catalog (see ``pixels_xr.signing`` for the rules): a
+    STAC API's items may point at http(s) public hosts or its own origin, s3, gs and az; a local catalog's
+    at local paths too. ``$PIXELS_XR_ALLOWED_HREFS`` (read now, in this process: workers get the policy
+    itself) and ``allow_hrefs`` add prefixes."""
+    if not is_remote(catalog):
+        return HrefPolicy.local(catalog, [*env_prefixes(), *ALLOWED_HREFS.get(catalog, ())])
+    url = PROVIDERS.get(catalog, catalog)
+    keys = dict.fromkeys([catalog, url, *(n for n, u in PROVIDERS.items() if u.rstrip("/") == url.rstrip("/"))])
+    return HrefPolicy.remote(url, [*env_prefixes(), *(p for k in keys for p in ALLOWED_HREFS.get(k, ()))])
 
 
 # ----------------------------------------------------------------------------------------------- search
@@ -124,7 +163,7 @@ def search(config: PixelsConfig, feature: Feature) -> SearchResult:
 
 def _search_raw(config: PixelsConfig, geometry: shapely.Geometry, start: dt.date, end: dt.date) -> list[dict]:
     catalog = config.catalog
-    if catalog in PROVIDERS or catalog.startswith(("http://", "https://")):
+    if is_remote(catalog):
         url = PROVIDERS.get(catalog, catalog)
         return search_api(url, config.collection_id, geometry, start, end, config.maxcloud, config.limit)
     return memo("local-catalog", str(Path(catalog).resolve()), lambda: list(read_local(catalog)))

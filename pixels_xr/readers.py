@@ -24,7 +24,7 @@ from odc.loader._rio import RioDriver, RioReader, rio_read
 from rasterio import windows
 
 from pixels_xr.errors import AssetReadError
-from pixels_xr.signing import Signer, redact, sign
+from pixels_xr.signing import HrefRefused, Signer, redact, sign
 
 _LOCK = threading.Lock()
 _POOLS: dict[int, ThreadPoolExecutor] = {}
@@ -129,10 +129,11 @@ def fetch_block(reader_table: np.ndarray, slices: tuple[slice, slice], dtype: np
 
 class PixelsReader:
     """stackstac ``Reader`` that signs its href just before opening and again once the signature expires
-    (``signer``, see ``signing``), and holds one of the process's ``pool_size`` read slots around each open
-    and read. A file whose pixels are output pixels (nearest resampling) is read by direct windowed reads,
-    ~10x faster than stackstac's WarpedVRT and value-identical; any other goes through stackstac's
-    ``AutoParallelRioReader``. Error messages and warnings never carry the signed query string.
+    (``signer``, see ``signing``; the catalog's ``HrefGate`` refuses hrefs outside its allow-list with
+    ``HrefRefused`` before anything is opened), and holds one of the process's ``pool_size`` read slots
+    around each open and read. A file whose pixels are output pixels (nearest resampling) is read by direct
+    windowed reads, ~10x faster than stackstac's WarpedVRT and value-identical; any other goes through
+    stackstac's ``AutoParallelRioReader``. Error messages and warnings never carry the signed query string.
     Picklable (distributed workers rebuild it and use their own slots)."""
 
     def __init__(self, *, url: str, spec: Any, resampling: Any, dtype: np.dtype, fill_value: Any,
@@ -170,6 +171,8 @@ class PixelsReader:
             with read_slots(self.pool_size):
                 try:
                     return self._reader().read(window, **kwargs)
+                except HrefRefused:  # outside the catalog's allow-list: never opened, never nodata
+                    raise
                 except Exception as exc:
                     message = redact(str(exc))
                     cause = exc.__cause__ if isinstance(exc.__cause__, Exception) else exc

@@ -13,20 +13,42 @@ the query string and cached per (account, container) until ``margin`` seconds be
 Emulator-style URLs (``http://127.0.0.1:10000/{account}/{container}/{path}``, as Azurite serves them) are
 understood too. Other hrefs pass unchanged. Tokens never reach logs, errors or outputs: see ``redact``.
 
+Which hrefs are opened at all: ``HrefPolicy`` (an allow-list derived from the catalog's own location by
+``catalog.href_policy``) checked by ``HrefGate``, the signer every reader, asset check and header read
+gets from ``catalog.signer_for``. A refused href raises ``HrefRefused`` (an ``AssetReadError``) before
+anything is opened, so it is reported like an unreadable asset. The default rules:
+
+- never GDAL virtual file system strings written into a catalog (``/vsicurl/…``, ``/vsizip/…``, any
+  ``/vsi`` prefix, also behind ``file://``), GDAL connection strings (``HDF5:…``, ``GTIFF_DIR:…``) or
+  hrefs with control characters;
+- a remote catalog (a STAC API over http(s), or a provider name): schemes ``REMOTE_HREF_SCHEMES``
+  (https, http, s3, gs, az) only, never local paths or ``file://``; an http(s) host must be a public
+  address: loopback, private, link-local (169.254.169.254, the cloud metadata service), unspecified and
+  multicast IP literals (also in the legacy forms curl accepts, ``2130706433``, ``0x7f.1``, IPv4-mapped
+  IPv6) and ``localhost`` are refused unless they are the API's own origin (same host and port). Host
+  names are not resolved here (GDAL resolves them when it opens the file): a public name that resolves to
+  a private address is not caught;
+- a local catalog (a file the user named): ``LOCAL_HREF_SCHEMES`` (the remote ones plus ``file``), any
+  local path and any host — it is trusted as much as the files the user points at;
+- extra href prefixes are allowed on top, per process from ``$PIXELS_XR_ALLOWED_HREFS`` (comma-separated
+  prefixes such as ``http://127.0.0.1:9000/,/vsis3/bucket/``; ``*`` allows every href) and per catalog
+  with ``catalog.allow_hrefs``.
 """
 
 from __future__ import annotations
 
 import datetime as dt
+import ipaddress
 import json
 import os
 import re
+import socket
 import threading
 import time
 import urllib.error
 import urllib.parse
 import urllib.request
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any
 
@@ -116,6 +138,166 @@ class RedactingFilter:
         if clean != message:
             record.msg, record.args = clean, ()
         return True
+
+
+# ----------------------------------------------------------------------------------------------- allow-list
+#: Schemes of asset hrefs a remote catalog (STAC API) may give.
+REMOTE_HREF_SCHEMES = frozenset({"https", "http", "s3", "gs", "az"})
+#: Schemes of asset hrefs a local catalog may give (plus plain local paths).
+LOCAL_HREF_SCHEMES = REMOTE_HREF_SCHEMES | {"file"}
+#: Extra allowed href prefixes for every catalog, comma-separated; ``*`` allows every href.
+ALLOWED_HREFS_ENV = "PIXELS_XR_ALLOWED_HREFS"
+
+_SCHEME = re.compile(r"^([a-zA-Z][a-zA-Z0-9+.-]*)://")
+_GDAL_CONNECTION = re.compile(r"^[A-Za-z][A-Za-z0-9_]+:")  # HDF5:"f":d, GTIFF_DIR:1:f, NETCDF:…, MEM:::…
+_DEFAULT_PORTS = {"http": 80, "https": 443}
+
+
+class HrefRefused(AssetReadError):
+    """An asset href outside its catalog's allow-list (``HrefPolicy``): it was not opened."""
+
+
+def _ip(host: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:
+    try:
+        return ipaddress.ip_address(host)
+    except ValueError:
+        pass
+    try:  # the legacy IPv4 forms curl and inet_aton accept: 2130706433, 0x7f.1, 127.1, 017700000001
+        return ipaddress.IPv4Address(socket.inet_aton(host))
+    except OSError:
+        return None
+
+
+def public_host(host: str) -> bool:
+    """Whether ``host`` (a URL's host) may be a public address: not ``localhost`` and not a non-global IP
+    literal (loopback, private, link-local, unspecified, reserved, multicast). Names are not resolved."""
+    h = host.strip("[]").rstrip(".").lower()
+    if h == "localhost" or h.endswith(".localhost"):
+        return False
+    ip = _ip(h)
+    if ip is None:
+        return True
+    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
+        ip = ip.ipv4_mapped
+    return ip.is_global and not ip.is_multicast
+
+
+def origin(url: str) -> tuple[str, int] | None:
+    """(lower-case host, port) of an http(s) URL, the scheme's default port when none is given."""
+    try:
+        parts = urllib.parse.urlsplit(url)
+        port = parts.port
+    except ValueError:
+        return None
+    scheme = parts.scheme.lower()
+    if scheme not in _DEFAULT_PORTS or not parts.hostname:
+        return None
+    return parts.hostname.strip("[]").rstrip(".").lower(), port or _DEFAULT_PORTS[scheme]
+
+
+@dataclass(frozen=True)
+class HrefPolicy:
+    """Which asset hrefs may be opened (see the module docstring for the defaults).
+
+    ``catalog`` (redacted) names the catalog in messages; ``schemes`` are the allowed URL schemes;
+    ``local_paths`` allows plain paths; ``public_only`` refuses http(s) hosts that are not public
+    addresses except ``origins`` ((host, port) pairs: the API's own); ``prefixes`` are hrefs allowed
+    whatever the other rules say; ``anything`` turns the check off.
+    """
+
+    catalog: str
+    schemes: tuple[str, ...]
+    local_paths: bool
+    public_only: bool
+    origins: tuple[tuple[str, int], ...] = ()
+    prefixes: tuple[str, ...] = ()
+    anything: bool = False
+
+    @classmethod
+    def remote(cls, catalog_url: str, prefixes: Iterable[str] = ()) -> HrefPolicy:
+        """The policy of a STAC API at ``catalog_url``."""
+        own = origin(catalog_url)
+        return cls(redact(catalog_url), tuple(sorted(REMOTE_HREF_SCHEMES)), local_paths=False,
+                   public_only=True, origins=(own,) if own else (), **_extra(prefixes))
+
+    @classmethod
+    def local(cls, catalog_path: str, prefixes: Iterable[str] = ()) -> HrefPolicy:
+        """The policy of a local catalog file."""
+        return cls(redact(catalog_path), tuple(sorted(LOCAL_HREF_SCHEMES)), local_paths=True,
+                   public_only=False, **_extra(prefixes))
+
+    def refusal(self, href: str) -> str | None:
+        """Why ``href`` may not be opened, or ``None`` when it may."""
+        if not isinstance(href, str) or not href:
+            return "empty href"
+        if self.anything or any(href.startswith(p) for p in self.prefixes):
+            return None
+        if any(ord(c) < 32 or ord(c) == 127 for c in href) or href != href.strip():
+            return "control characters or surrounding whitespace in the href"
+        if href.lower().startswith("/vsi"):
+            return "GDAL virtual file system paths (/vsi…) are never opened from a catalog"
+        match = _SCHEME.match(href)
+        if match is None:
+            if not self.local_paths:
+                return "local paths are not opened from a remote catalog"
+            if _GDAL_CONNECTION.match(href):
+                return "GDAL connection strings (DRIVER:…) are never opened from a catalog"
+            return None
+        scheme = match.group(1).lower()
+        if scheme not in self.schemes:
+            return f"scheme {scheme!r} is not allowed (allowed: {', '.join(self.schemes)})"
+        parts = urllib.parse.urlsplit(href)
+        if "\\" in parts.netloc or parts.netloc.count("@") > 1:
+            return "ambiguous host in the href"
+        if scheme == "file":
+            if parts.netloc not in ("", "localhost"):
+                return "file:// URLs on another host are not opened"
+            if urllib.parse.unquote(parts.path).lower().startswith("/vsi"):
+                return "GDAL virtual file system paths (/vsi…) are never opened from a catalog"
+            return None
+        if scheme in _DEFAULT_PORTS:
+            own = origin(href)
+            if own is None:
+                return "no valid host and port in the href"
+            if self.public_only and own not in self.origins and not public_host(own[0]):
+                return (f"host {own[0]} is not a public address (loopback, private, link-local or "
+                        "localhost) and not the catalog's own")
+        return None
+
+    def check(self, href: str) -> None:
+        """Raise ``HrefRefused`` (naming the redacted href) when ``href`` may not be opened."""
+        why = self.refusal(href)
+        if why is not None:
+            raise HrefRefused(f"refused by the href allow-list of catalog {self.catalog}: {why} (allow it "
+                              f"with ${ALLOWED_HREFS_ENV} or catalog.allow_hrefs)", _printable(redact(str(href))))
+
+
+def _printable(text: str) -> str:
+    """``text`` on one line: control characters escaped (``\\n`` → ``\\x0a``)."""
+    return "".join(c if c.isprintable() else f"\\x{ord(c):02x}" for c in text)
+
+
+def _extra(prefixes: Iterable[str]) -> dict[str, Any]:
+    wanted = [p.strip() for p in prefixes if p and p.strip()]
+    return {"prefixes": tuple(p for p in wanted if p != "*"), "anything": "*" in wanted}
+
+
+def env_prefixes() -> list[str]:
+    """The href prefixes ``$PIXELS_XR_ALLOWED_HREFS`` allows (comma-separated)."""
+    return [p.strip() for p in os.environ.get(ALLOWED_HREFS_ENV, "").split(",") if p.strip()]
+
+
+@dataclass(frozen=True)
+class HrefGate:
+    """The signer readers get for a catalog: checks each href against ``policy`` (``HrefRefused`` before
+    anything is opened), then signs it with ``signer`` (unchanged without one). Picklable."""
+
+    policy: HrefPolicy
+    signer: Signer | None = None
+
+    def __call__(self, href: str) -> str | SignedHref:
+        self.policy.check(href)
+        return href if self.signer is None else self.signer(href)
 
 
 def _emulator_host(host: str) -> bool:

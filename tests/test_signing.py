@@ -136,9 +136,13 @@ def server() -> Iterator[PCServer]:
 
 @pytest.fixture
 def pc(server: PCServer, monkeypatch: pytest.MonkeyPatch) -> PCServer:
-    """The server, reset, with the token API endpoint overridden through the environment variable."""
+    """The server, reset, with the token API endpoint overridden through the environment variable and its
+    blobs allowed for the planetary-computer catalog (a loopback host is outside its default allow-list)."""
+    from pixels_xr import catalog
+
     server.reset()
     monkeypatch.setenv("PIXELS_XR_PC_SAS_URL", server.token_url)
+    monkeypatch.setitem(catalog.ALLOWED_HREFS, "planetary-computer", (f"{server.url}/",))
     return server
 
 

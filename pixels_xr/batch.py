@@ -37,13 +37,15 @@ from pixels_xr.catalog import search
 from pixels_xr.cluster import ClusterOptions, open_client
 from pixels_xr.compose import collect
 from pixels_xr.config import PixelsConfig
-from pixels_xr.errors import OutputError, PixelsError
-from pixels_xr.features import Feature
+from pixels_xr.errors import ConfigError, OutputError, PixelsError
+from pixels_xr.features import Feature, check_id
 from pixels_xr.io import storage
 from pixels_xr.io.cog import CogLayer, write_cogs
-from pixels_xr.io.manifest import RunManifest, safe_label
+from pixels_xr.io.lock import locked
+from pixels_xr.io.manifest import MANIFEST_DIR, RunManifest, safe_label
 from pixels_xr.io.stac_out import write_output_catalog, zarr_item
 from pixels_xr.io.zarr_store import aligned, region_write
+from pixels_xr.read_problems import cluster_problems, mark
 from pixels_xr.run_cache import run_cache
 
 OutputFormat = Literal["zarr", "cog"]
@@ -57,7 +59,7 @@ class FeatureResult:
     """What happened to one feature in a run."""
 
     id: str
-    status: Literal["done", "skipped", "failed"] = "done"
+    status: Literal["done", "skipped", "failed", "degraded"] = "done"
     units_written: int = 0
     units_skipped: int = 0
     stage: str | None = None
@@ -68,6 +70,10 @@ class FeatureResult:
     empty_reason: str | None = None
     #: items the search found but a filter removed, by reason (``platform landsat-7``: 12, …)
     items_filtered: dict[str, int] = field(default_factory=dict)
+    #: assets found unreadable by the check before the run and left out (``on_asset_error: skip``)
+    asset_problems: list[dict[str, str]] = field(default_factory=list)
+    #: reads that failed after the check (read as nodata): the units are *degraded*, not recorded done
+    read_problems: list[dict[str, Any]] = field(default_factory=list)
 
 
 @dataclass
@@ -82,7 +88,13 @@ class RunReport:
 
     @property
     def ok(self) -> bool:
-        return all(f.status != "failed" for f in self.features)
+        """No feature failed and none is degraded (a read failed mid-run: those units are redone next run)."""
+        return all(f.status not in {"failed", "degraded"} for f in self.features)
+
+    @property
+    def skipped_assets(self) -> int:
+        """Assets left out as unreadable (``on_asset_error: skip``) over all features."""
+        return sum(len(f.asset_problems) for f in self.features)
 
     @property
     def units_written(self) -> int:
@@ -106,8 +118,11 @@ class RunReport:
         skipped = sum(f.status == "skipped" for f in self.features)
         empty = sum(f.empty_reason is not None for f in self.features)
         filtered = sum(sum(f.items_filtered.values()) for f in self.features)
+        degraded = sum(f.status == "degraded" for f in self.features)
         return (f"{len(self.features)} features: {done} written, {skipped} already complete, "
-                f"{len(self.failed)} failed" + (f", {empty} without observations" if empty else "")
+                f"{len(self.failed)} failed" + (f", {degraded} degraded by read errors" if degraded else "")
+                + (f", {empty} without observations" if empty else "")
+                + (f", {self.skipped_assets} unreadable assets skipped" if self.skipped_assets else "")
                 + f"; {self.units_written} units written, {self.units_skipped} skipped"
                 + (f", {filtered} items left out by filters" if filtered else "")
                 + f" in {self.seconds:.1f} s → {self.out}")
@@ -123,6 +138,10 @@ class _Planned:
     #: Zarr format of a template still to write (by the feature's first job; recorded once it completes)
     template: int | None = None
     sources: dict[str, str] = field(default_factory=dict)
+    #: asset hrefs the feature reads, and the event marker posted when its job was submitted (read problems
+    #: after the marker on those hrefs make it degraded)
+    hrefs: set[str] = field(default_factory=set)
+    submitted: str = ""
 
 
 def run_batch(config: PixelsConfig, features: Sequence[Feature], out: str, *, cluster: str | None = "local",
@@ -139,11 +158,19 @@ def run_batch(config: PixelsConfig, features: Sequence[Feature], out: str, *, cl
     """
     if output_format not in ("zarr", "cog"):
         raise OutputError(f"unknown format {output_format!r}; use zarr or cog", "format")
-    out = out if storage.is_remote(out) else os.path.abspath(storage.local_path(out))
+    out = storage.check_url(out) if storage.is_remote(out) else os.path.abspath(storage.local_path(out))
+    seen: set[str] = set()
+    for feature in features:  # ids become paths and keys: checked here too, not only by load_features
+        check_id(feature.id, f"feature {feature.id!r}")
+        if feature.id in seen:
+            raise ConfigError(f"duplicate feature id {feature.id!r}", "features")
+        seen.add(feature.id)
     manifest = RunManifest(out, config.output_identity, f"{output_format}{zarr_format}")
+    manifest.check_location()  # before a cluster starts: a refused output costs nothing
     started = time.perf_counter()
     report = RunReport(out, output_format)
     with contextlib.ExitStack() as stack:
+        stack.enter_context(locked(out, MANIFEST_DIR))  # one writer per output (stale-lock rule: io.lock)
         stack.enter_context(run_cache())  # local catalog parsed and asset headers checked once per run
         if client is None:
             options = cluster_options if cluster_options is not None else config.cluster
@@ -152,8 +179,8 @@ def run_batch(config: PixelsConfig, features: Sequence[Feature], out: str, *, cl
         threads = sum(client.nthreads().values()) or 1
         window = window or max(16, 4 * threads)
         bar = stack.enter_context(_progress(len(features), enabled=progress))
-        planner = stack.enter_context(concurrent.futures.ThreadPoolExecutor(2, "pixels-xr-plan"))
-        writers = stack.enter_context(concurrent.futures.ThreadPoolExecutor(window, "pixels-xr-unit"))
+        planner = stack.enter_context(_pool(2, "pixels-xr-plan"))
+        writers = stack.enter_context(_pool(window, "pixels-xr-unit"))
         plans = _plans(planner, features, config, manifest, output_format, zarr_format, lookahead=2)
         in_flight: dict[concurrent.futures.Future, tuple[_Planned, list[int]]] = {}
         remaining: dict[str, int] = {}
@@ -166,18 +193,19 @@ def run_batch(config: PixelsConfig, features: Sequence[Feature], out: str, *, cl
                 bar(plan.result)
                 continue
             while sum(len(units) for _, units in in_flight.values()) >= window:
-                _drain(in_flight, remaining, manifest, bar, on_unit, items, block=True)
+                _drain(in_flight, remaining, manifest, bar, on_unit, items, block=True, client=client)
             # A feature's pending bins go in one submission: bins share tasks (clip mask, reader tables), and
             # two computations with common keys in flight at once can hang distributed's scheduler.
+            plan.submitted = mark(client)
             if output_format == "zarr":
                 for job, units in _submit_regions(client, plan, out, retries):
                     in_flight[job] = (plan, units)
             else:
                 job = writers.submit(_write_feature_cogs, client, plan, config, out)
                 in_flight[job] = (plan, list(plan.pending))
-            _drain(in_flight, remaining, manifest, bar, on_unit, items, block=False)
+            _drain(in_flight, remaining, manifest, bar, on_unit, items, block=False, client=client)
         while in_flight:
-            _drain(in_flight, remaining, manifest, bar, on_unit, items, block=True)
+            _drain(in_flight, remaining, manifest, bar, on_unit, items, block=True, client=client)
     report.seconds = time.perf_counter() - started
     done = [f for f in report.features if f.status == "done"]
     try:
@@ -219,6 +247,8 @@ def _plan(feature: Feature, config: PixelsConfig, manifest: RunManifest, output_
         ds = aligned(collect(config, feature, items=items), config.chunksize)
         plan.result.empty_reason = ds.attrs.get("empty_reason")
         plan.result.items_filtered = dict(getattr(items, "filtered", {}))
+        plan.result.asset_problems = json.loads(ds.attrs.get("asset_problems", "[]"))
+        plan.hrefs = {a["href"] for i in items for a in i["assets"].values() if a.get("href")}
         plan.labels = unit_labels(ds)
         if not plan.labels:  # mode all without any acquisition: nothing to write, the report says why
             return plan
@@ -344,7 +374,8 @@ def _days_since_epoch(values: Any) -> Any:
 
 
 def _drain(in_flight: dict, remaining: dict[str, int], manifest: RunManifest, bar: Callable,
-           on_unit: Callable[[str, str], None] | None, items: dict[str, Any] | None, *, block: bool) -> None:
+           on_unit: Callable[[str, str], None] | None, items: dict[str, Any] | None, *, block: bool,
+           client: Client | None = None) -> None:
     if not in_flight:
         return
     finished, _ = concurrent.futures.wait(
@@ -361,8 +392,21 @@ def _drain(in_flight: dict, remaining: dict[str, int], manifest: RunManifest, ba
             if plan.template is not None:
                 manifest.record_template(fid, plan.labels, plan.sources)
                 plan.template = None
-            for i in units:
+            problems = cluster_problems(client, plan.hrefs, plan.submitted) if plan.hrefs else []
+            if problems:  # written, but with reads that failed: reported, not recorded, redone next run
                 if plan.result.status != "failed":
+                    plan.result.status = "degraded"
+                    plan.result.stage = "read"
+                    plan.result.error = f"{len(problems)} reads failed after the asset check (read as nodata, " \
+                                        f"redone next run), first: {problems[0]['href']}: {problems[0]['error']}"
+                seen = {(p["href"], p["error"]): p for p in plan.result.read_problems}
+                for p in problems:  # one record per asset and error, with how many reads failed
+                    entry = seen.setdefault((p["href"], p["error"]), {"href": p["href"], "error": p["error"],
+                                                                      "reads": 0})
+                    entry["reads"] += 1
+                plan.result.read_problems = list(seen.values())
+            for i in units:
+                if plan.result.status not in {"failed", "degraded"}:
                     manifest.record_unit(fid, plan.labels[i], **info)
                     plan.result.units_written += 1
                     if on_unit is not None:
@@ -381,6 +425,20 @@ def _fail(result: FeatureResult, stage: str, exc: BaseException, unit: str | Non
     result.stage = stage if unit is None else f"{stage} {unit}"
     message = str(exc).strip().splitlines()[0] if str(exc).strip() else exc.__class__.__name__
     result.error = message if isinstance(exc, PixelsError) else f"{exc.__class__.__name__}: {message}"
+
+
+@contextlib.contextmanager
+def _pool(workers: int, name: str) -> Iterator[concurrent.futures.ThreadPoolExecutor]:
+    """A thread pool that, when the run stops on an exception (Ctrl-C included), drops its queued work and
+    does not wait for the running work: the client and cluster close next, which ends it. (Waiting here, a
+    COG feature's writes ran to the end before Ctrl-C took effect.)"""
+    pool = concurrent.futures.ThreadPoolExecutor(workers, name)
+    try:
+        yield pool
+    except BaseException:
+        pool.shutdown(wait=False, cancel_futures=True)
+        raise
+    pool.shutdown(wait=True)
 
 
 @contextlib.contextmanager

@@ -23,6 +23,7 @@ import numpy as np
 from odc.loader._rio import RioDriver, RioReader, rio_read
 from rasterio import windows
 
+from pixels_xr import read_problems
 from pixels_xr.errors import AssetReadError
 from pixels_xr.signing import HrefRefused, Signer, redact, sign
 
@@ -180,6 +181,7 @@ class PixelsReader:
                             or exception_matches(cause, self.errors_as_nodata)):
                         raise AssetReadError(message, redact(self.url)) from None
                     warnings.warn(message, stacklevel=2)
+                    read_problems.record(self.url, message)  # nodata, but never silently
                     self._broken = message.startswith("Error opening")
         return nodata_for_window(window, self._state["fill_value"], self._state["dtype"])
 

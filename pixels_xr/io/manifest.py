@@ -17,12 +17,15 @@ from __future__ import annotations
 import datetime as dt
 import hashlib
 import json
+import os
 from dataclasses import dataclass, field
 from typing import Any
 
 from pixels_xr import __version__
 from pixels_xr.errors import OutputError
 from pixels_xr.io import storage
+from pixels_xr.signing import redact, redact_json
+from pixels_xr.io.lock import LOCK_NAME
 
 MANIFEST_DIR = ".pixels_xr"
 TEMPLATE = "_template"
@@ -48,6 +51,9 @@ class RunManifest:
     hash: str = field(init=False)
 
     def __post_init__(self) -> None:
+        # secrets (a token in the catalog URL) are neither recorded nor part of the identity: a rotated
+        # token leaves the output resumable
+        self.config_json = redact_json(self.config_json)
         self.hash = config_hash(self.config_json, self.output_format)
 
     @property
@@ -57,8 +63,33 @@ class RunManifest:
     def _unit(self, feature_id: str, label: str) -> str:
         return storage.join(self.root, "units", feature_id, f"{safe_label(label)}.json")
 
+    def check_location(self) -> None:
+        """Refuse to write where the user has other files: ``out`` must not exist, be empty, or be an
+        output of ours (its ``run.json`` is there). A symlinked ledger folder is refused (it would send
+        markers, locks and deletions elsewhere)."""
+        out = self.out
+        if not storage.is_remote(out):
+            path = storage.local_path(out)
+            if os.path.lexists(path) and not os.path.isdir(path):
+                raise OutputError("exists and is not a folder; choose a new output location", out)
+            if os.path.islink(os.path.join(path, MANIFEST_DIR)):
+                raise OutputError(f"{MANIFEST_DIR} is a symbolic link; refusing to follow it", out)
+        names = [n for n in storage.list_names(out) if n != MANIFEST_DIR]
+        ours = storage.exists(storage.join(self.root, "run.json"))
+        if names and not ours:
+            shown = ", ".join(names[:3]) + (" …" if len(names) > 3 else "")
+            raise OutputError(f"is not empty ({shown}) and is not a pixels_xr output; write into an empty "
+                              "or new location (nothing was changed)", out)
+
+    def features(self) -> list[str]:
+        """Ids of the features this output's ledger knows (each owns ``OUT/<id>``)."""
+        return [n for n in storage.list_names(storage.join(self.root, "units")) if not n.startswith(".")]
+
     def open(self, *, overwrite: bool) -> None:
-        """Claim the output for this config: refuse another config's output unless ``overwrite``."""
+        """Claim the output for this config: refuse another config's output unless ``overwrite``, which
+        first deletes every feature output the old ledger knows (so no old-config group stays readable
+        beside new ones), then the ledger; nothing the ledger does not know is touched."""
+        self.check_location()
         existing = storage.read_bytes(storage.join(self.root, "run.json"))
         if existing is not None and not overwrite:
             try:
@@ -68,8 +99,13 @@ class RunManifest:
             if previous != self.hash:
                 raise OutputError("the output was written with another config or format; use --overwrite "
                                   "or another --out", self.out)
-        if overwrite:
-            storage.remove_tree(self.root)
+        if overwrite and existing is not None:
+            for feature_id in self.features():
+                storage.remove_tree(storage.join(self.out, feature_id))
+            storage.remove_tree(storage.join(self.out, "stac"))
+            for name in storage.list_names(self.root):
+                if name != LOCK_NAME:  # the lock of this very run stays
+                    storage.remove_tree(storage.join(self.root, name))
         record = {"config": json.loads(self.config_json), "config_hash": self.hash, "format": self.output_format,
                   "software": f"pixels_xr {__version__}", "started": _now()}
         storage.write_bytes(storage.join(self.root, "run.json"), json.dumps(record, indent=1).encode())
@@ -85,7 +121,9 @@ class RunManifest:
         return None if data is None else list(json.loads(data)["labels"])
 
     def record_template(self, feature_id: str, labels: list[str], sources: dict[str, str]) -> None:
-        """Record the feature's time labels and its source items (id → self href) for the STAC output."""
+        """Record the feature's time labels and its source items (id → self href, redacted: no tokens) for
+        the STAC output."""
+        sources = {k: redact(v) for k, v in sources.items()}
         storage.write_bytes(storage.join(self.root, "units", feature_id, f"{TEMPLATE}.json"),
                             json.dumps({"labels": labels, "sources": sources, "written": _now()}).encode())
 

@@ -29,8 +29,25 @@ def local_path(url: str) -> str:
     return url[len("file://"):] if url.startswith("file://") else url
 
 
+def check_url(url: str) -> str:
+    """``url`` if it names one place plainly: an object-store URL with a ``.`` or ``..`` segment (which the
+    store would keep as a literal key) is refused."""
+    if is_remote(url):
+        segments = url.split("://", 1)[1].split("/")
+        if any(seg in {".", ".."} for seg in segments):
+            raise OutputError("an object-store URL must not contain '.' or '..' segments", url)
+    return url
+
+
 def join(url: str, *parts: str) -> str:
-    """``url`` joined with ``parts`` using ``/`` (object stores) or the OS separator (local paths)."""
+    """``url`` joined with ``parts`` using ``/`` (object stores) or the OS separator (local paths).
+
+    A part that would climb out of ``url`` (``..``, an absolute path, a backslash) is refused: parts are
+    names made from user input (feature ids, labels), and this is where they become paths."""
+    for part in parts:
+        pieces = part.replace("\\", "/").split("/")
+        if part.startswith(("/", "\\")) or ".." in pieces or (os.sep != "/" and os.sep in part):
+            raise OutputError(f"{part!r} is not a plain name inside the output", url)
     if is_remote(url):
         return "/".join([url.rstrip("/"), *[p.strip("/") for p in parts]])
     return str(Path(local_path(url)).joinpath(*parts))

@@ -117,14 +117,18 @@ class RunReport:
         done = sum(f.status == "done" for f in self.features)
         skipped = sum(f.status == "skipped" for f in self.features)
         empty = sum(f.empty_reason is not None for f in self.features)
-        filtered = sum(sum(f.items_filtered.values()) for f in self.features)
+        reasons: dict[str, int] = {}
+        for f in self.features:
+            for reason, n in f.items_filtered.items():
+                reasons[reason] = reasons.get(reason, 0) + n
+        filtered = ", ".join(f"{reason} {n}" for reason, n in sorted(reasons.items()))
         degraded = sum(f.status == "degraded" for f in self.features)
         return (f"{len(self.features)} features: {done} written, {skipped} already complete, "
                 f"{len(self.failed)} failed" + (f", {degraded} degraded by read errors" if degraded else "")
                 + (f", {empty} without observations" if empty else "")
                 + (f", {self.skipped_assets} unreadable assets skipped" if self.skipped_assets else "")
                 + f"; {self.units_written} units written, {self.units_skipped} skipped"
-                + (f", {filtered} items left out by filters" if filtered else "")
+                + (f"; items left out by filters: {filtered}" if filtered else "")
                 + f" in {self.seconds:.1f} s → {self.out}")
 
 

@@ -10,10 +10,22 @@ class PixelsError(Exception):
     ``"<where>: <message>"`` suitable for a CLI.
     """
 
+    #: Longest ``where`` and message kept: a user's 10 MB string is never echoed whole.
+    MAX_WHERE = 300
+    MAX_MESSAGE = 2000
+
     def __init__(self, message: str, where: str | None = None) -> None:
-        self.message = " ".join(str(message).split())
-        self.where = where
-        super().__init__(f"{where}: {self.message}" if where else self.message)
+        self.message = _cut(" ".join(str(message).split()), self.MAX_MESSAGE)
+        self.where = None if where is None else _cut(" ".join(str(where).split()), self.MAX_WHERE)
+        super().__init__(f"{self.where}: {self.message}" if self.where else self.message)
+
+    def __reduce__(self) -> tuple:
+        # pickled by its own arguments (errors travel from Dask workers to the client), never by a cause
+        return self.__class__, (self.message, self.where)
+
+
+def _cut(text: str, limit: int) -> str:
+    return text if len(text) <= limit else text[: limit - 1] + "…"
 
 
 class ConfigError(PixelsError):

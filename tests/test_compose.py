@@ -276,7 +276,7 @@ def test_platform_filter_is_counted_in_the_run_report(platform_series: Path, fma
     cfg = _fmask_config(platform_series, mode="latest_pixel", interval="months", interval_step=12)
     report = run_batch(cfg, [feature], str(tmp_path / "o.zarr"), cluster=None, progress=False)
     assert report.ok and list(report.features[0].items_filtered) == ["platform landsat-7"]
-    assert "items left out by filters" in report.summary()
+    assert "items left out by filters: platform landsat-7" in report.summary()
 
 
 @pytest.mark.parametrize("platforms,bands,text", [

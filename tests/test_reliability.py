@@ -200,3 +200,44 @@ def test_read_error_after_the_check_is_degraded_then_redone(tmp_path, sample, cl
     assert again.ok and again.units_written == 2, again.to_dict()
     a, b = _arrays(out, "tile"), _arrays(str(tmp_path / "clean.zarr"), "tile")
     assert all(np.array_equal(a[k], b[k], equal_nan=True) for k in a)
+
+
+def test_errors_pickle_by_their_arguments_and_never_echo_megabytes() -> None:
+    import pickle
+
+    from pixels_xr import errors
+
+    for cls in (errors.PixelsError, errors.ConfigError, errors.CatalogError, errors.AssetReadError,
+                errors.OutputError, errors.ManifestError, errors.SourceError, errors.ModelError):
+        err = cls("bad value", "field.x")
+        back = pickle.loads(pickle.dumps(err))
+        assert type(back) is cls and (back.message, back.where, str(back)) == ("bad value", "field.x",
+                                                                               "field.x: bad value")
+    huge = errors.CatalogError("local catalog not found", "x" * 10_000_000)
+    assert len(str(huge)) < 400
+
+
+def test_full_disk_leaves_no_temporary_files(tmp_path) -> None:
+    """A real full file system (a 64 KiB tmpfs in a private mount namespace): the write fails in one line
+    and neither a partial file nor a zero-byte temporary is left."""
+    if shutil.which("unshare") is None:
+        pytest.skip("unshare is not available")
+    mnt = tmp_path / "small"
+    mnt.mkdir()
+    script = ("from pixels_xr.io import storage\n"
+              "from pixels_xr.errors import OutputError\n"
+              f"storage.write_bytes({str(mnt / 'ok.json')!r}, b'x' * 1000)\n"
+              "try:\n"
+              f"    storage.write_bytes({str(mnt / 'big.json')!r}, b'x' * 200_000)\n"
+              "except OutputError as exc:\n"
+              "    print('refused:', exc)\n"
+              "import os\n"
+              f"print(sorted(os.listdir({str(mnt)!r})))\n")
+    run = subprocess.run(["unshare", "-m", "sh", "-c",
+                          f"mount -t tmpfs -o size=64k tmpfs {mnt} && {sys.executable} -c \"$0\"", script],
+                         capture_output=True, text=True, timeout=120, env={**os.environ, "PYTHONPATH": str(REPO)})
+    if "mount:" in run.stderr or "unshare:" in run.stderr:
+        pytest.skip(f"cannot mount a tmpfs here: {run.stderr.strip()}")
+    assert run.returncode == 0, run.stderr
+    assert "refused:" in run.stdout and "No space left" in run.stdout
+    assert run.stdout.strip().splitlines()[-1] == "['ok.json']", run.stdout

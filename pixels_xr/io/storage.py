@@ -69,8 +69,12 @@ def write_bytes(url: str, data: bytes) -> None:
         target = Path(local_path(url))
         target.parent.mkdir(parents=True, exist_ok=True)
         tmp = target.with_name(f".{target.name}.{uuid.uuid4().hex[:8]}.tmp")
-        tmp.write_bytes(data)
-        os.replace(tmp, target)
+        try:
+            tmp.write_bytes(data)
+            os.replace(tmp, target)
+        finally:  # a full disk must not leave an empty or partial temporary file behind
+            with contextlib.suppress(FileNotFoundError):
+                tmp.unlink()
     except OSError as exc:
         raise OutputError(f"cannot write: {exc}", url) from None
 

@@ -46,8 +46,8 @@ from pixels_xr.features import Feature
 from pixels_xr.platforms import PROVIDERS, Band, Platform, asset_candidates, canonical_band, \
     platform_of_item, reflectance_scale_offset
 from pixels_xr.run_cache import memo
-from pixels_xr.signing import HrefGate, HrefPolicy, PlanetaryComputerSigner, RedactingFilter, Signer, \
-    env_prefixes, redact
+from pixels_xr.signing import HrefGate, HrefPolicy, PlanetaryComputerSigner, Signer, env_prefixes, redact, \
+    redact_logs
 
 log = logging.getLogger(__name__)
 
@@ -63,8 +63,6 @@ STAC_CONNECT_TIMEOUT = 10.0
 STAC_READ_TIMEOUT = 60.0
 #: Environment override of both timeouts: ``SECONDS`` (connect and read) or ``CONNECT,READ``.
 STAC_TIMEOUT_ENV = "PIXELS_XR_STAC_TIMEOUT"
-#: Third-party loggers that log request URLs or headers: their records are redacted (``RedactingFilter``).
-REDACTED_LOGGERS = ("pystac_client.stac_api_io", "urllib3.connectionpool", "urllib3.util.retry")
 
 # ----------------------------------------------------------------------------------------------- signing
 #: Catalog (provider name, STAC API URL or local path) → signer of asset hrefs, called by the readers just
@@ -180,7 +178,7 @@ def search_api(url: str, collection: str | None, geometry: shapely.Geometry, sta
     from pystac_client import Client
 
     timeout = stac_timeouts()
-    _redact_request_logs()
+    redact_logs()  # pystac-client's and urllib3's debug logs print request URLs and headers
     try:
         client = Client.open(url, stac_io=_stac_io(timeout), timeout=timeout)
         kwargs: dict[str, Any] = {}
@@ -271,15 +269,6 @@ def _timed_out(exc: BaseException) -> bool:
         if isinstance(e, BaseException):
             todo += [e.__cause__, e.__context__, getattr(e, "reason", None), *e.args]
     return False
-
-
-def _redact_request_logs() -> None:
-    """Redact URLs and headers in the records of ``REDACTED_LOGGERS`` (their debug logs print request URLs
-    with tokens and ``Authorization`` headers)."""
-    for name in REDACTED_LOGGERS:
-        logger = logging.getLogger(name)
-        if not any(isinstance(f, RedactingFilter) for f in logger.filters):
-            logger.addFilter(RedactingFilter())
 
 
 def _has_conformance(client: Any, name: str) -> bool:

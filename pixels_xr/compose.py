@@ -29,6 +29,7 @@ from pixels_xr.cube import Loader, build_cube, check_assets
 from pixels_xr.errors import ConfigError
 from pixels_xr.features import Feature
 from pixels_xr.masks import clear_mask
+from pixels_xr.signing import redact_json
 from pixels_xr.timeslices import TimeBin, assign_bins
 
 PICK_METHODS = {"latest_pixel", "cloud_sorted_pixel", "first_clear", "quality", "qa_pixel"}
@@ -57,7 +58,8 @@ def collect(config: PixelsConfig, feature: Feature, *, items: list[dict] | None 
         method = config.mode if config.mode != "composite" else config.resolved_composite_method
         ds = _binned(cube, clear, config, config.bins(feature), method)
     ds.attrs.update({
-        "feature": feature.id, "mode": config.mode, "config": config.model_dump_json(exclude_none=True),
+        "feature": feature.id, "mode": config.mode,
+        "config": redact_json(config.model_dump_json(exclude_none=True)),  # no tokens in a catalog URL
         "output": config.output, "asset_problems": json.dumps(problems),
         "items_filtered": json.dumps(filtered),
         "software": f"pixels_xr {__import__('pixels_xr').__version__}",

@@ -25,7 +25,9 @@ from rasterio import windows
 
 from pixels_xr import read_problems
 from pixels_xr.errors import AssetReadError
-from pixels_xr.signing import HrefRefused, Signer, redact, sign
+from pixels_xr.signing import HrefRefused, Signer, redact, redact_logs, sign
+
+redact_logs()  # rasterio's and stackstac's debug logs name every href they open, signed or pre-signed
 
 _LOCK = threading.Lock()
 _POOLS: dict[int, ThreadPoolExecutor] = {}

@@ -40,6 +40,7 @@ from __future__ import annotations
 import datetime as dt
 import ipaddress
 import json
+import logging
 import os
 import re
 import socket
@@ -125,9 +126,16 @@ def redact_json(text: str) -> str:
     return json.dumps(redact_obj(json.loads(text)), ensure_ascii=False, separators=(",", ":"))
 
 
+#: Third-party loggers whose records carry request URLs, asset hrefs (signed or pre-signed) or headers:
+#: every record is redacted (``redact_logs``), whatever the level a user enables.
+REDACTED_LOGGERS = ("pystac_client.stac_api_io", "urllib3.connectionpool", "urllib3.util.retry",
+                    "rasterio._base", "rasterio._env", "rasterio._err", "rasterio._io", "rasterio._filepath",
+                    "rasterio._vsiopener", "rasterio.env", "rasterio.session", "rasterio._path",
+                    "stackstac.timer", "stackstac.rio_reader", "odc.loader._rio")
+
+
 class RedactingFilter:
-    """A ``logging`` filter that redacts each record's message (installed on third-party loggers that log
-    request URLs and headers: pystac-client, urllib3)."""
+    """A ``logging`` filter that redacts each record's message (see ``REDACTED_LOGGERS``)."""
 
     def filter(self, record: Any) -> bool:
         try:
@@ -138,6 +146,15 @@ class RedactingFilter:
         if clean != message:
             record.msg, record.args = clean, ()
         return True
+
+
+def redact_logs(names: Iterable[str] = REDACTED_LOGGERS) -> None:
+    """Install a ``RedactingFilter`` on each named logger (once; called where requests and reads start, so
+    Dask workers have it too)."""
+    for name in names:
+        logger = logging.getLogger(name)
+        if not any(isinstance(f, RedactingFilter) for f in logger.filters):
+            logger.addFilter(RedactingFilter())
 
 
 # ----------------------------------------------------------------------------------------------- allow-list

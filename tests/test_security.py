@@ -253,3 +253,110 @@ def test_policy_of_providers_and_registry(monkeypatch) -> None:
     for name in ("planetary-computer", url):  # a provider named by its URL gets the same allow-list
         assert catalog.href_policy(name).refusal("http://127.0.0.1:10000/acct/c/a.tif") is None
     assert catalog.href_policy("/some/catalog.json").refusal("/some/a.tif") is None
+
+
+# ----------------------------------------------------------------------------------------------- secrets
+class _Always503(BaseHTTPRequestHandler):
+    def do_GET(self) -> None:  # noqa: N802
+        self.send_response(503)
+        self.send_header("Content-Length", "0")
+        self.end_headers()
+
+    def log_message(self, *args: Any) -> None:
+        pass
+
+
+def test_catalog_errors_and_request_logs_carry_no_secret(monkeypatch, caplog) -> None:
+    server = ThreadingHTTPServer(("127.0.0.1", 0), _Always503)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        monkeypatch.setattr(catalog, "RETRY_TOTAL", 1)
+        port = server.server_address[1]
+        caplog.set_level(logging.DEBUG)
+        cfg = _config(f"http://pixels:{SECRET}@127.0.0.1:{port}/v1?token={SECRET}&sig={SECRET}")
+        with pytest.raises(CatalogError) as err:
+            search(cfg, Feature("f", box(0, 0, 1, 1)))
+        assert str(err.value).startswith(f"http://127.0.0.1:{port}/v1: STAC search failed")
+        assert SECRET not in str(err.value) and "\n" not in str(err.value)
+        assert "127.0.0.1" in caplog.text and SECRET not in caplog.text  # urllib3/pystac-client debug logs
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+def test_redact() -> None:
+    assert redact(f"http://user:{SECRET}@h.example.com:8/p/x.json?token={SECRET}") == "http://h.example.com:8/p/x.json"
+    assert redact(f"url: /search?limit=5&token={SECRET}&X-Amz-Signature={SECRET}") == \
+        "url: /search?limit=5&token=***&X-Amz-Signature=***"
+    assert redact(f"{{'Authorization': 'Basic {SECRET}', 'Accept': '*/*'}}") == \
+        "{'Authorization': '***', 'Accept': '*/*'}"
+    for name in ("sig", "se", "sp", "X-Amz-Credential", "X-Amz-Security-Token", "access_token", "key",
+                 "password"):
+        assert SECRET not in redact(f"x {name}={SECRET}&y=1"), name
+    assert redact("s3://bucket/a@b.tif and /data/x.tif") == "s3://bucket/a@b.tif and /data/x.tif"
+    config = json.dumps({"catalog": f"https://u:{SECRET}@stac.example.com/v1?token={SECRET}", "bands": ["red"]},
+                        separators=(",", ":"))
+    assert json.loads(redact_json(config)) == {"catalog": "https://stac.example.com/v1", "bands": ["red"]}
+    assert redact_json('{"a":"plain"}') == '{"a":"plain"}'
+
+
+def test_tokens_in_catalog_url_self_links_and_hrefs_reach_no_output(sample, stac_api, tmp_path, monkeypatch,
+                                                                     caplog) -> None:
+    """A run over a token-protected STAC API (token in the URL's query and userinfo) whose items carry
+    tokens in their self links and asset hrefs (a pre-signed store that refuses reads without the token):
+    no file of the output — Zarr attrs, STAC catalog, ledger, report — and no log record holds a secret."""
+    from distributed import Client
+
+    from pixels_xr.batch import run_batch
+    from pixels_xr.features import load_features
+    from pixels_xr.io.zarr_store import open_feature
+
+    signature = f"SIG{SECRET[::-1]}"
+    store = FileServer(sample.root, token=SECRET)
+    try:
+        items = sorted(read_local(sample.catalog), key=lambda i: i["id"])
+        for item in items:
+            item["links"] = [{"rel": "self", "href": f"https://stac.example.com/items/{item['id']}?token={SECRET}"
+                                                     f"&X-Amz-Signature={signature}"}]
+            for asset in item["assets"].values():
+                rel = Path(asset["href"]).relative_to(sample.root).as_posix()
+                asset["href"] = f"{store.url}/{rel}?token={SECRET}"
+        broken = items[1]["id"]
+        items[1]["assets"]["red"]["href"] = f"{store.url}/missing/red.tif?token={SECRET}"  # a recorded problem
+        port = urllib.parse.urlsplit(stac_api(items)).port
+        monkeypatch.setenv(ALLOWED_HREFS_ENV, f"{store.url}/")
+        cfg = load_config({"start": "2021-11-01", "end": "2021-12-31", "mode": "latest_pixel",
+                           "interval": "months", "platforms": "SENTINEL_2", "bands": ["red", "nir"],
+                           "catalog": f"http://pixels:{SECRET}@127.0.0.1:{port}/?token={SECRET}",
+                           "collection": "sentinel-2-l2a", "chunksize": 64})
+        features = load_features(sample.features)[:2]
+        out = tmp_path / "run.zarr"
+        caplog.set_level(logging.DEBUG)
+        with Client(processes=False, n_workers=1, threads_per_worker=2, dashboard_address=":0") as client:
+            report = run_batch(cfg, features, str(out), client=client, progress=False)
+        assert report.ok and all(f.status == "done" for f in report.features), report.to_dict()
+        assert any(path.endswith(".tif") for path in store.requests)  # read with the token
+        # every file of the output, whatever it is
+        files = [p for p in out.rglob("*") if p.is_file()]
+        assert any(p.name == "report.json" for p in files) and any(p.name == "run.json" for p in files)
+        leaked = [str(p.relative_to(out)) for p in files if SECRET.encode() in p.read_bytes()
+                  or signature.encode() in p.read_bytes()]
+        assert leaked == []
+        assert SECRET not in json.dumps(report.to_dict(), default=str)
+        assert SECRET not in caplog.text and signature not in caplog.text
+        # what is kept instead: the redacted URL and hrefs
+        run = json.loads((out / ".pixels_xr" / "run.json").read_text())
+        assert run["config"]["catalog"] == f"http://127.0.0.1:{port}/"
+        problems = []
+        for feature in features:
+            attrs = open_feature(str(out), feature.id).attrs
+            assert json.loads(attrs["config"])["catalog"] == f"http://127.0.0.1:{port}/"
+            problems += [(p["item"], p["href"]) for p in json.loads(attrs["asset_problems"])]
+        assert problems == [(broken, f"{store.url}/missing/red.tif")]  # recorded, without the token
+        stac_item = json.loads((out / "stac" / features[0].id / f"{features[0].id}.json").read_text())
+        derived = sorted(link["href"] for link in stac_item["links"] if link["rel"] == "derived_from")
+        assert derived and all(h.startswith("https://stac.example.com/items/S2") and "?" not in h for h in derived)
+        template = json.loads((out / ".pixels_xr" / "units" / features[0].id / "_template.json").read_text())
+        assert sorted(template["sources"].values()) == derived
+    finally:
+        store.stop()

@@ -24,8 +24,8 @@ from typing import Any
 from pixels_xr import __version__
 from pixels_xr.errors import OutputError
 from pixels_xr.io import storage
-from pixels_xr.signing import redact, redact_json
 from pixels_xr.io.lock import LOCK_NAME
+from pixels_xr.signing import redact, redact_json, redact_obj
 
 MANIFEST_DIR = ".pixels_xr"
 TEMPLATE = "_template"
@@ -142,7 +142,8 @@ class RunManifest:
 
     def write_report(self, report: dict[str, Any]) -> str:
         url = storage.join(self.root, "report.json")
-        storage.write_bytes(url, json.dumps(report, indent=1, default=str).encode())
+        plain = json.loads(json.dumps(report, default=str))
+        storage.write_bytes(url, json.dumps(redact_obj(plain), indent=1).encode())  # errors may quote URLs
         return url
 
 

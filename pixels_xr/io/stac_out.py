@@ -4,7 +4,8 @@ Zarr runs get one item per feature (asset: the feature's Zarr group); COG runs o
 (assets: the bands COG, ``clear_count`` and ``source_time``). Items carry the projection extension
 (``proj:code``, ``proj:shape``, ``proj:transform``, ``proj:bbox``), the raster extension on raster assets
 (nodata, data type, scale), ``start_datetime``/``end_datetime`` of the bin(s), and ``derived_from`` links to
-every source item used. Asset hrefs are relative to the item so the output can be moved or synced as a whole.
+every source item used (redacted: no userinfo, query string or token). Asset hrefs are relative to the item
+so the output can be moved or synced as a whole.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ from pixels_xr.config import PixelsConfig
 from pixels_xr.errors import OutputError
 from pixels_xr.io import storage
 from pixels_xr.io.manifest import RunManifest, safe_label
+from pixels_xr.signing import redact
 
 
 def write_output_catalog(out: str, config: PixelsConfig, output_format: str, feature_ids: list[str],
@@ -92,8 +94,8 @@ def _item(item_id: str, props: dict, lonlat: list[float], start: str, end: str, 
     proj.shape = props["shape"]
     proj.transform = props["transform"]
     proj.bbox = props["bbox"]
-    for source_id, href in sorted(sources.items()):
-        item.add_link(pystac.Link("derived_from", href, pystac.MediaType.JSON, title=source_id))
+    for source_id, href in sorted(sources.items()):  # self links may carry tokens: never written
+        item.add_link(pystac.Link("derived_from", redact(href), pystac.MediaType.JSON, title=source_id))
     return item
 
 

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-__version__ = "0.1.0"
+from pixels_xr._version import __version__
 
 from pixels_xr.errors import (  # noqa: E402
     AssetReadError,

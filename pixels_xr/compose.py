@@ -23,6 +23,7 @@ import rioxarray  # noqa: F401  (registers the .rio accessor)
 import xarray as xr
 
 from pixels_xr import reducers
+from pixels_xr._version import __version__
 from pixels_xr.catalog import search
 from pixels_xr.config import PixelsConfig
 from pixels_xr.cube import Loader, build_cube, check_assets
@@ -31,9 +32,6 @@ from pixels_xr.features import Feature
 from pixels_xr.masks import clear_mask
 from pixels_xr.signing import redact_json
 from pixels_xr.timeslices import TimeBin, assign_bins
-
-PICK_METHODS = {"latest_pixel", "cloud_sorted_pixel", "first_clear", "quality", "qa_pixel"}
-
 
 def collect(config: PixelsConfig, feature: Feature, *, items: list[dict] | None = None,
             loader: Loader = "stackstac", check: bool = True) -> xr.Dataset:
@@ -62,7 +60,7 @@ def collect(config: PixelsConfig, feature: Feature, *, items: list[dict] | None 
         "config": redact_json(config.model_dump_json(exclude_none=True)),  # no tokens in a catalog URL
         "output": config.output, "asset_problems": json.dumps(problems),
         "items_filtered": json.dumps(filtered),
-        "software": f"pixels_xr {__import__('pixels_xr').__version__}",
+        "software": f"pixels_xr {__version__}",
     })
     if cube.attrs.get("empty_reason"):
         ds.attrs["empty_reason"] = cube.attrs["empty_reason"]

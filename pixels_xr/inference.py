@@ -32,6 +32,7 @@ import numpy as np
 import rioxarray  # noqa: F401  (registers the .rio accessor)
 import xarray as xr
 
+from pixels_xr._version import __version__
 from pixels_xr.errors import ModelError, OutputError, PixelsError
 from pixels_xr.io import storage
 from pixels_xr.model_spec import MODEL_SUFFIXES, ModelSpec, load_spec, sidecar_path
@@ -503,7 +504,7 @@ def _assemble(prob: da.Array, arr: xr.DataArray, ds: xr.Dataset, plan: _Plan, sp
     coords: dict[Hashable, Any] = {k: v for k, v in arr.coords.items() if k != "band" and (
         not drop_time or "time" not in v.dims)}
     attrs = {"model": Path(plan.model.rstrip("/")).name, "classes": json.dumps(names),
-             "software": f"pixels_xr {__import__('pixels_xr').__version__}"}
+             "software": f"pixels_xr {__version__}"}
     attrs.update({k: ds.attrs[k] for k in ("feature", "mode") if k in ds.attrs})
     if drop_time:
         prob = prob[:, 0]

@@ -198,11 +198,6 @@ def platform_of_item(properties: dict, platforms: tuple[Platform, ...]) -> Platf
     return None
 
 
-def band_table(platform: Platform, level: str) -> tuple[Band, ...]:
-    """Bands a platform offers at a level."""
-    return platform.bands[level]
-
-
 def canonical_band(platform: Platform, level: str, name: str) -> Band:
     """The band for a name in either naming (``B04`` or ``red``), case-insensitive."""
     wanted = name.strip().lower()

@@ -21,7 +21,7 @@ import os
 from dataclasses import dataclass, field
 from typing import Any
 
-from pixels_xr import __version__
+from pixels_xr._version import __version__
 from pixels_xr.errors import OutputError
 from pixels_xr.io import storage
 from pixels_xr.io.lock import LOCK_NAME

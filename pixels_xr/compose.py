@@ -30,6 +30,7 @@ from pixels_xr.cube import Loader, build_cube, check_assets
 from pixels_xr.errors import ConfigError
 from pixels_xr.features import Feature
 from pixels_xr.masks import clear_mask
+from pixels_xr.methods import METHODS, Method
 from pixels_xr.signing import redact_json
 from pixels_xr.timeslices import TimeBin, assign_bins
 
@@ -53,8 +54,7 @@ def collect(config: PixelsConfig, feature: Feature, *, items: list[dict] | None 
     if config.mode == "all":
         ds = _all(cube, clear, config)
     else:
-        method = config.mode if config.mode != "composite" else config.resolved_composite_method
-        ds = _binned(cube, clear, config, config.bins(feature), method)
+        ds = _binned(cube, clear, config, config.bins(feature), config.method)
     ds.attrs.update({
         "feature": feature.id, "mode": config.mode,
         "config": redact_json(config.model_dump_json(exclude_none=True)),  # no tokens in a catalog URL
@@ -69,14 +69,15 @@ def collect(config: PixelsConfig, feature: Feature, *, items: list[dict] | None 
 
 
 # ----------------------------------------------------------------------------------------------- helpers
-def _score(method: str, cube: xr.DataArray, spec_asset: str) -> xr.DataArray | None:
-    if method == "quality":
+def _score(method: Method, cube: xr.DataArray, spec_asset: str) -> xr.DataArray | None:
+    """The per-observation ranking of a ``best_by_score`` method (None for the other reductions)."""
+    if method.score == "s2_quality":
         tyx = ("time", "y", "x")
         return xr.apply_ufunc(reducers.s2_quality_score, cube.sel(band=spec_asset).transpose(*tyx),
                               cube.sel(band="red").transpose(*tyx).astype("float32"),
                               cube.sel(band="nir").transpose(*tyx).astype("float32"),
                               dask="parallelized", output_dtypes=[np.float32])
-    if method == "qa_pixel":  # clear land (bit 6) > water (bit 7) > snow (bit 5); ties → newest
+    if method.score == "qa_pixel_class":  # clear land (bit 6) > water (bit 7) > snow (bit 5); ties → newest
         qa = cube.sel(band=spec_asset).astype("int64")
         return xr.where((qa & 64) > 0, 3.0, xr.where((qa & 128) > 0, 2.0, xr.where((qa & 32) > 0, 1.0, 0.0))
                         ).astype("float32")
@@ -169,21 +170,23 @@ def _chunked_by_step(arr: xr.DataArray, steps: np.ndarray) -> xr.DataArray:
 
 
 def _pick_block(data: np.ndarray, clear: np.ndarray, score: np.ndarray | None = None, *, scale: np.ndarray,
-                offset: np.ndarray, times: np.ndarray, cloud_cover: np.ndarray, method: str, nodata: Any,
+                offset: np.ndarray, times: np.ndarray, cloud_cover: np.ndarray, method: Method, nodata: Any,
                 refl_bands: np.ndarray, out_bands: np.ndarray, output: str) -> tuple[np.ndarray, ...]:
     """One spatial block of one step: data (time, band, y, x), clear and score (time, y, x); the per-item
     arrays are the step's."""
     d = np.ascontiguousarray(data)
     c = np.ascontiguousarray(clear)
-    if method == "latest_pixel":
+    if method.reduction == "latest":
         out, index, count = reducers.latest_valid(d, c, nodata)
-    elif score is None and method in {"cloud_sorted_pixel", "first_clear", "all_first"}:
-        # least cloudy first, then oldest; all_first: in time order
-        order = (np.arange(len(times)) if method == "all_first" else
+    elif method.reduction == "first_by_order":
+        # least cloudy first (unknown cover last), then oldest; or plain time order
+        order = (np.arange(len(times)) if method.order == "time" else
                  np.argsort(np.nan_to_num(cloud_cover.astype(float), nan=101.0), kind="stable"))
         out, index, count = reducers.first_valid_by_order(d, c, order, nodata)
-    else:
+    elif method.reduction == "best_by_score" and score is not None:
         out, index, count = reducers.quality_mosaic(d, c, np.ascontiguousarray(score), nodata)
+    else:
+        raise ValueError(f"no pick kernel for method {method.name!r} ({method.reduction})")
     out = out[out_bands]
     picked = index >= 0
     safe = np.where(picked, index, 0)
@@ -234,7 +237,7 @@ def _fill(dtype: Any, nodata: Any) -> Any:
     return 0 if kind == "u" else nodata
 
 
-def _apply_pick(cube: xr.DataArray, clear: xr.DataArray, score: xr.DataArray | None, method: str,
+def _apply_pick(cube: xr.DataArray, clear: xr.DataArray, score: xr.DataArray | None, method: Method,
                 config: PixelsConfig, steps: np.ndarray, n_steps: int) -> xr.Dataset:
     names = list(cube.band.values)
     bands = list(config.band_names)
@@ -280,11 +283,11 @@ def _dataset(names: list[str], arrays: list[Any], cube: xr.DataArray) -> xr.Data
                       coords={"y": cube.y, "x": cube.x})
 
 
-def _reduce(cube: xr.DataArray, clear: xr.DataArray, config: PixelsConfig, method: str, steps: np.ndarray,
+def _reduce(cube: xr.DataArray, clear: xr.DataArray, config: PixelsConfig, method: Method, steps: np.ndarray,
             n_steps: int) -> xr.Dataset:
     """The per-step reduction; items must be in step order."""
     cube, clear = _chunked_by_step(cube, steps), _chunked_by_step(clear, steps)
-    if method == "median":
+    if method.reduction == "median":
         return _apply_median(cube, clear, config, steps, n_steps)
     spec = config.mask_spec
     score = _score(method, cube, spec.asset) if spec is not None else None
@@ -303,7 +306,7 @@ def _in_step_order(cube: xr.DataArray, clear: xr.DataArray,
 
 
 def _binned(cube: xr.DataArray, clear: xr.DataArray, config: PixelsConfig, bins: list[TimeBin],
-            method: str) -> xr.Dataset:
+            method: Method) -> xr.Dataset:
     days = [dt.date.fromisoformat(str(t)[:10]) for t in cube.time.values]
     cube, clear, steps = _in_step_order(cube, clear, np.array(assign_bins(days, bins), dtype=np.int64))
     out = _reduce(cube, clear, config, method, steps, len(bins))
@@ -324,7 +327,7 @@ def _all(cube: xr.DataArray, clear: xr.DataArray, config: PixelsConfig) -> xr.Da
     days = np.array([np.datetime64(str(t)[:10], "ns") for t in cube.time.values], dtype="datetime64[ns]")
     unique, steps = np.unique(days, return_inverse=True)
     cube, clear, steps = _in_step_order(cube, clear, steps.astype(np.int64))
-    out = _reduce(cube, clear, config, "all_first", steps, len(unique))
+    out = _reduce(cube, clear, config, METHODS["all_first"], steps, len(unique))
     out = out.drop_vars("source_time").assign_coords(time=unique)
     out.attrs["item_ids"] = json.dumps({str(d)[:10]: [str(i) for i in cube.id.values[steps == k]]
                                         for k, d in enumerate(unique)})

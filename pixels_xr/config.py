@@ -14,6 +14,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_serial
 from pixels_xr import jsontext
 from pixels_xr.errors import ConfigError
 from pixels_xr.features import Feature
+from pixels_xr.methods import ORIGINAL_NAMES, Method, method_for
 from pixels_xr.platforms import (
     PROVIDERS,
     MaskSpec,
@@ -27,9 +28,9 @@ from pixels_xr.platforms import (
 from pixels_xr.timeslices import Interval, TimeBin, dynamic_range, time_bins
 
 Mode = Literal["all", "latest_pixel", "cloud_sorted_pixel", "composite"]
-CompositeMethod = Literal["median", "first_clear", "quality", "qa_pixel"]
+CompositeMethod = Literal["median", "first_clear", "quality", "qa_pixel"]  # = methods.COMPOSITE_METHODS
 #: The original pixels' ``composite_method`` values and what they are here (README: differences table).
-COMPOSITE_ALIASES = {"SCL": "first_clear", "FULL": "quality", "QA_PIXEL": "qa_pixel"}
+COMPOSITE_ALIASES = ORIGINAL_NAMES
 Resampling = Literal["nearest", "bilinear", "cubic", "average", "mode", "min", "max", "med", "q1", "q3"]
 
 #: Refuse output grids larger than this many pixels per feature and time slice unless ``force`` is set.
@@ -273,12 +274,13 @@ class PixelsConfig(_Strict):
             if method not in allowed:
                 raise ConfigError(f"composite_method {method!r} is not available for {platform.name} {level}; "
                                   f"allowed: {', '.join(allowed) or 'none'}", "composite_method")
-            if method in {"first_clear", "quality", "qa_pixel"} and self.mask == "none":
+            rule = self.method
+            if rule.needs_mask and self.mask == "none":
                 raise ConfigError(f"composite_method {method!r} needs a cloud mask; mask 'none' disables it",
                                   "mask")
-            if method == "quality" and not {"red", "nir"} <= set(names):
-                raise ConfigError("composite_method 'quality' ranks by NDVI and needs bands red and nir",
-                                  "bands")
+            if not set(rule.needs_bands) <= set(names):
+                raise ConfigError(f"composite_method {method!r} ({rule.description}) needs bands "
+                                  f"{' and '.join(rule.needs_bands)}", "bands")
         if self.mode in {"latest_pixel", "cloud_sorted_pixel", "composite"} and self.mask is None:
             if default_mask(platform, level) is None and self.mode != "latest_pixel":
                 raise ConfigError(f"{platform.name} {level} has no cloud mask band; give `mask` (or 'none')",
@@ -312,6 +314,11 @@ class PixelsConfig(_Strict):
     @property
     def resolved_composite_method(self) -> str:
         return self.composite_method or "median"
+
+    @property
+    def method(self) -> Method:
+        """The rule that picks or reduces each pixel: the mode's, or the composite method's."""
+        return method_for(self.mode, self.resolved_composite_method)
 
     @property
     def resolved_interval_step(self) -> int:

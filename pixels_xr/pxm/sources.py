@@ -11,6 +11,14 @@ One mask per source, chosen by this precedence (first that applies wins):
 With ``ndv``/``nodata`` a pixel is nodata only when *all three* RGB bands equal their nodata values (GDAL
 semantics), never band by band. Alpha and mask pixels are valid where non-zero. S3 credentials and endpoint
 come from the environment (``AWS_ACCESS_KEY_ID``, ``AWS_S3_ENDPOINT``, ``AWS_HTTPS``, ...), read by GDAL.
+
+Every source is opened here, by ``validate --check-sources`` and by ``render`` alike, and only with the
+GDAL drivers in ``SOURCE_DRIVERS`` (GeoTIFF, JPEG 2000): a VRT (or any other format) named ``.tif`` would
+otherwise read whatever local file or URL it points to. A source may declare at most ``MAX_PIXELS``
+pixels (width × height; ``max_pixels`` / ``--max-pixels`` to change it): a tiny file can declare 10^6 ×
+10^6 pixels, and everything after the open (checks, tile planning) scales with what it declares. Errors
+raised here carry GDAL's message as text, never a chained GDAL exception (those do not survive pickling
+from a Dask worker).
 """
 
 from __future__ import annotations
@@ -23,13 +31,18 @@ import numpy as np
 import rasterio
 from rasterio.crs import CRS
 from rasterio.enums import ColorInterp, MaskFlags, Resampling
-from rasterio.errors import NotGeoreferencedWarning, RasterioIOError
+from rasterio._err import CPLE_BaseError
+from rasterio.errors import NotGeoreferencedWarning, RasterioError
 from rasterio.windows import Window
 
 from pixels_xr.errors import SourceError
 
 __all__ = [
     "LOSSY_COMPRESSIONS",
+    "GDAL_ERRORS",
+    "MAX_PIXELS",
+    "SOURCE_DRIVERS",
+    "gdal_message",
     "MaskKind",
     "SourceHandle",
     "gdal_path",
@@ -42,6 +55,31 @@ MaskKind = Literal["alpha", "mask", "ndv", "nodata", "none"]
 
 #: GTiff compressions that are lossy unless GDAL says otherwise (WEBP_LOSSLESS, JXL_LOSSLESS, LERC 0 error).
 LOSSY_COMPRESSIONS = frozenset({"JPEG", "YCBCR JPEG", "WEBP", "JXL", "LERC", "LERC_DEFLATE", "LERC_ZSTD"})
+#: The only GDAL drivers a source is opened with (the PXM spec's GeoTIFF and JPEG 2000).
+SOURCE_DRIVERS: tuple[str, ...] = ("GTiff", "JP2OpenJPEG")
+#: Default limit on the pixels (width × height) a source may declare: 2^31, about 46341² px (6.4 GB of RGB).
+#: Above the 31000² px that ``--check-sources`` accepts per side, so no checked source is refused, and far
+#: below the 10^12 px a 700 KB sparse GeoTIFF can declare.
+MAX_PIXELS = 2**31
+#: What GDAL raises through rasterio: its own errors, the CPLE_* errors chained under them, OS errors.
+GDAL_ERRORS: tuple[type[BaseException], ...] = (RasterioError, CPLE_BaseError, OSError, MemoryError)
+_PROBE_SIDE = 1024  # at most this many pixels per side in each block read by SourceHandle.probe()
+
+
+def gdal_message(err: BaseException) -> str:
+    """One line from a rasterio/GDAL error and the GDAL errors chained under it (most specific last)."""
+    msgs: list[str] = []
+    seen: set[int] = set()
+    e: BaseException | None = err
+    while e is not None and id(e) not in seen:
+        seen.add(id(e))
+        text = " ".join(str(e).split())
+        if text and "See previous exception" not in text and text not in msgs:
+            msgs.append(text)
+        e = e.__cause__ or e.__context__
+    if not msgs:
+        return type(err).__name__
+    return msgs[0] if len(msgs) == 1 else f"{msgs[0]} ({msgs[-1]})"
 
 
 def gdal_path(uri: str) -> str:
@@ -145,9 +183,42 @@ class SourceHandle:
                 valid = ~np.all(rgb == nd, axis=0)
             else:
                 valid = np.ones(rgb.shape[1:], dtype=bool)
-        except RasterioIOError as err:
-            raise SourceError(f"cannot read: {' '.join(str(err).split())}", where=self.uri) from err
-        return rgb.astype(np.uint8, copy=False), valid
+        except GDAL_ERRORS as err:
+            failure = f"cannot read: {gdal_message(err)}"
+        else:
+            return rgb.astype(np.uint8, copy=False), valid
+        raise SourceError(failure, where=self.uri)  # outside the handler: no GDAL exception chained
+
+    def probe(self) -> None:
+        """Read the last block of every band used, and of the mask, at full resolution and at every overview
+        level: a few blocks, and enough to catch a truncated file (whatever GDAL wrote last is missing).
+
+        Raises :class:`SourceError` ("cannot read data: ...") naming the level that failed.
+        """
+        bands = list(self.bidx) + ([self.alpha_band] if self.alpha_band else [])
+        levels = len(self.dataset.overviews(self.bidx[0]))
+        failure = None
+        for level in range(-1, levels):
+            try:
+                ds = self.dataset if level < 0 else _open_dataset(self.uri, self.dataset.driver, level)
+            except SourceError as err:
+                failure = f"overview {level + 1} of {levels}: {err.message}"
+                break
+            try:
+                window = _last_window(ds, bands[0])
+                ds.read(bands, window=window)
+                if self.mask_kind == "mask":
+                    ds.read_masks(self.bidx[0], window=window)
+            except GDAL_ERRORS as err:
+                where = "full resolution" if level < 0 else f"overview {level + 1} of {levels}"
+                failure = f"cannot read data at {where} (truncated or corrupt file?): {gdal_message(err)}"
+            finally:
+                if level >= 0:
+                    ds.close()
+            if failure:
+                break
+        if failure:
+            raise SourceError(failure, where=self.uri)
 
     def close(self) -> None:
         self.dataset.close()
@@ -178,6 +249,37 @@ def _parse_bidx(value: Any) -> tuple[int, ...] | None:
     return tuple(int(v) for v in value)
 
 
+def _last_window(ds: rasterio.DatasetReader, band: int) -> Window:
+    """The last block of ``band`` (bottom right), at most ``_PROBE_SIDE`` pixels per side."""
+    bh, bw = ds.block_shapes[band - 1]
+    row0, col0 = (ds.height - 1) // bh * bh, (ds.width - 1) // bw * bw
+    row0, col0 = max(row0, ds.height - _PROBE_SIDE), max(col0, ds.width - _PROBE_SIDE)
+    return Window(col0, row0, ds.width - col0, ds.height - row0)
+
+
+def _open_dataset(uri: str, driver: str | None = None, overview_level: int | None = None) -> rasterio.DatasetReader:
+    """Open with one of ``SOURCE_DRIVERS`` only (the one the extension names first); SourceError otherwise."""
+    path = gdal_path(uri)
+    jp2 = path.lower().endswith(".jp2")
+    drivers = [driver] if driver else sorted(SOURCE_DRIVERS, key=lambda d: d.startswith("JP2") != jp2)
+    kwargs = {} if overview_level is None else {"overview_level": overview_level}
+    failure = None
+    for name in drivers:
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", NotGeoreferencedWarning)
+                return rasterio.open(path, driver=name, **kwargs)
+        except GDAL_ERRORS as err:
+            message = gdal_message(err)
+            if "not recognized as being in" not in message:
+                failure = f"cannot open: {message}"
+                break
+    if failure is None:
+        failure = (f"cannot open: not a GeoTIFF or JPEG 2000 file (sources are opened with the GDAL drivers"
+                   f" {', '.join(SOURCE_DRIVERS)} only)")
+    raise SourceError(failure, where=uri)
+
+
 def open_source(
     uri: str,
     info: Any = None,
@@ -185,23 +287,23 @@ def open_source(
     bidx: Any = None,
     crs: str | CRS | None = None,
     ndv: Any = None,
+    max_pixels: int | None = MAX_PIXELS,
 ) -> SourceHandle:
     """Open a source and decide its bands, mask and CRS.
 
     ``info`` is the manifest's info (a :class:`~pixels_xr.pxm.manifest.ManifestInfo` or a dict) supplying
     ``bidx``, ``crs`` and ``ndv``; the keyword arguments override it. Raises :class:`SourceError` (``where``
-    is the URI) when the file cannot be opened or the band indexes do not exist.
+    is the URI) when the file cannot be opened with ``SOURCE_DRIVERS``, declares more than ``max_pixels``
+    pixels (None: no limit) or the band indexes do not exist.
     """
     bidx_t = _parse_bidx(bidx if bidx is not None else _info_get(info, "bidx"))
     ndv_t = _parse_triplet(ndv if ndv is not None else _info_get(info, "ndv"))
     crs_in = crs if crs is not None else _info_get(info, "crs")
+    ds = _open_dataset(uri)
     try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", NotGeoreferencedWarning)
-            ds = rasterio.open(gdal_path(uri))
-    except (RasterioIOError, OSError) as err:
-        raise SourceError(f"cannot open: {' '.join(str(err).split())}", where=uri) from err
-    try:
+        if max_pixels is not None and ds.width * ds.height > max_pixels:
+            raise SourceError(f"declares {ds.width} x {ds.height} px = {ds.width * ds.height:,} pixels, more than"
+                              f" the limit of {max_pixels:,} (max_pixels / --max-pixels)", where=uri)
         return _handle(uri, ds, bidx_t, ndv_t, crs_in)
     except BaseException:
         ds.close()
@@ -254,7 +356,7 @@ def _handle(
     try:
         crs_out = CRS.from_user_input(crs) if crs is not None else ds.crs
     except Exception as err:  # rasterio.errors.CRSError and friends
-        raise SourceError(f"crs {crs!r} does not resolve: {err}", where=uri) from err
+        raise SourceError(f"crs {crs!r} does not resolve: {gdal_message(err)}", where=uri) from None
     comp, lossy = _compression(ds)
     return SourceHandle(
         uri=uri,
@@ -275,9 +377,10 @@ def read_source(
     info: Any = None,
     window: Window | None = None,
     out_shape: tuple[int, int] | None = None,
+    max_pixels: int | None = MAX_PIXELS,
 ) -> tuple[np.ndarray, np.ndarray]:
     """Open, read ``(rgb, valid)`` for a window (default the whole image) and close."""
-    with open_source(uri, info) as src:
+    with open_source(uri, info, max_pixels=max_pixels) as src:
         return src.read(window=window, out_shape=out_shape)
 
 

@@ -11,19 +11,30 @@ from pixels_xr.pxm.manifest import (
     check_sources,
     validate_manifest,
 )
-from pixels_xr.pxm.renderer import RenderReport, render
-from pixels_xr.pxm.sources import MaskKind, SourceHandle, gdal_path, open_source, read_source
+from pixels_xr.pxm.renderer import RenderReport, UnreadableSources, render
+from pixels_xr.pxm.sources import (
+    MAX_PIXELS,
+    SOURCE_DRIVERS,
+    MaskKind,
+    SourceHandle,
+    gdal_path,
+    open_source,
+    read_source,
+)
 
 __all__ = [
     "ColorRule",
     "Finding",
+    "MAX_PIXELS",
     "FormulaError",
     "Manifest",
     "ManifestInfo",
     "MaskKind",
     "Op",
     "RenderReport",
+    "SOURCE_DRIVERS",
     "SourceHandle",
+    "UnreadableSources",
     "apply_color",
     "check_sources",
     "format_formula",

@@ -9,6 +9,9 @@ import typer
 
 from pixels_xr.errors import PixelsError
 
+#: = pixels_xr.pxm.sources.MAX_PIXELS (not imported here: rasterio would load for every command).
+MAX_PIXELS = 2**31
+
 pxm_app = typer.Typer(
     name="pxm",
     help="PXM (Mapbox Pixelmonster) manifests: validate them and check their source images.",
@@ -29,6 +32,8 @@ def validate(
     check_sources: Annotated[
         bool, typer.Option("--check-sources", help="Also open every source on S3 and check it can be rendered.")
     ] = False,
+    max_pixels: Annotated[int, typer.Option("--max-pixels", min=1, help="Most pixels (width x height) a source"
+                                            " may declare.")] = MAX_PIXELS,
 ) -> None:
     """Validate MANIFEST: print the spec version read and a summary, or one error line per problem (exit 1)."""
     from pixels_xr.pxm.manifest import check_sources as run_checks
@@ -52,7 +57,7 @@ def validate(
             for key in m.unused_color_keys():
                 typer.echo(f"  warning: colour key {key!r} matches no source")
         if check_sources:
-            findings = run_checks(m)
+            findings = run_checks(m, max_pixels=max_pixels)
             for f in findings:
                 typer.echo(str(f), err=f.level == "error")
             errors = sum(f.level == "error" for f in findings)
@@ -81,17 +86,32 @@ def render_cmd(
     = "local",
     workers: Annotated[int | None, typer.Option("--workers", help="Local cluster worker processes.")] = None,
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace outputs made differently.")] = False,
+    max_pixels: Annotated[int, typer.Option("--max-pixels", min=1, help="Most pixels (width x height) a source"
+                                            " may declare.")] = MAX_PIXELS,
 ) -> None:
-    """Render MANIFEST's sources to Web Mercator tilesets in OUT (a re-run resumes, or does nothing)."""
-    from pixels_xr.pxm.renderer import render
+    """Render MANIFEST's sources to Web Mercator tilesets in OUT (a re-run resumes, or does nothing).
+
+    Unreadable sources: one error line each, a summary line, exit 1, no tileset written (finished blocks are
+    kept for a re-run). Ctrl-C: exit 130 with one line; outputs are never half-written.
+    """
+    from pixels_xr.pxm.renderer import UnreadableSources, render
 
     try:
         report = render(manifest, out, format=fmt, tile_format=tile_format,  # type: ignore[arg-type]
                         tile_size=tile_size, minzoom=minzoom, maxzoom=maxzoom, resampling=resampling,
                         cluster=cluster,
                         cluster_options={"workers": workers} if workers else None, overwrite=overwrite,
-                        progress=True)
+                        progress=True, max_pixels=max_pixels)
+    except UnreadableSources as exc:
+        for uri, message in exc.failures.items():
+            typer.echo(f"error: {uri}: {message}", err=True)
+        if exc.report is not None:
+            typer.echo(f"error: {exc.report}", err=True)
+        raise typer.Exit(1) from None
     except PixelsError as exc:
         typer.echo(f"error: {exc}", err=True)
         raise typer.Exit(1) from None
+    except KeyboardInterrupt:
+        typer.echo("interrupted: outputs are complete or absent; a re-run resumes from the finished blocks", err=True)
+        raise typer.Exit(130) from None
     typer.echo(str(report))

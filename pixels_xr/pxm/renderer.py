@@ -6,13 +6,29 @@ task down to one tile (zooms z … z − log2 n). **Later stages** gather the on
 blocks (alpha-weighted 2× reductions only, from ``pyramid``) and reduce them again, until the min zoom: full
 resolution is read once, never per zoom. Tasks run on a Dask client, at most two per worker thread in flight;
 their tiles are recorded in a resumable scratch store and written to every tileset at the end (``archives``).
+
+**Unreadable sources** (missing, truncated, refused by ``sources.open_source``): the render goes on with
+the rest, so one run names them all, but writes no tileset (an output silently missing a source's pixels
+would also pass for up to date on the next run). Every source is opened first; if any fails, nothing is
+rendered. A source failing while blocks render (a truncated file opens, then a block read fails) costs
+the blocks that read it: they are not stored, every other block is, the reduction stages are skipped and
+:class:`UnreadableSources` is raised carrying the :class:`RenderReport` (``failed_sources``); a re-run of
+the same manifest once the files are fixed resumes from the stored blocks. Errors leave the workers
+as plain ``PixelsError`` text (GDAL's chained exceptions do not unpickle on the client).
+
+**Interrupts**: workers of the local cluster made here ignore SIGINT (a terminal's Ctrl-C reaches the
+whole process group), so only this process handles it: it cancels the tasks, quiets the workers'
+cancellation warnings and closes the cluster; no output is half-written (outputs are renamed into place
+when complete) and finished blocks stay in the scratch store for a resume.
 """
 
 from __future__ import annotations
 
 import contextlib
+import functools
 import hashlib
 import json
+import logging
 import math
 import re
 import shutil
@@ -26,7 +42,7 @@ import mercantile
 import numpy as np
 from rasterio.enums import Resampling
 
-from pixels_xr.errors import OutputError, PixelsError
+from pixels_xr.errors import OutputError, PixelsError, SourceError
 from pixels_xr.pxm.archives import (
     OUTPUT_FORMATS,
     OutputFormat,
@@ -41,15 +57,17 @@ from pixels_xr.pxm.color import format_formula
 from pixels_xr.pxm.encode import TILE_FORMATS, TileFormat, encode_tile
 from pixels_xr.pxm.manifest import Manifest, validate_manifest
 from pixels_xr.pxm.pyramid import downsample, pack, split_tiles, unpack
+from pixels_xr.pxm.sources import GDAL_ERRORS, MAX_PIXELS, gdal_message
 from pixels_xr.pxm.tiles import MAX_ZOOM, Bounds, default_minzoom, morton, native_zoom, tiles_in
 from pixels_xr.pxm.warp import SourceSpec, describe_source, render_block
 
-__all__ = ["BLOCK_PIXELS", "RESAMPLING", "RenderReport", "render"]
+__all__ = ["BLOCK_PIXELS", "RESAMPLING", "RenderReport", "UnreadableSources", "render"]
 
 RENDER_VERSION = 1
 BLOCK_PIXELS = 2048
 RESAMPLING: tuple[str, ...] = ("nearest", "bilinear", "cubic", "cubic_spline", "lanczos", "average")
-TaskOut = tuple[list[TileRow], tuple[int, int, int, bytes] | None]
+Failures = tuple[tuple[str, str], ...]  # (source URI, message) per source that failed in a task
+TaskOut = tuple[list[TileRow], tuple[int, int, int, bytes] | None, Failures]
 
 
 @dataclass(frozen=True)
@@ -70,8 +88,21 @@ class RenderReport:
     resumed_tasks: int = 0
     seconds: float = 0.0
     skipped: bool = False
+    failed_sources: dict[str, str] = field(default_factory=dict)
+    failed_tasks: int = 0
+    work: Path | None = None
+
+    @property
+    def complete(self) -> bool:
+        """Whether every source rendered and the outputs were written (or were already up to date)."""
+        return not self.failed_sources
 
     def __str__(self) -> str:
+        if self.failed_sources:
+            return (f"no tileset written: {len(self.failed_sources)} source(s) unreadable; "
+                    f"{self.tasks - self.failed_tasks} of {self.tasks} block task(s) rendered"
+                    + (f" (+{self.resumed_tasks} from an earlier run)" if self.resumed_tasks else "")
+                    + f" and kept in {self.work} for a re-run of this manifest once the sources are fixed")
         if self.skipped:
             return f"up to date: {', '.join(map(str, self.outputs.values()))} (nothing to do)"
         rate = self.tiles / self.seconds if self.seconds else 0.0
@@ -81,11 +112,30 @@ class RenderReport:
                 + f" -> {', '.join(map(str, self.outputs.values()))}")
 
 
+class UnreadableSources(SourceError):
+    """Sources that could not be read; nothing was written.
+
+    ``failures`` maps each source URI to its first error message (``where`` and the message are the first
+    one's); ``report`` is the :class:`RenderReport` when blocks had been rendered (None when a source
+    failed to open, before any rendering).
+    """
+
+    def __init__(self, failures: dict[str, str], report: RenderReport | None = None) -> None:
+        uri, message = next(iter(failures.items()))
+        more = len(failures) - 1
+        super().__init__(message + (f" (and {more} more unreadable source(s))" if more else ""), where=uri)
+        self.failures = dict(failures)
+        self.report = report
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (type(self), (self.failures, self.report))
+
+
 # ------------------------------------------------------------------------------------------------ tasks
 
 
 def _emit(img: np.ndarray, z: int, x0: int, y0: int, n: int, tile_size: int, tile_format: TileFormat,
-          minzoom: int) -> TaskOut:
+          minzoom: int) -> tuple[list[TileRow], tuple[int, int, int, bytes] | None]:
     """Encode the tiles of a block image and reduce it zoom by zoom to one tile (or to ``minzoom``)."""
     tiles: list[TileRow] = []
     while True:
@@ -100,15 +150,39 @@ def _emit(img: np.ndarray, z: int, x0: int, y0: int, n: int, tile_size: int, til
     return tiles, None if packed is None else (z, x0, y0, packed)
 
 
+def _worker_task(fn: Callable[..., TaskOut]) -> Callable[..., TaskOut]:
+    """Errors leave a task as a fresh PixelsError (message and where): no chained GDAL exception, which
+    tblib pickles on the worker but cannot unpickle on the client (it became a bare ``Exception``)."""
+
+    @functools.wraps(fn)
+    def task(*args: Any) -> TaskOut:
+        try:
+            return fn(*args)
+        except PixelsError as err:
+            clean: PixelsError = type(err)(err.message, err.where)
+        except GDAL_ERRORS as err:
+            clean = SourceError(gdal_message(err), where=f"render task {fn.__name__}")
+        raise clean  # outside the handler: no __context__
+
+    return task
+
+
+@_worker_task
 def leaf_task(specs: tuple[SourceSpec, ...], z: int, bx: int, by: int, n: int, tile_size: int,
               resampling: Resampling, tile_format: TileFormat, minzoom: int) -> TaskOut:
-    """Stage 0: render block (bx, by) of the max zoom from the sources, then its reductions."""
-    img = render_block(specs, z, bx * n, by * n, n, tile_size, resampling)
+    """Stage 0: render block (bx, by) of the max zoom from the sources, then its reductions.
+
+    A block where some source failed returns no tiles, only the failures (it is not stored)."""
+    failures: list[tuple[str, str]] = []
+    img = render_block(specs, z, bx * n, by * n, n, tile_size, resampling, failures)
+    if failures:
+        return [], None, tuple(failures)
     if img is None:
-        return [], None
-    return _emit(img, z, bx * n, by * n, n, tile_size, tile_format, minzoom)
+        return [], None, ()
+    return (*_emit(img, z, bx * n, by * n, n, tile_size, tile_format, minzoom), ())
 
 
+@_worker_task
 def stage_task(children: dict[tuple[int, int], bytes], zc: int, bx: int, by: int, n: int, tile_size: int,
                tile_format: TileFormat, minzoom: int) -> TaskOut:
     """Later stages: n × n child tiles of zoom ``zc`` (packed RGBA) → their parents down to one tile."""
@@ -116,7 +190,8 @@ def stage_task(children: dict[tuple[int, int], bytes], zc: int, bx: int, by: int
     img = np.zeros((size, size, 4), dtype=np.uint8)
     for (i, j), data in children.items():
         img[j * tile_size:(j + 1) * tile_size, i * tile_size:(i + 1) * tile_size] = unpack(data)
-    return _emit(downsample(img), zc - 1, bx * n // 2, by * n // 2, n // 2, tile_size, tile_format, minzoom)
+    tiles, top = _emit(downsample(img), zc - 1, bx * n // 2, by * n // 2, n // 2, tile_size, tile_format, minzoom)
+    return tiles, top, ()
 
 
 # ---------------------------------------------------------------------------------------------- planning
@@ -188,15 +263,33 @@ def _fingerprint(manifest: Manifest, specs: tuple[SourceSpec, ...], opts: dict[s
 @contextlib.contextmanager
 def _client(cluster: str | None, client: Any, cluster_options: dict[str, Any] | None,
             quiet: bool) -> Iterator[Any]:
-    """The given client (its workers get the GDAL/AWS environment), or one from ``cluster.open_client``."""
+    """The given client (its workers get the GDAL/AWS environment), or one from ``cluster.open_client``.
+
+    Workers of a local cluster made here ignore SIGINT; on KeyboardInterrupt the workers' and this
+    process's distributed loggers are quieted before the cluster closes (its tasks are cancelled).
+    """
     from pixels_xr.cluster import EnvironmentPlugin, open_client, worker_environment
+    from pixels_xr.pxm.interrupts import IgnoreInterrupts, quiet_worker
 
     if client is not None:
         client.register_plugin(EnvironmentPlugin(worker_environment()))
         yield client
         return
-    with open_client(cluster, cluster_options, quiet=quiet) as made:
-        yield made
+    log = logging.getLogger("distributed")
+    level = log.level
+    try:
+        with open_client(cluster, cluster_options, quiet=quiet) as made:
+            if (cluster or "local").strip() == "local":
+                made.register_plugin(IgnoreInterrupts())
+            try:
+                yield made
+            except KeyboardInterrupt:
+                log.setLevel(logging.ERROR)  # the cluster's close reports every cancelled task
+                with contextlib.suppress(Exception):
+                    made.run(quiet_worker, wait=False)
+                raise
+    finally:
+        log.setLevel(level)
 
 
 def _run(client: Any, fn: Callable[..., TaskOut], jobs: Iterator[tuple[tuple[int, int], tuple[Any, ...]]],
@@ -256,6 +349,7 @@ def render(
     cluster_options: dict[str, Any] | None = None,
     overwrite: bool = False,
     progress: bool = False,
+    max_pixels: int | None = MAX_PIXELS,
 ) -> RenderReport:
     """Render a PXM manifest's sources to one tileset per ``info.tilesets`` id under the folder ``out``.
 
@@ -264,6 +358,8 @@ def render(
     and ``cluster_options`` go to :func:`pixels_xr.cluster.open_client` unless a ``client`` is given.
     An output already made from the same manifest and options is kept (no-op); one made differently is an
     error unless ``overwrite``. An interrupted render resumes from ``out/.pxm-render-*`` (removed on success).
+    A source declaring more than ``max_pixels`` pixels is refused (None: no limit). Unreadable sources
+    raise :class:`UnreadableSources` after the rest was rendered, with nothing written (module docstring).
     """
     t0 = time.perf_counter()
     if not isinstance(manifest, Manifest):
@@ -275,7 +371,15 @@ def render(
     out = Path(out)
     if out.exists() and not out.is_dir():
         raise OutputError("exists and is not a folder", where=str(out))
-    specs = tuple(describe_source(uri, manifest.info, manifest.color_ops(uri)) for uri in manifest.sources)
+    described, failed = [], {}
+    for uri in manifest.sources:  # open them all: one run names every source that cannot be opened
+        try:
+            described.append(describe_source(uri, manifest.info, manifest.color_ops(uri), max_pixels))
+        except SourceError as err:
+            failed.setdefault(uri, err.message)
+    if failed:
+        raise UnreadableSources(failed)
+    specs = tuple(described)
     low, top = _zooms(specs, tile_size, minzoom, maxzoom)
     fp = _fingerprint(manifest, specs, {"tile_format": tile_format, "tile_size": tile_size, "minzoom": low,
                                         "maxzoom": top, "resampling": rs.name})
@@ -300,7 +404,12 @@ def render(
     store = TileStore(work / "store.sqlite", fp)
     try:
         with _client(cluster, client, cluster_options, quiet=not progress) as cl:
-            tasks, resumed = _pyramid(cl, store, specs, low, top, tile_size, rs, tile_format, progress)
+            tasks, resumed, failed, failed_tasks = _pyramid(cl, store, specs, low, top, tile_size, rs,
+                                                            tile_format, progress)
+        if failed:  # the scratch store keeps every block rendered without a failure, for a re-run
+            raise UnreadableSources(failed, RenderReport(
+                **common, tiles=0, tasks=tasks, resumed_tasks=resumed, seconds=time.perf_counter() - t0,
+                failed_sources=failed, failed_tasks=failed_tasks, work=work))
         by_zoom, by_fmt, size = store.summary()
         if not by_zoom:
             shutil.rmtree(work, ignore_errors=True)
@@ -320,14 +429,20 @@ def render(
 
 
 def _pyramid(client: Any, store: TileStore, specs: tuple[SourceSpec, ...], low: int, top: int,
-             tile_size: int, rs: Resampling, tile_format: TileFormat, progress: bool) -> tuple[int, int]:
-    """Run stage 0 and the reduction stages; returns (tasks run, tasks reused from an earlier run)."""
+             tile_size: int, rs: Resampling, tile_format: TileFormat,
+             progress: bool) -> tuple[int, int, dict[str, str], int]:
+    """Run stage 0 and the reduction stages.
+
+    Returns (tasks run, tasks reused from an earlier run, {source: message} of unreadable sources, tasks
+    that hit one). A task with failures is not stored; after a stage with failures no later stage runs.
+    """
     n = BLOCK_PIXELS // tile_size
     m = int(math.log2(n))
     cand = tiles_in((s.bounds for s in specs), top)
     total = sum(len(np.unique(cand >> s, axis=0)) for s in range(top - low + 1))
     bar, advance = _progress(progress, total)
-    tasks = resumed = 0
+    tasks = resumed = failed_tasks = 0
+    failed: dict[str, str] = {}
     with bar:
         spec_future = client.scatter(specs, broadcast=True)
         stage, zc = 0, top
@@ -349,12 +464,19 @@ def _pyramid(client: Any, store: TileStore, specs: tuple[SourceSpec, ...], low: 
                 return (store.tops(zc, bx * n, by * n, n), zc, bx, by, n, tile_size, tile_format, low)
 
             def finished(block: tuple[int, int], result: TaskOut) -> None:
-                store.add(stage, block, result[0], result[1])
+                nonlocal failed_tasks
+                tiles, top_tile, failures = result
+                if failures:
+                    failed_tasks += 1
+                    for uri, message in failures:
+                        failed.setdefault(uri, message)
+                else:
+                    store.add(stage, block, tiles, top_tile)
                 advance(counts[block])
 
             tasks += _run(client, leaf_task if first else stage_task, ((b, args(b)) for b in run), finished)
             zc -= m
-            if zc <= low or not store.top_tiles(zc):
-                return tasks, resumed
+            if failed or zc <= low or not store.top_tiles(zc):
+                return tasks, resumed, failed, failed_tasks
             cand = np.unique(cand >> m, axis=0)
             stage += 1

@@ -14,6 +14,10 @@ and its options, at most ``HANDLE_CACHE`` at a time. Sources are opened under ``
 the AWS settings from the environment itself (no boto3 session per call), and sidecar files are probed one
 by one (``GDAL_DISABLE_READDIR_ON_OPEN=TRUE``) and may be fetched (``CPL_VSIL_CURL_ALLOWED_EXTENSIONS``): the
 cluster's cloud defaults (``EMPTY_DIR``, only .tif/.jp2 allowed) hide external ``.msk`` masks and ``.ovr``.
+
+A source that fails to read while a block is rendered does not stop the block: its failure is returned
+with the block (``render_block(..., failures=[])``) and the other sources are still mosaicked, so one run
+reports every unreadable source; the renderer never stores such a block (see ``renderer``).
 """
 
 from __future__ import annotations
@@ -31,7 +35,7 @@ import rasterio
 from pyproj import Transformer
 from rasterio.crs import CRS
 from rasterio.enums import Resampling
-from rasterio.errors import NotGeoreferencedWarning, RasterioError
+from rasterio.errors import NotGeoreferencedWarning
 from rasterio.session import DummySession
 from rasterio.transform import from_bounds
 from rasterio.io import MemoryFile
@@ -40,8 +44,8 @@ from rasterio.warp import calculate_default_transform, transform_bounds
 from rasterio.windows import Window, from_bounds as window_from_bounds
 
 from pixels_xr.errors import SourceError
-from pixels_xr.pxm.color import Op, apply as apply_color
-from pixels_xr.pxm.sources import MaskKind, SourceHandle, open_source
+from pixels_xr.pxm.color import FormulaError, Op, apply as apply_color
+from pixels_xr.pxm.sources import GDAL_ERRORS, MAX_PIXELS, MaskKind, SourceHandle, gdal_message, open_source
 from pixels_xr.pxm.tiles import Bounds, tile_bounds
 
 __all__ = ["HANDLE_CACHE", "SourceSpec", "describe_source", "render_block", "source_env"]
@@ -79,9 +83,9 @@ def source_env() -> contextlib.AbstractContextManager[Any]:
                         CPL_VSIL_CURL_ALLOWED_EXTENSIONS=_SIDECARS)
 
 
-def describe_source(uri: str, info: Any, ops: tuple[Op, ...]) -> SourceSpec:
+def describe_source(uri: str, info: Any, ops: tuple[Op, ...], max_pixels: int | None = MAX_PIXELS) -> SourceSpec:
     """Open a source on the client and describe it (raises SourceError naming the URI when unusable)."""
-    with source_env(), open_source(uri, info) as src:
+    with source_env(), open_source(uri, info, max_pixels=max_pixels) as src:
         if not src.georeferenced:
             raise SourceError("not georeferenced (no geotransform)", where=uri)
         if src.crs is None:
@@ -94,7 +98,7 @@ def describe_source(uri: str, info: Any, ops: tuple[Op, ...]) -> SourceSpec:
             transform, _, _ = calculate_default_transform(src.crs, WEB_MERCATOR, ds.width, ds.height,
                                                           *ds.bounds)
         except Exception as err:  # rasterio CRSError / GDAL projection errors
-            raise SourceError(f"cannot project to EPSG:3857: {err}", where=uri) from err
+            raise SourceError(f"cannot project to EPSG:3857: {gdal_message(err)}", where=uri) from None
         if not all(math.isfinite(v) for v in (west, south, east, north, transform.a)):
             raise SourceError("footprint does not project to EPSG:3857 (beyond ±85°?)", where=uri)
         crs = _info_crs(info)
@@ -117,7 +121,7 @@ def _handle(spec: SourceSpec) -> SourceHandle:
     if handle is None:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", NotGeoreferencedWarning)
-            handle = open_source(spec.uri, bidx=spec.bidx, crs=spec.crs, ndv=spec.ndv)
+            handle = open_source(spec.uri, bidx=spec.bidx, crs=spec.crs, ndv=spec.ndv, max_pixels=None)
         if handle.mask_kind != spec.mask:
             handle.close()
             raise SourceError(f"mask {handle.mask_kind!r} on a worker but {spec.mask!r} on the client (GDAL"
@@ -142,7 +146,8 @@ def _read(spec: SourceSpec, src: SourceHandle, bounds: Bounds,
     try:
         sb = transform_bounds(WEB_MERCATOR, src.crs, *bounds, densify_pts=21)
     except Exception as err:  # GDAL projection errors
-        raise SourceError(f"cannot project a tile to the source CRS: {err}", where=spec.uri) from err
+        raise SourceError(f"cannot project a tile to the source CRS: {gdal_message(err)}",
+                          where=spec.uri) from None
     win = window_from_bounds(*sb, transform=ds.transform)
     col0 = max(0, math.floor(win.col_off) - _MARGIN)
     row0 = max(0, math.floor(win.row_off) - _MARGIN)
@@ -230,11 +235,14 @@ def _warp(rgba: np.ndarray, transform: Any, crs: CRS, dst_transform: Any, shape:
 
 
 def render_block(
-    specs: tuple[SourceSpec, ...], z: int, x0: int, y0: int, n: int, tile_size: int, resampling: Resampling
+    specs: tuple[SourceSpec, ...], z: int, x0: int, y0: int, n: int, tile_size: int, resampling: Resampling,
+    failures: list[tuple[str, str]] | None = None,
 ) -> np.ndarray | None:
     """Mosaic of the ``n`` × ``n`` tiles from (z, x0, y0) as (n·T, n·T, 4) uint8 RGBA, None when empty.
 
-    Alpha is 255 where some source is valid and 0 elsewhere.
+    Alpha is 255 where some source is valid and 0 elsewhere. A source that cannot be read raises
+    :class:`SourceError`, or, when a ``failures`` list is given, is appended to it as ``(uri, message)``
+    and skipped (the block is then incomplete).
     """
     size = n * tile_size
     bounds = tile_bounds(z, x0, y0, n)
@@ -243,11 +251,18 @@ def render_block(
     filled = np.zeros((size, size), dtype=bool)
     with source_env():
         for spec in specs:
+            failure = None
             try:
                 if _mosaic_one(spec, bounds, res, size, resampling, out, filled):
                     break
-            except (RasterioError, MemoryError) as err:
-                raise SourceError(f"cannot warp: {' '.join(str(err).split())}", where=spec.uri) from err
+            except SourceError as err:
+                failure = err.message
+            except (*GDAL_ERRORS, FormulaError) as err:
+                failure = f"cannot warp: {gdal_message(err)}"
+            if failure is not None:  # raised here, outside the handler: no GDAL exception chained
+                if failures is None:
+                    raise SourceError(failure, where=spec.uri)
+                failures.append((spec.uri, failure))
     return out if filled.any() else None
 
 

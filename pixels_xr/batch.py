@@ -7,15 +7,14 @@ bounded however many there are. (One submission per feature: its bins share task
 track of keys shared by computations in flight at the same time.) A new feature's Zarr template is written
 by the first task of its job, on a worker, and recorded when the job completes: the client's time per
 feature is what limits scaling when the client shares the machine. Each unit is written completely and only
-then recorded in the run manifest (``io.manifest``; a feature's consecutive pending bins are written by one
+then recorded in the run's ledger (``ledger``; a feature's consecutive pending bins are written by one
 job and recorded when it completes); a re-run skips recorded units and does nothing when everything is
 done. Dask retries transient task failures
 (``retries``) and reschedules work of lost workers; a unit that still fails marks its feature failed in
 the report (feature id, stage, error) while the other features complete.
 
-Outputs: ``zarr`` (one store, a group per feature, see ``io.zarr_store``) or ``cog`` (``OUT/<feature>/<bin>.tif``
-with the bands, plus ``<bin>_clear_count.tif`` and, for pick modes, ``<bin>_source_time.tif`` as int32 days
-since 1970-01-01). A STAC catalog of the outputs is written to ``OUT/stac/catalog.json`` at the end.
+Outputs: ``zarr`` (one store, a group per feature, see ``io.zarr_store``) or ``cog`` (per feature × bin, see
+``io.layout``). A STAC catalog of the outputs is written to ``OUT/stac/catalog.json`` at the end.
 """
 
 from __future__ import annotations
@@ -41,15 +40,17 @@ from pixels_xr.errors import ConfigError, OutputError, PixelsError
 from pixels_xr.features import Feature, check_id
 from pixels_xr.io import storage
 from pixels_xr.io.cog import CogLayer, write_cogs
+from pixels_xr.io.layout import MANIFEST_DIR, SOURCE_TIME_NODATA, SOURCE_TIME_UNITS, CogUnit, days_since_epoch, \
+    safe_label
 from pixels_xr.io.lock import locked
-from pixels_xr.io.manifest import MANIFEST_DIR, RunManifest, safe_label
 from pixels_xr.io.stac_out import write_output_catalog, zarr_item
 from pixels_xr.io.zarr_store import aligned, region_write
+from pixels_xr.ledger import RunManifest
 from pixels_xr.read_problems import cluster_problems, mark
 from pixels_xr.run_cache import run_cache
+from pixels_xr.signing import redact
 
 OutputFormat = Literal["zarr", "cog"]
-SOURCE_TIME_NODATA = -2147483648
 #: Bytes of one row of chunks computed at once when writing a feature's COGs (its bins are grouped to fit).
 COG_ROW_BYTES = 256 * 2**20
 
@@ -213,8 +214,9 @@ def run_batch(config: PixelsConfig, features: Sequence[Feature], out: str, *, cl
     report.seconds = time.perf_counter() - started
     done = [f for f in report.features if f.status == "done"]
     try:
-        write_output_catalog(out, config, output_format, [f.id for f in done + [
-            f for f in report.features if f.status == "skipped"]], items)
+        write_output_catalog(out, f"pixels_xr {config.mode} output", output_format, [f.id for f in done + [
+            f for f in report.features if f.status == "skipped"]], items, sources=manifest.sources,
+                             done=manifest.done_labels)
     except PixelsError as exc:
         report.features.append(FeatureResult("(stac catalog)", "failed", stage="stac", error=str(exc)))
     report.report_url = manifest.write_report(report.to_dict())
@@ -349,32 +351,21 @@ def _row_bytes(step: xr.Dataset) -> int:
 
 def unit_cog_layers(step: xr.Dataset, out: str, feature_id: str, label: str,
                     config: PixelsConfig) -> list[CogLayer]:
-    """The COGs of one feature × bin: bands, clear_count and (pick modes) source_time."""
-    base = storage.join(out, feature_id, safe_label(label))
+    """The COGs of one feature × bin (``io.layout.CogUnit``): bands, clear_count and (pick modes)
+    source_time."""
+    unit = CogUnit(out, feature_id, label)
     bands = list(config.band_names)
     when = str(step["time"].values)[:10]
     tags = {"datetime": when, "feature": feature_id, "bin": label,
             "items": json.dumps(json.loads(step.attrs.get("item_ids", "{}")).get(label, []))}
     stack = xr.concat([step[b] for b in bands], dim="band").assign_coords(band=bands)
-    layers = [CogLayer(stack, f"{base}.tif", np.nan if stack.dtype.kind == "f" else 0, bands, tags),
-              CogLayer(step["clear_count"], f"{base}_clear_count.tif", None, ["clear_count"], tags)]
+    layers = [CogLayer(stack, unit.path(), np.nan if stack.dtype.kind == "f" else 0, bands, tags),
+              CogLayer(step["clear_count"], unit.path("clear_count"), None, ["clear_count"], tags)]
     if "source_time" in step:
-        days = step["source_time"].copy(data=_days_since_epoch(step["source_time"].data))
-        layers.append(CogLayer(days, f"{base}_source_time.tif", SOURCE_TIME_NODATA, ["source_time"],
-                               {**tags, "units": "days since 1970-01-01"}))
+        days = step["source_time"].copy(data=days_since_epoch(step["source_time"].data))
+        layers.append(CogLayer(days, unit.path("source_time"), SOURCE_TIME_NODATA, ["source_time"],
+                               {**tags, "units": SOURCE_TIME_UNITS}))
     return layers
-
-
-def _days_since_epoch(values: Any) -> Any:
-    import dask.array as da
-
-    def convert(block: np.ndarray) -> np.ndarray:
-        days = block.astype("datetime64[D]").astype(np.int64)
-        return np.where(np.isnat(block), SOURCE_TIME_NODATA, days).astype(np.int32)
-
-    if isinstance(values, da.Array):
-        return values.map_blocks(convert, dtype=np.int32)
-    return convert(np.asarray(values))
 
 
 def _drain(in_flight: dict, remaining: dict[str, int], manifest: RunManifest, bar: Callable,
@@ -427,7 +418,7 @@ def _drain(in_flight: dict, remaining: dict[str, int], manifest: RunManifest, ba
 def _fail(result: FeatureResult, stage: str, exc: BaseException, unit: str | None = None) -> None:
     result.status = "failed"
     result.stage = stage if unit is None else f"{stage} {unit}"
-    message = str(exc).strip().splitlines()[0] if str(exc).strip() else exc.__class__.__name__
+    message = redact(str(exc).strip().splitlines()[0]) if str(exc).strip() else exc.__class__.__name__
     result.error = message if isinstance(exc, PixelsError) else f"{exc.__class__.__name__}: {message}"
 
 

@@ -27,7 +27,7 @@ from pixels_xr.compose import collect
 from pixels_xr.config import PixelsConfig, load_config
 from pixels_xr.errors import OutputError
 from pixels_xr.features import Feature, load_features
-from pixels_xr.io.manifest import MANIFEST_DIR
+from pixels_xr.io.layout import MANIFEST_DIR
 from pixels_xr.io.zarr_store import open_feature
 
 REPO = Path(__file__).resolve().parents[1]
@@ -151,7 +151,11 @@ def test_items_made_during_the_run_equal_items_read_back(tmp_path, clean_run, co
 
     copy = tmp_path / "run.zarr"
     shutil.copytree(clean_run, copy)
-    write_output_catalog(str(copy), config, "zarr", [f.id for f in features])  # no items: groups re-read
+    from pixels_xr.ledger import RunManifest
+
+    ledger = RunManifest(str(copy), config.output_identity, "zarr3")
+    write_output_catalog(str(copy), f"pixels_xr {config.mode} output", "zarr", [f.id for f in features],
+                         sources=ledger.sources)  # no items: groups re-read
     for feature in features:
         made = json.loads((Path(clean_run) / "stac" / feature.id / f"{feature.id}.json").read_text())
         read = json.loads((copy / "stac" / feature.id / f"{feature.id}.json").read_text())

@@ -21,7 +21,7 @@ from pixels_xr.config import load_config
 from pixels_xr.errors import ConfigError, OutputError
 from pixels_xr.features import Feature, load_features
 from pixels_xr.io.lock import OutputLock
-from pixels_xr.io.manifest import MANIFEST_DIR
+from pixels_xr.io.layout import MANIFEST_DIR
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import math
+from collections.abc import Callable
 from typing import Any
 
 import pystac
@@ -20,25 +21,26 @@ from pystac.extensions.projection import ProjectionExtension
 from pystac.extensions.raster import DataType, RasterBand, RasterExtension
 from shapely.geometry import box, mapping
 
-from pixels_xr.config import PixelsConfig
 from pixels_xr.errors import OutputError
 from pixels_xr.io import storage
-from pixels_xr.io.manifest import RunManifest, safe_label
+from pixels_xr.io.layout import COG_LAYERS, CogUnit
 from pixels_xr.signing import redact
 
 
-def write_output_catalog(out: str, config: PixelsConfig, output_format: str, feature_ids: list[str],
-                         items: dict[str, pystac.Item] | None = None) -> str:
-    """Write ``OUT/stac/catalog.json`` describing ``feature_ids``; returns the catalog URL.
+def write_output_catalog(out: str, title: str, output_format: str, feature_ids: list[str],
+                         items: dict[str, pystac.Item] | None = None, *,
+                         sources: Callable[[str], dict[str, str]] = lambda fid: {},
+                         done: Callable[[str], list[str]] = lambda fid: []) -> str:
+    """Write ``OUT/stac/catalog.json`` (titled ``title``) describing ``feature_ids``; returns its URL.
 
     ``items``: Zarr items already made (``zarr_item``) by the run that wrote those features, so their groups
-    are not opened again; the other features' groups are read back from the store.
+    are not opened again; the other features' groups are read back from the store. ``sources(fid)`` gives a
+    feature's source item ids → hrefs (``derived_from``), ``done(fid)`` the bin labels of its finished COG
+    units (the run's ledger knows both).
     """
     from pixels_xr.io.zarr_store import open_feature
 
-    catalog = pystac.Catalog("pixels-xr-output", f"pixels_xr {config.mode} output",
-                             catalog_type=pystac.CatalogType.SELF_CONTAINED)
-    manifest = RunManifest(out, config.output_identity, output_format)
+    catalog = pystac.Catalog("pixels-xr-output", title, catalog_type=pystac.CatalogType.SELF_CONTAINED)
     items = items or {}
     for fid in feature_ids:
         if fid in items:
@@ -48,12 +50,12 @@ def write_output_catalog(out: str, config: PixelsConfig, output_format: str, fea
             ds = open_feature(out, fid) if output_format == "zarr" else None
         except OutputError:
             continue
-        sources = manifest.sources(fid)
+        used = sources(fid)
         if ds is not None:
-            catalog.add_item(zarr_item(fid, ds, sources))
+            catalog.add_item(zarr_item(fid, ds, used))
         else:
-            for label in manifest.done(fid):
-                catalog.add_item(_cog_item(out, fid, label, sources))
+            for label in done(fid):
+                catalog.add_item(_cog_item(CogUnit(out, fid, label), used))
     root = storage.join(out, "stac")
     catalog.normalize_hrefs(root)
     for item in catalog.get_items(recursive=True):
@@ -111,12 +113,11 @@ def zarr_item(fid: str, ds: Any, sources: dict[str, str]) -> pystac.Item:
     return item
 
 
-def _cog_item(out: str, fid: str, label: str, sources: dict[str, str]) -> pystac.Item:
+def _cog_item(unit: CogUnit, sources: dict[str, str]) -> pystac.Item:
     import rasterio
 
-    base_name = safe_label(label)
-    base = f"{fid}/{base_name}"
-    href = storage.join(out, fid, f"{base_name}.tif")
+    label = unit.label
+    href = unit.path()
     path = href.replace("s3://", "/vsis3/", 1) if href.startswith("s3://") else href
     try:
         with rasterio.open(path) as src:
@@ -129,14 +130,13 @@ def _cog_item(out: str, fid: str, label: str, sources: dict[str, str]) -> pystac
         raise OutputError(f"cannot read output COG: {exc}", href) from None
     start, _, end = label.partition("/")
     used = set(json.loads(tags.get("items", "[]")))
-    item = _item(f"{fid}_{safe_label(label)}", props, lonlat, start, end or start,
+    item = _item(f"{unit.feature_id}_{unit.name}", props, lonlat, start, end or start,
                  {k: v for k, v in sources.items() if k in used}, {"pixels_xr:bands": names})
-    roles = {"": ["data"], "_clear_count": ["metadata"], "_source_time": ["metadata"]}
-    for suffix, asset_roles in roles.items():
-        key = "data" if not suffix else suffix[1:]
-        if suffix == "_source_time" and not storage.exists(storage.join(out, fid, f"{base_name}{suffix}.tif")):
+    for layer, asset_roles in COG_LAYERS.items():
+        key = layer or "data"
+        if layer == "source_time" and not storage.exists(unit.path(layer)):
             continue
-        asset = pystac.Asset(f"{base}{suffix}.tif", media_type=pystac.MediaType.COG, roles=asset_roles)
+        asset = pystac.Asset(unit.relative(layer), media_type=pystac.MediaType.COG, roles=asset_roles)
         item.add_asset(key, asset)
         if key == "data":
             RasterExtension.ext(asset, add_if_missing=True).bands = bands

@@ -1,4 +1,4 @@
-"""The run manifest next to an output: which units (feature × time bin) are complete, and the run report.
+"""The batch run's ledger next to its output: which units (feature × time bin) are complete, and the report.
 
 Everything lives under ``OUT/.pixels_xr/`` (a name no feature id can take):
 
@@ -24,21 +24,16 @@ from typing import Any
 from pixels_xr._version import __version__
 from pixels_xr.errors import OutputError
 from pixels_xr.io import storage
+from pixels_xr.io.layout import MANIFEST_DIR, label_of, safe_label
 from pixels_xr.io.lock import LOCK_NAME
 from pixels_xr.signing import redact, redact_json, redact_obj
 
-MANIFEST_DIR = ".pixels_xr"
 TEMPLATE = "_template"
 
 
 def config_hash(config_json: str, output_format: str) -> str:
     """A short stable hash of what determines the output's content."""
     return hashlib.sha256(f"{output_format}\n{config_json}".encode()).hexdigest()[:16]
-
-
-def safe_label(label: str) -> str:
-    """A bin label ("2021-11-01/2021-11-30") as a storage name."""
-    return label.replace("/", "_")
 
 
 @dataclass
@@ -114,6 +109,10 @@ class RunManifest:
         """Labels of the finished units of a feature."""
         names = storage.list_names(storage.join(self.root, "units", feature_id))
         return {n[:-5] for n in names if n.endswith(".json") and not n.startswith(TEMPLATE)}
+
+    def done_labels(self, feature_id: str) -> list[str]:
+        """Bin labels (``start/end``, or the day) of the finished units of a feature, in order."""
+        return sorted(label_of(name) for name in self.done(feature_id))
 
     def template(self, feature_id: str) -> list[str] | None:
         """The time labels the feature's template was written with (None: no template yet)."""

@@ -222,7 +222,8 @@ def predict(
 
     from pixels_xr.cluster import open_client
     from pixels_xr.errors import ConfigError
-    from pixels_xr.inference import open_input, predict as run_model, write_predictions
+    from pixels_xr.inference import predict as run_model
+    from pixels_xr.io.predictions import open_input, write_predictions
 
     if fmt not in ("zarr", "cog"):
         raise ConfigError(f"unknown format {fmt!r}; use zarr or cog", "--format")

@@ -97,9 +97,9 @@ def _per_chunk(fn: Any, cube: xr.DataArray, clear: xr.DataArray, score: xr.DataA
     The graph is written directly, one reduce task per chunk × block and one unpack task per output block:
     building it per step with xarray and dask calls was most of the client's time per feature."""
     import dask.array as da
-    from dask._task_spec import List, Task, TaskRef
     from dask.base import tokenize
-    from dask.highlevelgraph import HighLevelGraph
+
+    from pixels_xr.graph import HighLevelGraph, List, Task, TaskRef
 
     data = _data(cube.transpose("time", "band", "y", "x"))
     masks = [_data(clear.transpose("time", "y", "x"))]

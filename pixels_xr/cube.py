@@ -26,28 +26,18 @@ from rasterio.enums import Resampling
 
 from pixels_xr.catalog import item_datetime, signer_for
 from pixels_xr.config import PixelsConfig
-from pixels_xr.errors import AssetReadError, ConfigError
+from pixels_xr.errors import ConfigError
 from pixels_xr.features import Feature
 from pixels_xr.grid import Grid, common_phase
 from pixels_xr.plan import check_size, feature_grid
-from pixels_xr.readers import BoundedRioDriver, PixelsReader, ReaderOptions, fetch_block, open_readers, \
-    read_pool, read_slots
-from pixels_xr.run_cache import memo
-from pixels_xr.signing import Signer, redact, sign
+from pixels_xr.readers import GDAL_CLOUD_ENV, BoundedRioDriver, PixelsReader, ReaderOptions, asset_table_dtype, \
+    check_assets, cube_coords, fetch_block, gdal_env, open_readers, raster_spec
+from pixels_xr.signing import Signer, sign
+
+__all__ = ["GDAL_CLOUD_ENV", "Loader", "asset_table", "build_cube", "check_assets", "output_grid",
+           "reflectance_bands", "to_reflectance"]
 
 log = logging.getLogger(__name__)
-
-#: GDAL settings for cloud reads (added to stackstac's defaults; documented in the README).
-GDAL_CLOUD_ENV: dict[str, Any] = {
-    "GDAL_DISABLE_READDIR_ON_OPEN": "EMPTY_DIR",  # no directory listings per open
-    "CPL_VSIL_CURL_ALLOWED_EXTENSIONS": ".tif,.TIF,.tiff,.TIFF,.jp2,.JP2",
-    "GDAL_HTTP_MULTIRANGE": "YES",
-    "GDAL_HTTP_MERGE_CONSECUTIVE_RANGES": "YES",
-    "GDAL_HTTP_MAX_RETRY": "4",
-    "GDAL_HTTP_RETRY_DELAY": "1",
-    "GDAL_INGESTED_BYTES_AT_OPEN": "32768",  # one request fetches header + most COG IFDs
-    "VSI_CACHE": "TRUE",
-}
 
 Loader = Literal["stackstac", "odc"]
 
@@ -211,14 +201,10 @@ def _load_stackstac(items: list[dict], names: list[str], mask_names: list[str], 
                     time_chunks: int | None) -> tuple[xr.DataArray, list[dict]]:
     """stackstac's readers and windows under a graph built here (see ``_read_graph``); returns the cube and
     the items kept (those overlapping the grid)."""
-    import stackstac
-    from stackstac.prepare import to_coords
-    from stackstac.raster_spec import RasterSpec
-
     if grid.epsg is None:
         raise ConfigError("the stackstac loader needs an output CRS with an EPSG code; use loader='odc'",
                           "crs")
-    spec = RasterSpec(epsg=grid.epsg, bounds=grid.bounds, resolutions_xy=(grid.scale, grid.scale))
+    spec = raster_spec(grid.epsg, grid.bounds, grid.scale)
     table = asset_table(items, names, grid)
     keep = ~np.isnan(table["bounds"]).all(axis=(1, 2))
     if not keep.all():
@@ -228,12 +214,12 @@ def _load_stackstac(items: list[dict], names: list[str], mask_names: list[str], 
         return _empty(grid, names, dtype, fill, "no item overlaps the output grid"), items
     resampling = [Resampling.nearest if (n in mask_names or config.resampling == "nearest")
                   else Resampling[config.resampling] for n in names]
-    env = stackstac.DEFAULT_GDAL_ENV.updated(always=GDAL_CLOUD_ENV)
+    env = gdal_env(GDAL_CLOUD_ENV)
     reader = functools.partial(PixelsReader, pool_size=config.pool_size, signer=signer_for(config.catalog))
     data = _read_graph(table, spec, _time_groups(items, config, feature, time_chunks), config.chunksize,
                        ReaderOptions(reader, tuple(resampling), dtype, fill, env, _errors_as_nodata(config)),
                        config.pool_size, feature.id)
-    coords, dims = to_coords(items, names, spec, xy_coords="center", properties=False, band_coords=False)
+    coords, dims = cube_coords(items, names, spec)
     cube = xr.DataArray(data, coords=coords, dims=dims)
     return cube.drop_vars([c for c in cube.coords if c not in {"time", "band", "x", "y"}]), items
 
@@ -243,8 +229,6 @@ def asset_table(items: list[dict], names: list[str], grid: Grid) -> np.ndarray:
     with array arithmetic: bounds from ``proj:transform``/``proj:shape`` (corners reprojected once per
     source CRS) or, without them, from the item's lon/lat ``bbox``. Assets missing the grid get no href
     and NaN bounds."""
-    from stackstac.prepare import ASSET_TABLE_DT
-
     n, m = len(items), len(names)
     assets = [i["assets"].get(name) or {} for i in items for name in names]
     tr = np.full((n * m, 6), np.nan)
@@ -273,7 +257,7 @@ def asset_table(items: list[dict], names: list[str], grid: Grid) -> np.ndarray:
     bounds = np.stack([xs.min(1), ys.min(1), xs.max(1), ys.max(1)], axis=1)
     left, bottom, right, top = grid.bounds
     overlap = (bounds[:, 0] < right) & (bounds[:, 2] > left) & (bounds[:, 1] < top) & (bounds[:, 3] > bottom)
-    table = np.full(n * m, None, dtype=ASSET_TABLE_DT)
+    table = np.full(n * m, None, dtype=asset_table_dtype())
     table["url"] = np.array([a.get("href") if ok else None for a, ok in zip(assets, overlap)], dtype=object)
     table["bounds"] = np.where(overlap[:, None], bounds, np.nan)
     table["scale_offset"] = (1.0, 0.0)
@@ -317,8 +301,8 @@ def _read_graph(table: np.ndarray, spec: Any, groups: list[tuple[int, int]], chu
     garbage collector meanwhile: generational passes over tens of thousands of new tasks cost 5x)."""
     import dask
     import dask.array as da
-    from dask._task_spec import Task, TaskRef
-    from dask.highlevelgraph import HighLevelGraph
+
+    from pixels_xr.graph import HighLevelGraph, Task, TaskRef
 
     height, width = spec.shape
     y_chunks, x_chunks = da.core.normalize_chunks((chunksize, chunksize), (height, width))
@@ -401,41 +385,3 @@ def to_reflectance(cube: xr.DataArray) -> xr.DataArray:
     out = out.where(valid)
     out.attrs = {**cube.attrs, "nodata": float("nan"), "units": "reflectance"}
     return out.astype("float32")
-
-
-# ----------------------------------------------------------------------------------------------- asset checks
-def check_assets(items: list[dict], config: PixelsConfig) -> tuple[list[dict], list[dict]]:
-    """Open every asset's header (``pool_size`` at a time); returns (readable items, problems).
-
-    Each problem is ``{"item", "asset", "href", "error"}``. With ``on_asset_error: fail`` the first problem
-    raises ``AssetReadError`` naming the item and asset; with ``skip`` (default) the item is left out and
-    the problem recorded.
-    """
-    import rasterio
-
-    signer = signer_for(config.catalog)
-
-    def open_error(href: str) -> str | None:
-        try:
-            with read_slots(config.pool_size):
-                signed = sign(signer, href).href  # a token API failure is this asset's problem too
-                with rasterio.Env(**GDAL_CLOUD_ENV), rasterio.open(signed) as ds:
-                    ds.read(1, window=((0, 1), (0, 1)))
-        except Exception as exc:
-            return redact(" ".join(str(exc).split()))[:300]
-        return None
-
-    def probe(item: dict, name: str, asset: dict) -> dict | None:
-        error = memo("asset-error", asset["href"], lambda: open_error(asset["href"]))  # once per batch run
-        if error is None:
-            return None
-        return {"item": item["id"], "asset": name, "href": redact(asset["href"]), "error": error}
-
-    jobs = [(item, name, asset) for item in items for name, asset in item["assets"].items()]
-    results = list(read_pool(config.pool_size).map(lambda j: probe(*j), jobs))
-    problems = [r for r in results if r is not None]
-    if problems and config.on_asset_error == "fail":
-        p = problems[0]
-        raise AssetReadError(f"asset {p['asset']!r} unreadable: {p['error']}", f"item {p['item']!r}")
-    bad = {p["item"] for p in problems}
-    return [i for i in items if i["id"] not in bad], problems

@@ -24,7 +24,10 @@ from odc.loader._rio import RioDriver, RioReader, rio_read
 from rasterio import windows
 
 from pixels_xr import read_problems
+from pixels_xr.catalog import signer_for
+from pixels_xr.config import PixelsConfig
 from pixels_xr.errors import AssetReadError
+from pixels_xr.run_cache import memo
 from pixels_xr.signing import HrefRefused, Signer, redact, redact_logs, sign
 
 redact_logs()  # rasterio's and stackstac's debug logs name every href they open, signed or pre-signed
@@ -32,6 +35,19 @@ redact_logs()  # rasterio's and stackstac's debug logs name every href they open
 _LOCK = threading.Lock()
 _POOLS: dict[int, ThreadPoolExecutor] = {}
 _SLOTS: dict[int, threading.BoundedSemaphore] = {}
+
+
+#: GDAL settings for cloud reads (added to stackstac's defaults; documented in the README).
+GDAL_CLOUD_ENV: dict[str, Any] = {
+    "GDAL_DISABLE_READDIR_ON_OPEN": "EMPTY_DIR",  # no directory listings per open
+    "CPL_VSIL_CURL_ALLOWED_EXTENSIONS": ".tif,.TIF,.tiff,.TIFF,.jp2,.JP2",
+    "GDAL_HTTP_MULTIRANGE": "YES",
+    "GDAL_HTTP_MERGE_CONSECUTIVE_RANGES": "YES",
+    "GDAL_HTTP_MAX_RETRY": "4",
+    "GDAL_HTTP_RETRY_DELAY": "1",
+    "GDAL_INGESTED_BYTES_AT_OPEN": "32768",  # one request fetches header + most COG IFDs
+    "VSI_CACHE": "TRUE",
+}
 
 
 def _reset_after_fork() -> None:  # a forked child must not inherit the parent's threads or held locks
@@ -321,3 +337,72 @@ class BoundedRioDriver(RioDriver):
 
     def open(self, src: Any, ctx: Any) -> Any:
         return _BoundedRioReader(src, ctx, self.pool_size, self.signer)
+
+
+# ----------------------------------------------------------------------------------------------- stackstac's types
+# The one place stackstac's modules are named (with the readers above): its grid spec, asset table dtype,
+# coordinates and GDAL environment, so an upgrade of stackstac touches this file only.
+def raster_spec(epsg: int, bounds: tuple[float, float, float, float], scale: float) -> Any:
+    """stackstac's ``RasterSpec`` of an output grid (north-up, square pixels)."""
+    from stackstac.raster_spec import RasterSpec
+
+    return RasterSpec(epsg=epsg, bounds=bounds, resolutions_xy=(scale, scale))
+
+
+def asset_table_dtype() -> np.dtype:
+    """The structured dtype of stackstac's ``(item, band)`` asset table (url, bounds, scale_offset)."""
+    from stackstac.prepare import ASSET_TABLE_DT
+
+    return ASSET_TABLE_DT
+
+
+def cube_coords(items: list[dict], names: list[str], spec: Any) -> tuple[dict, list[str]]:
+    """stackstac's coordinates (time, band, pixel-centre y/x) and dims for items on ``spec``."""
+    from stackstac.prepare import to_coords
+
+    return to_coords(items, names, spec, xy_coords="center", properties=False, band_coords=False)
+
+
+def gdal_env(extra: dict[str, Any]) -> Any:
+    """stackstac's default GDAL environment with ``extra`` options always set."""
+    import stackstac
+
+    return stackstac.DEFAULT_GDAL_ENV.updated(always=extra)
+
+
+# ----------------------------------------------------------------------------------------------- asset checks
+def check_assets(items: list[dict], config: PixelsConfig) -> tuple[list[dict], list[dict]]:
+    """Open every asset's header (``pool_size`` at a time); returns (readable items, problems).
+
+    Each problem is ``{"item", "asset", "href", "error"}``. With ``on_asset_error: fail`` the first problem
+    raises ``AssetReadError`` naming the item and asset; with ``skip`` (default) the item is left out and
+    the problem recorded.
+    """
+    import rasterio
+
+    signer = signer_for(config.catalog)
+
+    def open_error(href: str) -> str | None:
+        try:
+            with read_slots(config.pool_size):
+                signed = sign(signer, href).href  # a token API failure is this asset's problem too
+                with rasterio.Env(**GDAL_CLOUD_ENV), rasterio.open(signed) as ds:
+                    ds.read(1, window=((0, 1), (0, 1)))
+        except Exception as exc:
+            return redact(" ".join(str(exc).split()))[:300]
+        return None
+
+    def probe(item: dict, name: str, asset: dict) -> dict | None:
+        error = memo("asset-error", asset["href"], lambda: open_error(asset["href"]))  # once per batch run
+        if error is None:
+            return None
+        return {"item": item["id"], "asset": name, "href": redact(asset["href"]), "error": error}
+
+    jobs = [(item, name, asset) for item in items for name, asset in item["assets"].items()]
+    results = list(read_pool(config.pool_size).map(lambda j: probe(*j), jobs))
+    problems = [r for r in results if r is not None]
+    if problems and config.on_asset_error == "fail":
+        p = problems[0]
+        raise AssetReadError(f"asset {p['asset']!r} unreadable: {p['error']}", f"item {p['item']!r}")
+    bad = {p["item"] for p in problems}
+    return [i for i in items if i["id"] not in bad], problems

@@ -25,7 +25,7 @@ from dask.base import tokenize
 from dask.delayed import Delayed
 
 from pixels_xr.errors import OutputError
-from pixels_xr.fused import block_graph
+from pixels_xr.graph import block_graph
 
 ZARR_FORMATS = (2, 3)
 
@@ -96,7 +96,7 @@ def region_write(ds: xr.Dataset, store: str, group: str, index: int | slice, *,
     and block, and its checks cost ~40 ms of client time per call). Values are CF-encoded as xarray encodes
     them (``encode_cf_variable`` with each variable's encoding), so readers see no difference.
     """
-    from dask._task_spec import List, Task, TaskRef
+    from pixels_xr.graph import List, Task, TaskRef
 
     region = index if isinstance(index, slice) else slice(index, index + 1)
     names = [name for name, var in ds.data_vars.items() if "time" in var.dims]

@@ -1,6 +1,10 @@
-"""One task per output block: the work that only one block needs runs inside that block's task.
+"""Dask graphs written by hand: the one seam over dask's private task spec, and one task per output block.
 
-A lazy Dataset from ``compose`` costs about 25 small tasks per output block once written (read, mask,
+Modules that write graphs directly (``cube`` reads, ``compose`` reductions, ``io.zarr_store`` writes) take
+``Task``, ``TaskRef``, ``List``, ``DataNode`` and ``HighLevelGraph`` from here, so a change of dask's
+``_task_spec`` touches this file only.
+
+One task per output block: a lazy Dataset from ``compose`` costs about 25 small tasks per output block once written (read, mask,
 reduce, one ``getitem`` and one store per variable, their concatenations). On a cluster every task is
 scheduler and client time, and on a small machine that time is taken from the workers. ``block_graph``
 regroups such a graph: each block's consumer (e.g. a Zarr write of all variables of the block) becomes one
@@ -14,7 +18,11 @@ from collections import Counter
 from collections.abc import Callable, Hashable, Iterable, Sequence
 from typing import Any
 
+from dask._task_spec import DataNode, GraphNode, List, Task, TaskRef
 from dask.base import collections_to_expr, tokenize
+from dask.highlevelgraph import HighLevelGraph
+
+__all__ = ["DataNode", "GraphNode", "HighLevelGraph", "List", "Task", "TaskRef", "block_graph"]
 
 Key = Hashable
 
@@ -26,8 +34,6 @@ def block_graph(arrays: Sequence[Any], blocks: Iterable[tuple[int, ...]], consum
     ``arrays`` are dask arrays with the same chunk grid. Returns the graph (plain dict of dask tasks) and
     the consumer keys in block order; compute them with ``dask.delayed``/``Client.get`` on the graph.
     """
-    from dask._task_spec import DataNode, GraphNode, List, Task, TaskRef
-
     blocks = [tuple(b) for b in blocks]
     # optimised as dask.compute does (without .optimize() blockwise fusion may recompute shared inputs)
     dsk: dict[Key, GraphNode] = dict(

@@ -22,7 +22,7 @@ from pixels_xr.compose import collect
 from pixels_xr.config import load_config
 from pixels_xr.errors import OutputError
 from pixels_xr.features import Feature, load_features
-from pixels_xr.fused import block_graph
+from pixels_xr.graph import block_graph
 from pixels_xr.io.zarr_store import aligned, region_write, write_template
 
 

@@ -16,9 +16,9 @@ from typing import Any, Literal
 import numpy as np
 
 from pixels_xr.errors import ModelError
+from pixels_xr.inference.sidecar import MODEL_SUFFIXES
 from pixels_xr.io import storage
 from pixels_xr.io.predictions import first_line
-from pixels_xr.model_spec import MODEL_SUFFIXES
 
 _LOCK = threading.Lock()
 _CACHE: dict[tuple[str, int], LoadedModel] = {}

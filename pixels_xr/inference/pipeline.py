@@ -17,8 +17,8 @@ from pixels_xr.errors import ModelError
 from pixels_xr.inference.blocks import NODATA_U8, PROBABILITY_U8_SCALE, Plan, classes_block, image_block, \
     merged_chunks, pixel_block, uint8_block
 from pixels_xr.inference.model import LoadedModel, load_model
+from pixels_xr.inference.sidecar import ModelSpec, load_spec, sidecar_path
 from pixels_xr.io.predictions import first_line
-from pixels_xr.model_spec import ModelSpec, load_spec, sidecar_path
 
 #: Samples (pixels) per model call for per-pixel models, tiles per call for image models.
 DEFAULT_BATCH = {"pixel": 65536, "image": 8}

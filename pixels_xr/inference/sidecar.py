@@ -1,21 +1,4 @@
-"""The JSON sidecar next to a model: band order, normalisation, nodata handling, classes and colours.
-
-A model ``cloud.keras`` (or a SavedModel folder ``cloud/``) is described by ``cloud.json`` beside it::
-
-    {"bands": ["blue", "green", "red", "nir"],       # dataset variables, in the model's channel order
-     "scale": 1.0, "offset": 0.0,                     # model input = value * scale + offset (per band or one)
-     "input": "reflectance",                          # what the values must be: reflectance | raw | any
-     "nodata": {"value": 0, "when": "any", "fill": 0.0},
-     "classes": ["clear", "cloud", "shadow"],         # names of the model's output channels
-     "colors": {"clear": [0, 160, 0], "cloud": [255, 255, 255]},      # RGB(A) per class (COG: RGB only)
-     "margin": 2,                                     # receptive-field margin in pixels (image models)
-     "patch": [256, 256]}                             # tile size when the model's input size is not fixed
-
-A pixel is nodata when its value is NaN or ``nodata.value`` (default: the variable's ``nodata`` attribute,
-else 0 for unsigned integers) in ``any`` (default) or ``all`` of the bands (and dates) the model reads.
-Nodata inputs are replaced by ``nodata.fill`` (in model units) before the model sees them, and the outputs
-of nodata pixels are nodata.
-"""
+"""The JSON sidecar beside a model (band order, normalisation, nodata, classes, colours), validated."""
 
 from __future__ import annotations
 
@@ -51,7 +34,24 @@ class NodataRule(BaseModel):
 
 
 class ModelSpec(BaseModel):
-    """The validated sidecar of one model."""
+    """The validated sidecar of one model.
+
+    A model ``cloud.keras`` (or a SavedModel folder ``cloud/``) is described by ``cloud.json`` beside it::
+
+        {"bands": ["blue", "green", "red", "nir"],       # dataset variables, in the model's channel order
+         "scale": 1.0, "offset": 0.0,                     # input = value * scale + offset (per band or one)
+         "input": "reflectance",                          # what the values must be: reflectance | raw | any
+         "nodata": {"value": 0, "when": "any", "fill": 0.0},
+         "classes": ["clear", "cloud", "shadow"],         # names of the model's output channels
+         "colors": {"clear": [0, 160, 0], "cloud": [255, 255, 255]},      # RGB(A) per class (COG: RGB only)
+         "margin": 2,                                     # receptive-field margin in pixels (image models)
+         "patch": [256, 256]}                             # tile size when the model's input size is not fixed
+
+    A pixel is nodata when its value is NaN or ``nodata.value`` (default: the variable's ``nodata`` attribute,
+    else 0 for unsigned integers) in ``any`` (default) or ``all`` of the bands (and dates) the model reads.
+    Nodata inputs are replaced by ``nodata.fill`` (in model units) before the model sees them, and the outputs
+    of nodata pixels are nodata.
+    """
 
     model_config = ConfigDict(extra="forbid")
 

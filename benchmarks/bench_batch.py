@@ -180,7 +180,7 @@ def main() -> None:
 
 
 def load_features_pixels(config, feature) -> int:
-    from pixels_xr.plan import feature_grid
+    from pixels_xr.grid import feature_grid
 
     grid = feature_grid(config, feature)
     return grid.width * grid.height
@@ -191,7 +191,7 @@ def big_runs(size: int, date_counts: list[int], config) -> list[str]:
     from datetime import date, timedelta
 
     from pixels_xr.features import load_features
-    from pixels_xr.plan import feature_grid
+    from pixels_xr.grid import feature_grid
     from pixels_xr.sample import make_sample
 
     rows = []

@@ -46,8 +46,12 @@ from pixels_xr.features import Feature
 from pixels_xr.platforms import PROVIDERS, Band, Platform, asset_candidates, canonical_band, \
     platform_of_item, reflectance_scale_offset
 from pixels_xr.run_cache import memo
-from pixels_xr.signing import HrefGate, HrefPolicy, PlanetaryComputerSigner, Signer, env_prefixes, redact, \
-    redact_logs
+from pixels_xr.signing import ALLOWED_HREFS, SIGNERS, allow_hrefs, href_policy, is_remote, redact, redact_logs, \
+    register_signer, registered_signer, signer_for
+
+__all__ = ["ALLOWED_HREFS", "SIGNERS", "SearchResult", "allow_hrefs", "deduplicate", "find_asset", "href_policy",
+           "is_remote", "item_datetime", "normalize_item", "read_local", "register_signer", "registered_signer",
+           "search", "search_api", "signer_for", "tile_key"]
 
 log = logging.getLogger(__name__)
 
@@ -63,62 +67,6 @@ STAC_CONNECT_TIMEOUT = 10.0
 STAC_READ_TIMEOUT = 60.0
 #: Environment override of both timeouts: ``SECONDS`` (connect and read) or ``CONNECT,READ``.
 STAC_TIMEOUT_ENV = "PIXELS_XR_STAC_TIMEOUT"
-
-# ----------------------------------------------------------------------------------------------- signing
-#: Catalog (provider name, STAC API URL or local path) → signer of asset hrefs, called by the readers just
-#: before they open an asset and again when its signature expires (see ``pixels_xr.signing``).
-SIGNERS: dict[str, Signer] = {"planetary-computer": PlanetaryComputerSigner()}
-
-
-def register_signer(catalog: str, signer: Signer) -> None:
-    """Register ``signer`` (``href -> str | SignedHref``) for items of ``catalog`` (a provider name such as
-    ``planetary-computer``, a STAC API URL or a local catalog path)."""
-    SIGNERS[catalog] = signer
-
-
-def registered_signer(catalog: str) -> Signer | None:
-    """The signer registered for a catalog, also when a provider is named by its API URL."""
-    if catalog in SIGNERS:
-        return SIGNERS[catalog]
-    names = [name for name, url in PROVIDERS.items() if url.rstrip("/") == catalog.rstrip("/")]
-    return SIGNERS.get(names[0]) if names else None
-
-
-def signer_for(catalog: str) -> HrefGate:
-    """What readers, asset checks and header reads call on every href just before opening it: the
-    catalog's allow-list (``href_policy``; a refused href raises ``signing.HrefRefused`` and is never
-    opened), then the catalog's registered signer (``registered_signer``)."""
-    return HrefGate(href_policy(catalog), registered_signer(catalog))
-
-
-# ----------------------------------------------------------------------------------------------- allow-list
-#: Catalog (provider name, STAC API URL or local path) → extra href prefixes allowed for its items, on
-#: top of ``href_policy``'s defaults and ``$PIXELS_XR_ALLOWED_HREFS`` (``"*"`` allows every href).
-ALLOWED_HREFS: dict[str, tuple[str, ...]] = {}
-
-
-def allow_hrefs(catalog: str, *prefixes: str) -> None:
-    """Allow asset hrefs starting with any of ``prefixes`` for items of ``catalog`` (added to those already
-    allowed), e.g. ``allow_hrefs("https://stac.internal/api", "http://10.0.0.7:9000/")``."""
-    ALLOWED_HREFS[catalog] = (*ALLOWED_HREFS.get(catalog, ()), *prefixes)
-
-
-def is_remote(catalog: str) -> bool:
-    """Whether a configured catalog is a STAC API (a provider name or an http(s) URL), not a local file."""
-    return catalog in PROVIDERS or catalog.startswith(("http://", "https://"))
-
-
-def href_policy(catalog: str) -> HrefPolicy:
-    """The asset href allow-list of a configured catalog (see ``pixels_xr.signing`` for the rules): a
-    STAC API's items may point at http(s) public hosts or its own origin, s3, gs and az; a local catalog's
-    at local paths too. ``$PIXELS_XR_ALLOWED_HREFS`` (read now, in this process: workers get the policy
-    itself) and ``allow_hrefs`` add prefixes."""
-    if not is_remote(catalog):
-        return HrefPolicy.local(catalog, [*env_prefixes(), *ALLOWED_HREFS.get(catalog, ())])
-    url = PROVIDERS.get(catalog, catalog)
-    keys = dict.fromkeys([catalog, url, *(n for n, u in PROVIDERS.items() if u.rstrip("/") == url.rstrip("/"))])
-    return HrefPolicy.remote(url, [*env_prefixes(), *(p for k in keys for p in ALLOWED_HREFS.get(k, ()))])
-
 
 # ----------------------------------------------------------------------------------------------- search
 class SearchResult(list):

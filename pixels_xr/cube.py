@@ -28,8 +28,7 @@ from pixels_xr.catalog import item_datetime, signer_for
 from pixels_xr.config import PixelsConfig
 from pixels_xr.errors import ConfigError
 from pixels_xr.features import Feature
-from pixels_xr.grid import Grid, common_phase
-from pixels_xr.plan import check_size, feature_grid
+from pixels_xr.grid import Grid, check_size, common_phase, feature_grid
 from pixels_xr.readers import GDAL_CLOUD_ENV, BoundedRioDriver, PixelsReader, ReaderOptions, asset_table_dtype, \
     check_assets, cube_coords, fetch_block, gdal_env, open_readers, raster_spec
 from pixels_xr.signing import Signer, sign

@@ -11,8 +11,16 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
+from typing import TYPE_CHECKING
+
 from affine import Affine
 from pyproj import CRS
+
+from pixels_xr.errors import ConfigError
+
+if TYPE_CHECKING:  # the grid rules read a config and a feature; neither module imports this one
+    from pixels_xr.config import PixelsConfig
+    from pixels_xr.features import Feature
 
 _EPS = 1e-6
 
@@ -99,3 +107,20 @@ def common_phase(origins: list[tuple[float, float]], scale: float) -> tuple[floa
     if len(phases) == 1:
         return phases.pop()
     return 0.0, 0.0
+
+
+def feature_grid(config: PixelsConfig, feature: Feature, anchor: tuple[float, float] = (0.0, 0.0)) -> Grid:
+    """Output grid of a feature: its bounds in the output CRS snapped to the scale (see ``grid``)."""
+    crs = config.crs or feature.output_crs
+    geom = feature.geometry_in(crs)
+    return make_grid(geom.bounds, crs, config.resolved_scale, anchor)
+
+
+def check_size(config: PixelsConfig, feature: Feature, grid: Grid) -> None:
+    """Refuse grids past ``max_pixels`` (per band and slice) unless ``force``: such sizes are rarely meant."""
+    pixels = grid.width * grid.height
+    if pixels > config.max_pixels and not config.force:
+        raise ConfigError(
+            f"output grid of {grid.width}×{grid.height} = {pixels:,} pixels at scale {grid.scale} exceeds "
+            f"max_pixels {config.max_pixels:,}; check scale and the geometry's CRS, or set force: true",
+            f"feature {feature.id!r}")

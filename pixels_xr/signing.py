@@ -3,7 +3,7 @@
 A signer is a callable ``href -> str | SignedHref``; a ``SignedHref`` may carry the moment (epoch seconds)
 after which it must be signed again. Readers call the signer when they open an asset and again once that
 moment has passed, so a long run never reads with an expired token. Register signers per catalog with
-``catalog.register_signer``; ``planetary-computer`` has ``PlanetaryComputerSigner`` by default.
+``register_signer`` (here; also importable from ``catalog``); ``planetary-computer`` has ``PlanetaryComputerSigner`` by default.
 
 Planetary Computer: a blob ``https://{account}.blob.core.windows.net/{container}/{path}`` is read with a SAS
 token of its container from ``{token API}/{account}/{container}`` (default
@@ -15,7 +15,7 @@ understood too. Other hrefs pass unchanged. Tokens never reach logs, errors or o
 
 Which hrefs are opened at all: ``HrefPolicy`` (an allow-list derived from the catalog's own location by
 ``catalog.href_policy``) checked by ``HrefGate``, the signer every reader, asset check and header read
-gets from ``catalog.signer_for``. A refused href raises ``HrefRefused`` (an ``AssetReadError``) before
+gets from ``signer_for``. A refused href raises ``HrefRefused`` (an ``AssetReadError``) before
 anything is opened, so it is reported like an unreadable asset. The default rules:
 
 - never GDAL virtual file system strings written into a catalog (``/vsicurl/…``, ``/vsizip/…``, any
@@ -32,7 +32,7 @@ anything is opened, so it is reported like an unreadable asset. The default rule
   local path and any host — it is trusted as much as the files the user points at;
 - extra href prefixes are allowed on top, per process from ``$PIXELS_XR_ALLOWED_HREFS`` (comma-separated
   prefixes such as ``http://127.0.0.1:9000/,/vsis3/bucket/``; ``*`` allows every href) and per catalog
-  with ``catalog.allow_hrefs``.
+  with ``allow_hrefs``.
 """
 
 from __future__ import annotations
@@ -54,6 +54,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from pixels_xr.errors import AssetReadError
+from pixels_xr.platforms import PROVIDERS
 
 PC_SAS_URL = "https://planetarycomputer.microsoft.com/api/sas/v1/token"
 PC_SAS_ENV = "PIXELS_XR_PC_SAS_URL"
@@ -286,7 +287,7 @@ class HrefPolicy:
         why = self.refusal(href)
         if why is not None:
             raise HrefRefused(f"refused by the href allow-list of catalog {self.catalog}: {why} (allow it "
-                              f"with ${ALLOWED_HREFS_ENV} or catalog.allow_hrefs)", _printable(redact(str(href))))
+                              f"with ${ALLOWED_HREFS_ENV} or allow_hrefs)", _printable(redact(str(href))))
 
 
 def _printable(text: str) -> str:
@@ -415,3 +416,60 @@ def _process_signer(endpoint: str | None, margin: float, timeout: float,
         if key not in _PROCESS_SIGNERS:
             _PROCESS_SIGNERS[key] = PlanetaryComputerSigner(endpoint, margin, timeout, retries)
         return _PROCESS_SIGNERS[key]
+
+
+# ----------------------------------------------------------------------------------------------- registry
+#: (the per-catalog registries of signers and allowed hrefs, used by every reader through ``signer_for``)
+#: Catalog (provider name, STAC API URL or local path) → signer of asset hrefs, called by the readers just
+#: before they open an asset and again when its signature expires (see ``pixels_xr.signing``).
+SIGNERS: dict[str, Signer] = {"planetary-computer": PlanetaryComputerSigner()}
+
+
+def register_signer(catalog: str, signer: Signer) -> None:
+    """Register ``signer`` (``href -> str | SignedHref``) for items of ``catalog`` (a provider name such as
+    ``planetary-computer``, a STAC API URL or a local catalog path)."""
+    SIGNERS[catalog] = signer
+
+
+def registered_signer(catalog: str) -> Signer | None:
+    """The signer registered for a catalog, also when a provider is named by its API URL."""
+    if catalog in SIGNERS:
+        return SIGNERS[catalog]
+    names = [name for name, url in PROVIDERS.items() if url.rstrip("/") == catalog.rstrip("/")]
+    return SIGNERS.get(names[0]) if names else None
+
+
+def signer_for(catalog: str) -> HrefGate:
+    """What readers, asset checks and header reads call on every href just before opening it: the
+    catalog's allow-list (``href_policy``; a refused href raises ``signing.HrefRefused`` and is never
+    opened), then the catalog's registered signer (``registered_signer``)."""
+    return HrefGate(href_policy(catalog), registered_signer(catalog))
+
+
+# ----------------------------------------------------------------------------------------------- allow-list
+#: Catalog (provider name, STAC API URL or local path) → extra href prefixes allowed for its items, on
+#: top of ``href_policy``'s defaults and ``$PIXELS_XR_ALLOWED_HREFS`` (``"*"`` allows every href).
+ALLOWED_HREFS: dict[str, tuple[str, ...]] = {}
+
+
+def allow_hrefs(catalog: str, *prefixes: str) -> None:
+    """Allow asset hrefs starting with any of ``prefixes`` for items of ``catalog`` (added to those already
+    allowed), e.g. ``allow_hrefs("https://stac.internal/api", "http://10.0.0.7:9000/")``."""
+    ALLOWED_HREFS[catalog] = (*ALLOWED_HREFS.get(catalog, ()), *prefixes)
+
+
+def is_remote(catalog: str) -> bool:
+    """Whether a configured catalog is a STAC API (a provider name or an http(s) URL), not a local file."""
+    return catalog in PROVIDERS or catalog.startswith(("http://", "https://"))
+
+
+def href_policy(catalog: str) -> HrefPolicy:
+    """The asset href allow-list of a configured catalog (see ``pixels_xr.signing`` for the rules): a
+    STAC API's items may point at http(s) public hosts or its own origin, s3, gs and az; a local catalog's
+    at local paths too. ``$PIXELS_XR_ALLOWED_HREFS`` (read now, in this process: workers get the policy
+    itself) and ``allow_hrefs`` add prefixes."""
+    if not is_remote(catalog):
+        return HrefPolicy.local(catalog, [*env_prefixes(), *ALLOWED_HREFS.get(catalog, ())])
+    url = PROVIDERS.get(catalog, catalog)
+    keys = dict.fromkeys([catalog, url, *(n for n, u in PROVIDERS.items() if u.rstrip("/") == url.rstrip("/"))])
+    return HrefPolicy.remote(url, [*env_prefixes(), *(p for k in keys for p in ALLOWED_HREFS.get(k, ()))])

@@ -3,13 +3,26 @@
 from __future__ import annotations
 
 import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 
-from pixels_xr.cluster import (WORKER_DEFAULTS, EnvironmentPlugin, local_cluster_size, open_client,
-                               worker_environment)
+from pixels_xr.cluster import (
+    WORKER_DEFAULTS,
+    EnvironmentPlugin,
+    local_cluster_size,
+    max_local_workers,
+    open_client,
+    parse_memory_limit,
+    worker_environment,
+)
 from pixels_xr.config import ClusterOptions
 from pixels_xr.errors import ConfigError
+
+REPO = Path(__file__).resolve().parents[1]
 
 
 def test_address_client_forwards_environment_and_leaves_scheduler_running(dask_scheduler, monkeypatch,
@@ -76,3 +89,104 @@ def test_environment_fallbacks(monkeypatch) -> None:
             pass
     monkeypatch.setenv("GDAL_HTTP_MAX_RETRY", "9")
     assert worker_environment()["GDAL_HTTP_MAX_RETRY"] == "9"  # the client's own settings win
+
+
+# ------------------------------------------------------------------- sizes checked before anything starts
+
+
+@pytest.mark.parametrize("options, where, needle", [
+    (ClusterOptions().model_copy(update={"workers": -1}), "cluster.workers", "at least 1"),  # hung
+    (ClusterOptions().model_copy(update={"workers": 0}), "cluster.workers", "at least 1"),
+    (ClusterOptions().model_copy(update={"workers": 100000}), "cluster.workers", "at most"),  # hung
+    (ClusterOptions().model_copy(update={"threads_per_worker": 0}), "cluster.threads_per_worker", "≥ 1"),
+    ({"memory_limit": "lots"}, "cluster.memory_limit", "not a memory size"),  # dask's ValueError
+    ({"memory_limit": "-1GB"}, "cluster.memory_limit", "at least"),
+    ({"memory_limit": "1e400"}, "cluster.memory_limit", "not a memory size"),
+    ({"memory_limit": "10 kB"}, "cluster.memory_limit", "at least"),
+    ({"adapt_min": 5, "adapt_max": 2}, "cluster.adapt_min", "above adapt_max"),
+])
+def test_bad_sizes_are_refused_before_a_cluster_starts(options, where, needle) -> None:
+    with pytest.raises(ConfigError) as err:
+        with open_client("local", options, quiet=True):
+            pytest.fail("a cluster started")
+    assert err.value.where == where and needle in str(err.value), str(err.value)
+
+
+def test_memory_limit_forms() -> None:
+    assert parse_memory_limit(None) is None
+    assert parse_memory_limit("auto") == "auto"
+    assert parse_memory_limit("0.5") == 0.5 and parse_memory_limit(0.25) == 0.25
+    assert parse_memory_limit("2GiB") == 2 * 2**30 and parse_memory_limit("4 GB") == 4 * 10**9
+    assert parse_memory_limit(4e9) == 4 * 10**9
+    assert max_local_workers() == min(256, 4 * (os.cpu_count() or 1))
+
+
+def test_workers_from_the_environment_must_be_positive(monkeypatch) -> None:
+    monkeypatch.setenv("PIXELS_XR_WORKERS", "0")
+    with pytest.raises(ConfigError, match="PIXELS_XR_WORKERS"):
+        with open_client("local", quiet=True):
+            pass
+
+
+def test_local_workers_never_see_sigint_restarts_included() -> None:
+    """Ctrl-C reaches the whole process group; the workers must leave it to the client (which closes them)."""
+    with open_client("local", {"workers": 1, "threads_per_worker": 1}, quiet=True) as client:
+        assert signal.SIGINT not in signal.pthread_sigmask(signal.SIG_BLOCK, [])  # the client's own mask is back
+        blocked = client.run(lambda: signal.SIGINT in signal.pthread_sigmask(signal.SIG_BLOCK, []))
+        assert list(blocked.values()) == [True]
+        client.restart()  # the nanny starts a new worker process
+        blocked = client.run(lambda: signal.SIGINT in signal.pthread_sigmask(signal.SIG_BLOCK, []))
+        assert list(blocked.values()) == [True]
+
+
+# ------------------------------------------------------- a script without `if __name__ == "__main__":`
+
+UNGUARDED = """
+import pixels_xr as px
+from shapely.geometry import box
+
+config = px.load_config({CONFIG!r})
+features = [px.Feature("a", box(-9.0, 38.7, -8.99, 38.71))]
+report = px.run_batch(config, features, {OUT!r}, cluster="local", progress=False)
+print("finished", report.ok)
+"""
+
+CALLED_FROM_TOP = """
+from pixels_xr.cluster import open_client
+
+
+def main():
+    with open_client("local", {{"workers": 1, "threads_per_worker": 1}}, quiet=True) as client:
+        print("answer", client.submit(sum, [40, 2]).result())
+
+
+main()
+"""
+
+GUARDED = CALLED_FROM_TOP.replace("\nmain()\n", '\nif __name__ == "__main__":\n    main()\n')
+
+
+def _run_script(tmp_path: Path, text: str) -> subprocess.CompletedProcess:
+    script = tmp_path / "user_script.py"
+    script.write_text(text.format(CONFIG=str(REPO / "configs" / "sample_monthly_composite.json"),
+                                  OUT=str(tmp_path / "out.zarr")))
+    return subprocess.run([sys.executable, str(script)], cwd=tmp_path, capture_output=True, text=True,
+                          timeout=120)
+
+
+@pytest.mark.parametrize("text", [UNGUARDED, CALLED_FROM_TOP], ids=["run_batch-at-top-level", "main()-unguarded"])
+def test_a_script_without_main_guard_gets_one_clear_error(tmp_path, text) -> None:
+    proc = _run_script(tmp_path, text)
+    assert proc.returncode == 1, proc.stdout + proc.stderr
+    assert "Nanny failed" not in proc.stderr and "bootstrapping phase" not in proc.stderr, proc.stderr
+    assert proc.stderr.count("Traceback") == 1, proc.stderr  # the script's own uncaught error, nothing from workers
+    last = proc.stderr.strip().splitlines()[-1]
+    assert last.startswith(f"pixels_xr.errors.PixelsError: {tmp_path / 'user_script.py'}: line "), last
+    assert 'put the code that runs the batch under `if __name__ == "__main__":`' in last, last
+    assert "finished" not in proc.stdout and "answer" not in proc.stdout
+
+
+def test_the_same_script_with_the_guard_runs(tmp_path) -> None:
+    proc = _run_script(tmp_path, GUARDED)
+    assert proc.returncode == 0, proc.stderr
+    assert "answer 42" in proc.stdout

@@ -164,7 +164,8 @@ def collect(
     out: Annotated[str, typer.Option("--out", "-o", help="Output: a .zarr store or a COG folder (path or URL).")],
     fmt: Annotated[str, typer.Option("--format", help="zarr (one store, a group per feature) or cog.")] = "zarr",
     cluster: Annotated[str, typer.Option(help="'local', a scheduler address (tcp://…) or 'gateway'.")] = "local",
-    workers: Annotated[int | None, typer.Option(help="Workers (local cluster / fixed Gateway size).")] = None,
+    workers: Annotated[int | None, typer.Option(
+        help="Workers: local cluster processes (1 to 4 per core) or a fixed Gateway size.")] = None,
     zarr_format: Annotated[int, typer.Option(help="Zarr format version, 3 or 2.")] = 3,
     overwrite: Annotated[bool, typer.Option(help="Redo every unit (and accept a changed config).")] = False,
     window: Annotated[int | None, typer.Option(help="Units in flight (default: 4 × cluster threads, at least 16).")] = None,
@@ -172,14 +173,26 @@ def collect(
 ) -> None:
     """Search, build and write every feature into OUT on a Dask cluster; resumable (re-runs skip done units)."""
     from pixels_xr.batch import run_batch
+    from pixels_xr.cluster import check_options, check_workers
     from pixels_xr.config import load_config
+    from pixels_xr.errors import ConfigError
     from pixels_xr.features import load_features
 
+    if window is not None and window < 1:
+        raise ConfigError(f"must be at least 1, got {window}", "--window")
+    if workers is not None:
+        check_workers(workers, "--workers", local=cluster.strip() == "local")
     cfg = load_config(config)
-    options = cfg.cluster.model_copy(update={"workers": workers}) if workers else cfg.cluster
-    report = run_batch(cfg, load_features(features), out, cluster=cluster, cluster_options=options,
-                       output_format=fmt, zarr_format=zarr_format, overwrite=overwrite,  # type: ignore[arg-type]
-                       window=window, progress=not quiet)
+    options = cfg.cluster.model_copy(update={"workers": workers}) if workers is not None else cfg.cluster
+    check_options(options, local=cluster.strip() == "local")  # before the output is touched or a cluster starts
+    try:
+        report = run_batch(cfg, load_features(features), out, cluster=cluster, cluster_options=options,
+                           output_format=fmt, zarr_format=zarr_format, overwrite=overwrite,  # type: ignore[arg-type]
+                           window=window, progress=not quiet)
+    except KeyboardInterrupt:
+        typer.echo(f"interrupted: the units finished so far are kept in {out}; run the same command again to "
+                   "write the rest", err=True)
+        raise typer.Exit(130) from None
     for failed in report.failed:
         typer.echo(f"failed: {failed.id} at {failed.stage}: {failed.error}", err=True)
     typer.echo(report.summary())

@@ -9,6 +9,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 from typer.testing import CliRunner
 
@@ -94,11 +95,132 @@ def test_help_shows_flags_as_flags_in_the_real_cli() -> None:
 def test_help_without_the_pxm_extra_shows_the_install_hint_whole() -> None:
     # the state of an environment without the pxm extra: its `regex` dependency cannot be imported
     # (a None entry in sys.modules is how Python marks a module as not importable)
-    without_pxm = [sys.executable, "-c", "import sys; sys.modules['regex'] = None; sys.argv[0] = 'pixels-xr'; "
-                   "from pixels_xr.cli import main; main()"]
+    without_pxm = [sys.executable, "-c", ("import sys; sys.modules['regex'] = None; sys.argv[0] = 'pixels-xr'; "
+                                          "from pixels_xr.cli import main; main()")]
     out = help_text(argv_prefix=without_pxm)
     assert "pip install 'pixels-xr[pxm]'" in " ".join(out.replace("│", " ").split()), out
     proc = subprocess.run([*without_pxm, "pxm", "validate", "m.json"], capture_output=True, text=True,
                           timeout=120, env=WIDE)
     assert proc.returncode == 1 and "Traceback" not in proc.stderr
     assert proc.stderr.strip().startswith("error: pxm:") and "pixels-xr[pxm]" in proc.stderr, proc.stderr
+
+
+# ------------------------------------------------------------------------------ collect: options, Ctrl-C
+
+
+@pytest.fixture(scope="module")
+def sample_dir(tmp_path_factory) -> Path:
+    """``pixels-xr sample sample --size 256 --n-dates 12`` in a folder of its own, the README's main job."""
+    root = tmp_path_factory.mktemp("collect")
+    proc = subprocess.run([CLI, "sample", "sample", "--size", "256", "--n-dates", "12"], cwd=root,
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    return root
+
+
+def collect_cmd(out: Path, *extra: str, config: Path = REPO / "configs/sample_monthly_composite.json") -> list[str]:
+    return [CLI, "collect", str(config), "--features", "sample/features.geojson", "--out", str(out), *extra]
+
+
+@pytest.mark.parametrize("extra, where, needle", [
+    (["--workers", "-1"], "--workers", "at least 1"),
+    (["--workers", "0"], "--workers", "at least 1"),  # was ignored
+    (["--workers", "100000"], "--workers", "at most"),  # hung
+    (["--window", "-5"], "--window", "at least 1"),  # traceback
+    (["--window", "0"], "--window", "at least 1"),
+])
+def test_collect_refuses_bad_cluster_sizes_before_anything_starts(sample_dir, extra, where, needle) -> None:
+    out = sample_dir / "refused.zarr"
+    proc = subprocess.run(collect_cmd(out, *extra), cwd=sample_dir, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 1, proc.stdout + proc.stderr
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith(f"error: {where}: ") and needle in lines[0], proc.stderr
+    assert not out.exists()
+
+
+def test_collect_refuses_a_memory_limit_dask_cannot_read(sample_dir) -> None:
+    config = json.loads((REPO / "configs/sample_monthly_composite.json").read_text())
+    config["cluster"] = {"memory_limit": "lots"}
+    path = sample_dir / "lots.json"
+    path.write_text(json.dumps(config))
+    out = sample_dir / "lots.zarr"
+    proc = subprocess.run(collect_cmd(out, config=path), cwd=sample_dir, capture_output=True, text=True,
+                          timeout=120)
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr, proc.stderr
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: cluster.memory_limit: 'lots' is not a memory size"), \
+        proc.stderr
+    assert not out.exists()
+
+
+def _units_done(out: Path) -> int:
+    units = out / ".pixels_xr" / "units"
+    return sum(1 for p in units.rglob("*.json") if not p.name.startswith("_")) if units.exists() else 0
+
+
+def _session_processes(sid: int) -> list[str]:
+    import psutil
+
+    alive = []
+    for p in psutil.process_iter(["pid", "status", "cmdline"]):
+        try:
+            if os.getsid(p.pid) == sid and p.info["status"] != psutil.STATUS_ZOMBIE:
+                alive.append(f"{p.pid} {' '.join(p.info['cmdline'] or [])[:120]}")
+        except (OSError, psutil.Error):
+            continue
+    return alive
+
+
+def _store_arrays(out: Path) -> dict:
+    from pixels_xr.io.zarr_store import open_feature
+
+    features = json.loads((out.parent / "sample" / "features.geojson").read_text())["features"]
+    arrays = {}
+    for f in features:
+        ds = open_feature(str(out), f["id"]).load()
+        for name, var in ds.data_vars.items():
+            arrays[(f["id"], name)] = var.values
+    return arrays
+
+
+def test_ctrl_c_stops_collect_within_seconds_and_the_rerun_completes_it(sample_dir) -> None:
+    import signal
+    import time
+
+    out = sample_dir / "interrupted.zarr"
+    cmd = collect_cmd(out, "--workers", "1")
+    proc = subprocess.Popen(cmd, cwd=sample_dir, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True)
+    try:
+        deadline = time.monotonic() + 300
+        while _units_done(out) < 1 and proc.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert proc.poll() is None, "the run ended before it could be interrupted"
+        os.killpg(proc.pid, signal.SIGINT)  # what a terminal's Ctrl-C does: the whole process group
+        _, stderr = proc.communicate(timeout=30)
+    finally:
+        if proc.poll() is None:  # the bug: a hung close; clean up before failing
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+    assert proc.returncode == 130, stderr
+    assert "Traceback" not in stderr and "Nanny" not in stderr, stderr
+    assert stderr.strip().splitlines()[-1].startswith("interrupted: the units finished so far are kept"), stderr
+    deadline = time.monotonic() + 15
+    while _session_processes(proc.pid) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert not _session_processes(proc.pid), _session_processes(proc.pid)
+    done = _units_done(out)
+    total = 6 * 12
+    assert 1 <= done < total
+    rerun = subprocess.run(cmd, cwd=sample_dir, capture_output=True, text=True, timeout=600)
+    assert rerun.returncode == 0, rerun.stdout + rerun.stderr
+    report = json.loads((out / ".pixels_xr" / "report.json").read_text())
+    assert report["units_skipped"] == done and report["units_written"] == total - done, report
+    reference = sample_dir / "uninterrupted.zarr"
+    ref = subprocess.run(collect_cmd(reference, "--workers", "1"), cwd=sample_dir, capture_output=True, text=True,
+                         timeout=600)
+    assert ref.returncode == 0, ref.stderr
+    a, b = _store_arrays(out), _store_arrays(reference)
+    assert a.keys() == b.keys() and len(a) >= 6
+    for key in a:
+        np.testing.assert_array_equal(a[key], b[key], err_msg=str(key))

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import datetime as dt
 import json
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -34,6 +35,32 @@ from pixels_xr.methods import METHODS, Method
 from pixels_xr.signing import redact_json
 from pixels_xr.timeslices import TimeBin, assign_bins
 
+@dataclass(frozen=True)
+class Observations:
+    """What a feature's reductions start from: the lazy cube, its clear-sky mask, the unreadable assets left
+    out (``check_assets`` problems) and the items a search filter removed (by reason)."""
+
+    cube: xr.DataArray
+    clear: xr.DataArray
+    problems: list[dict]
+    filtered: dict[str, int]
+
+
+def observations(config: PixelsConfig, feature: Feature, *, items: list[dict] | None = None,
+                 loader: Loader = "stackstac", check: bool = True) -> Observations:
+    """Search (unless ``items``) → asset check (``check``) → cube → clear mask with the configured cleanup:
+    the one path from a configuration to observations, shared by ``collect`` and ``plot``."""
+    if items is None:
+        items = search(config, feature)
+    filtered = dict(getattr(items, "filtered", {}))
+    problems: list[dict] = []
+    if check and items:
+        items, problems = check_assets(items, config)
+    cube = build_cube(items, feature, config, loader=loader)
+    clear = clear_mask(cube, config.mask_spec, config.mask_cleanup.opening, config.mask_cleanup.dilation)
+    return Observations(cube, clear, problems, filtered)
+
+
 def collect(config: PixelsConfig, feature: Feature, *, items: list[dict] | None = None,
             loader: Loader = "stackstac", check: bool = True) -> xr.Dataset:
     """Lazy Dataset of a feature for the configured mode (search → cube → mask → reduce).
@@ -42,15 +69,8 @@ def collect(config: PixelsConfig, feature: Feature, *, items: list[dict] | None 
     header first so unreadable assets are recorded (``attrs["asset_problems"]``) or fail per
     ``on_asset_error``.
     """
-    if items is None:
-        items = search(config, feature)
-    filtered = dict(getattr(items, "filtered", {}))
-    problems: list[dict] = []
-    if check and items:
-        items, problems = check_assets(items, config)
-    cube = build_cube(items, feature, config, loader=loader)
-    spec = config.mask_spec
-    clear = clear_mask(cube, spec, config.mask_cleanup.opening, config.mask_cleanup.dilation)
+    obs = observations(config, feature, items=items, loader=loader, check=check)
+    cube, clear = obs.cube, obs.clear
     if config.mode == "all":
         ds = _all(cube, clear, config)
     else:
@@ -58,8 +78,8 @@ def collect(config: PixelsConfig, feature: Feature, *, items: list[dict] | None 
     ds.attrs.update({
         "feature": feature.id, "mode": config.mode,
         "config": redact_json(config.model_dump_json(exclude_none=True)),  # no tokens in a catalog URL
-        "output": config.output, "asset_problems": json.dumps(problems),
-        "items_filtered": json.dumps(filtered),
+        "output": config.output, "asset_problems": json.dumps(obs.problems),
+        "items_filtered": json.dumps(obs.filtered),
         "software": f"pixels_xr {__version__}",
     })
     if cube.attrs.get("empty_reason"):

@@ -306,14 +306,11 @@ def pixel_observations(config: PixelsConfig, feature: Feature, x: float, y: floa
     The same search, grid, mask rule and cleanup as ``compose.collect``; dims ``time``; coords ``id`` and
     ``cloud_cover``. Same-day tiles stay separate acquisitions.
     """
-    from pixels_xr.catalog import search
-    from pixels_xr.cube import build_cube, to_reflectance
-    from pixels_xr.masks import clear_mask
+    from pixels_xr.compose import observations
+    from pixels_xr.cube import to_reflectance
 
-    if items is None:
-        items = search(config, feature)
-    cube = build_cube(items, feature, config)
-    clear = clear_mask(cube, config.mask_spec, config.mask_cleanup.opening, config.mask_cleanup.dilation)
+    obs = observations(config, feature, items=items, check=False)
+    cube, clear = obs.cube, obs.clear
     at = _nearest_pixel(cube, x, y)
     refl = to_reflectance(cube).isel(at)
     out = xr.Dataset({str(b): refl.sel(band=b).drop_vars("band") for b in refl.band.values})

@@ -14,7 +14,7 @@ from typing import Literal
 import numpy as np
 from PIL import Image
 
-__all__ = ["TILE_FORMATS", "TileFormat", "encode_tile", "image_format"]
+__all__ = ["TILE_FORMATS", "TileFormat", "encode_tile"]
 
 TileFormat = Literal["auto", "png", "jpeg", "webp"]
 TILE_FORMATS: tuple[str, ...] = ("auto", "png", "jpeg", "webp")
@@ -42,14 +42,3 @@ def encode_tile(rgba: np.ndarray, tile_format: TileFormat) -> tuple[str, bytes] 
         else:
             img.save(buf, "WEBP", quality=WEBP_QUALITY, method=2)
     return fmt, buf.getvalue()
-
-
-def image_format(data: bytes) -> str | None:
-    """Sniff "png", "jpeg" or "webp" from an encoded tile's magic bytes (None when unknown)."""
-    if data[:8] == b"\x89PNG\r\n\x1a\n":
-        return "png"
-    if data[:3] == b"\xff\xd8\xff":
-        return "jpeg"
-    if data[:4] == b"RIFF" and data[8:12] == b"WEBP":
-        return "webp"
-    return None

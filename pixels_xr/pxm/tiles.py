@@ -23,7 +23,6 @@ __all__ = [
     "EARTH",
     "MAX_ZOOM",
     "Bounds",
-    "block_of",
     "default_minzoom",
     "morton",
     "native_zoom",
@@ -73,11 +72,6 @@ def tiles_in(bounds: Iterable[Bounds], z: int) -> np.ndarray:
     if not parts:
         return np.empty((0, 2), dtype=np.int64)
     return np.unique(np.concatenate(parts).astype(np.int64), axis=0)
-
-
-def block_of(xy: np.ndarray, n: int) -> np.ndarray:
-    """The ``n`` × ``n`` block (bx, by) holding each tile of an (k, 2) array: integer division by n."""
-    return xy // n
 
 
 def morton(x: int, y: int) -> int:

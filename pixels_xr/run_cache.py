@@ -2,8 +2,9 @@
 
 Inside ``with run_cache():`` a local catalog is parsed once (not once per feature) and each asset header is
 checked once however many features overlap its item. Outside it nothing is cached, so interactive calls
-always see the files as they are now. Thread-safe; two threads asking for a missing key at once may both
-compute it (the results are equal).
+always see the files as they are now. Thread-safe, and a key is computed once: a second thread asking for
+a key being computed waits for that result (two pystac walks of one local catalog at once, from the
+batch's two planning threads, could fail with "does not resolve to a STAC object").
 """
 
 from __future__ import annotations
@@ -43,8 +44,33 @@ def memo(kind: str, key: Hashable, compute: Callable[[], T]) -> T:
     if store is None:
         return compute()
     with _lock:
-        if (kind, key) in store:
-            return store[(kind, key)]
-    value = compute()
-    with _lock:
-        return store.setdefault((kind, key), value)
+        slot = store.get((kind, key))
+        owner = slot is None
+        if owner:
+            slot = store[(kind, key)] = _Slot()
+    assert slot is not None
+    if owner:
+        try:
+            slot.value = compute()
+        except BaseException as exc:
+            slot.error = exc
+            with _lock:  # a failure is not remembered: the next caller tries again
+                if store.get((kind, key)) is slot:
+                    del store[(kind, key)]
+            raise
+        finally:
+            slot.done.set()
+        return slot.value
+    slot.done.wait()
+    if slot.error is not None:
+        raise slot.error
+    return slot.value
+
+
+class _Slot:
+    """A value being computed by one thread, waited for by the others."""
+
+    def __init__(self) -> None:
+        self.done = threading.Event()
+        self.value: Any = None
+        self.error: BaseException | None = None

@@ -58,3 +58,39 @@ def test_local_catalog_read_once_per_run(tmp_path: Path) -> None:
         write(3)
         assert len(_search_raw(*args)) == 2  # parsed once for the whole run
     assert len(_search_raw(*args)) == 3  # outside a run the file is read as it is now
+
+
+def test_a_key_is_computed_once_while_others_wait_and_failures_are_not_kept() -> None:
+    """Two planning threads reading one local catalog at once walked it twice concurrently (pystac is not
+    safe for that): now the second waits for the first's result."""
+    import time
+
+    calls = []
+    gate = threading.Event()
+
+    def slow() -> str:
+        calls.append(1)
+        gate.wait(5)
+        time.sleep(0.05)
+        return "parsed"
+
+    with run_cache():
+        results: list[str] = []
+        threads = [threading.Thread(target=lambda: results.append(memo("cat", "p", slow))) for _ in range(6)]
+        for t in threads:
+            t.start()
+        time.sleep(0.1)
+        gate.set()
+        for t in threads:
+            t.join()
+        assert results == ["parsed"] * 6 and len(calls) == 1
+
+        def boom() -> str:
+            raise OSError("flaky")
+
+        for _ in range(2):
+            try:
+                memo("cat", "q", boom)
+            except OSError:
+                pass
+        assert memo("cat", "q", lambda: "ok") == "ok"  # the failure was not remembered

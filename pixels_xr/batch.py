@@ -163,6 +163,8 @@ def run_batch(config: PixelsConfig, features: Sequence[Feature], out: str, *, cl
     """
     if output_format not in ("zarr", "cog"):
         raise OutputError(f"unknown format {output_format!r}; use zarr or cog", "format")
+    if window is not None and window < 1:
+        raise ConfigError(f"must be at least 1, got {window}", "window")
     out = storage.check_url(out) if storage.is_remote(out) else os.path.abspath(storage.local_path(out))
     seen: set[str] = set()
     for feature in features:  # ids become paths and keys: checked here too, not only by load_features

@@ -77,20 +77,19 @@ def validate(
 ) -> None:
     """Validate CONFIG (and FEATURES) and print the resolved plan: features, bins, collection, bands, grids."""
     from pixels_xr.config import load_config
-    from pixels_xr.features import load_features
     from pixels_xr.plan import plan
 
     cfg = load_config(config)
     typer.echo(f"config: {config} ok")
-    typer.echo(f"  platform {cfg.platform.name} {cfg.resolved_level}; catalog {cfg.catalog}; "
+    typer.echo(f"  platform {', '.join(p.name for p in cfg.platform_list)} {cfg.resolved_level}; catalog {cfg.catalog}; "
                f"collection {cfg.collection_id or '(any in local catalog)'}")
     typer.echo(f"  mode {cfg.mode}" + (f" ({cfg.resolved_composite_method})" if cfg.mode == "composite" else "")
                + (f"; bins of {cfg.resolved_interval_step} {cfg.interval}" if cfg.interval else ""))
     typer.echo(f"  bands {', '.join(cfg.band_names)}; scale {cfg.resolved_scale}; maxcloud {cfg.maxcloud}; "
                f"clip {cfg.clip}; mask {_describe_mask(cfg)}")
-    if features is None:
+    if features is None and cfg.geojson is None:
         return
-    plans = plan(cfg, load_features(features))
+    plans = plan(cfg, _features(cfg, features))
     total = 0
     for p in plans:
         g = p.grid
@@ -99,6 +98,19 @@ def validate(
                    f"{len(p.bins) if cfg.mode != 'all' else 'per-acquisition'} slices, "
                    f"grid {g.width}×{g.height} @ {g.scale} in EPSG:{g.epsg}")
     typer.echo(f"  {len(plans)} features; ≈{total:,} output values")
+
+
+def _features(cfg: Any, path: Path | None) -> list:
+    """The features of a command: ``--features`` or, as the original pixels takes them, the config's
+    ``geojson``."""
+    from pixels_xr.errors import ConfigError
+    from pixels_xr.features import load_features
+
+    if path is not None:
+        return load_features(path)
+    if cfg.geojson is not None:
+        return load_features(cfg.geojson)
+    raise ConfigError("give a features file, or a geojson in the configuration", "--features")
 
 
 def _describe_mask(cfg: Any) -> str:
@@ -131,7 +143,8 @@ def sample(
 @one_line_errors
 def preview(
     config: Annotated[Path, typer.Argument(help="Pixels configuration JSON file.")],
-    features: Annotated[Path, typer.Option("--features", "-f", help="GeoJSON FeatureCollection.")],
+    features: Annotated[Path | None, typer.Option(
+        "--features", "-f", help="GeoJSON FeatureCollection (default: the config's geojson).")] = None,
     limit: Annotated[int, typer.Option(help="Collect at most this many features.")] = 3,
 ) -> None:
     """Collect the first features in memory (no output written) and print one line per time slice."""
@@ -139,10 +152,9 @@ def preview(
 
     from pixels_xr.compose import collect
     from pixels_xr.config import load_config
-    from pixels_xr.features import load_features
 
     cfg = load_config(config)
-    for feature in load_features(features)[:limit]:
+    for feature in _features(cfg, features)[:limit]:
         ds = collect(cfg, feature).compute()
         typer.echo(f"feature {feature.id}: {dict(ds.sizes)} in {ds.rio.crs}"
                    + (f"; empty: {ds.attrs['empty_reason']}" if ds.attrs.get("empty_reason") else ""))
@@ -160,8 +172,9 @@ def preview(
 @one_line_errors
 def collect(
     config: Annotated[Path, typer.Argument(help="Pixels configuration JSON file.")],
-    features: Annotated[Path, typer.Option("--features", "-f", help="GeoJSON FeatureCollection.")],
     out: Annotated[str, typer.Option("--out", "-o", help="Output: a .zarr store or a COG folder (path or URL).")],
+    features: Annotated[Path | None, typer.Option(
+        "--features", "-f", help="GeoJSON FeatureCollection (default: the config's geojson).")] = None,
     fmt: Annotated[str, typer.Option("--format", help="zarr (one store, a group per feature) or cog.")] = "zarr",
     cluster: Annotated[str, typer.Option(help="'local', a scheduler address (tcp://…) or 'gateway'.")] = "local",
     workers: Annotated[int | None, typer.Option(
@@ -176,7 +189,6 @@ def collect(
     from pixels_xr.cluster import check_options, check_workers
     from pixels_xr.config import load_config
     from pixels_xr.errors import ConfigError
-    from pixels_xr.features import load_features
 
     if window is not None and window < 1:
         raise ConfigError(f"must be at least 1, got {window}", "--window")
@@ -186,7 +198,7 @@ def collect(
     options = cfg.cluster.model_copy(update={"workers": workers}) if workers is not None else cfg.cluster
     check_options(options, local=cluster.strip() == "local")  # before the output is touched or a cluster starts
     try:
-        report = run_batch(cfg, load_features(features), out, cluster=cluster, cluster_options=options,
+        report = run_batch(cfg, _features(cfg, features), out, cluster=cluster, cluster_options=options,
                            output_format=fmt, zarr_format=zarr_format, overwrite=overwrite,  # type: ignore[arg-type]
                            window=window, progress=not quiet)
     except KeyboardInterrupt:
@@ -195,10 +207,18 @@ def collect(
         raise typer.Exit(130) from None
     for failed in report.failed:
         typer.echo(f"failed: {failed.id} at {failed.stage}: {failed.error}", err=True)
+    for result in report.features:
+        if result.status == "degraded":
+            typer.echo(f"degraded: {result.id}: {result.error}", err=True)
+    if report.skipped_assets:
+        typer.echo(f"warning: {report.skipped_assets} unreadable assets were left out (on_asset_error: skip); "
+                   "see the report", err=True)
     typer.echo(report.summary())
     typer.echo(f"report: {report.report_url}")
     if not report.ok:
         raise typer.Exit(1)
+    if report.skipped_assets:
+        raise typer.Exit(3)  # complete, but without some items: a nightly job should notice
 
 
 @app.command()

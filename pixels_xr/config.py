@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import datetime as dt
 import difflib
-import json
 from pathlib import Path
 from typing import Any, Literal
 

@@ -224,3 +224,52 @@ def test_ctrl_c_stops_collect_within_seconds_and_the_rerun_completes_it(sample_d
     assert a.keys() == b.keys() and len(a) >= 6
     for key in a:
         np.testing.assert_array_equal(a[key], b[key], err_msg=str(key))
+
+
+# ------------------------------------------------------------------------------ the original pixels' configs
+def test_original_style_config_with_its_geojson_runs_without_features(sample_dir, tmp_path) -> None:
+    """A config written for the original pixels: geojson inside (CRS the GeoJSON 2008 way), SCL method,
+    pool_size 0, bands as one comma string; validate and collect take the features from it."""
+    config = tmp_path / "original.json"
+    config.write_text(json.dumps({
+        "start": "2021-11-01", "end": "2021-12-31", "platforms": "SENTINEL_2", "level": "L2A",
+        "interval": "months", "mode": "composite", "composite_method": "SCL", "pool_size": 0,
+        "bands": ["B02,B04,B08"], "catalog": str(sample_dir / "sample" / "catalog.json"),
+        "geojson": {"type": "FeatureCollection",
+                    "crs": {"type": "name", "properties": {"name": "urn:ogc:def:crs:EPSG::3857"}},
+                    "features": [{"type": "Feature", "properties": {"id": "p1"}, "geometry": {
+                        "type": "Polygon", "coordinates": [[[-1000400, 3561300], [-1000000, 3561300],
+                                                            [-1000000, 3561700], [-1000400, 3561700],
+                                                            [-1000400, 3561300]]]}}]}}))
+    shown = subprocess.run([CLI, "validate", str(config)], capture_output=True, text=True, timeout=120)
+    assert shown.returncode == 0, shown.stderr
+    assert "(first_clear)" in shown.stdout and "feature p1:" in shown.stdout and "EPSG:3857" in shown.stdout
+    out = tmp_path / "o.zarr"
+    run = subprocess.run([CLI, "collect", str(config), "--out", str(out), "--quiet"], capture_output=True,
+                         text=True, timeout=300)
+    assert run.returncode == 0, run.stdout + run.stderr
+    assert "2 units written" in run.stdout
+    bare = tmp_path / "bare.json"
+    bare.write_text(json.dumps({k: v for k, v in json.loads(config.read_text()).items() if k != "geojson"}))
+    refused = subprocess.run([CLI, "collect", str(bare), "--out", str(tmp_path / "x")], capture_output=True,
+                             text=True, timeout=120)
+    assert refused.returncode == 1 and refused.stderr.strip().startswith("error: --features:"), refused.stderr
+
+
+def test_skipped_assets_are_surfaced_in_the_exit_status(sample_dir, tmp_path) -> None:
+    """A flaky asset left out under on_asset_error skip: the run completes, says so, and exits 3."""
+    import shutil
+
+    root = tmp_path / "sample"
+    shutil.copytree(sample_dir / "sample", root)
+    victim = sorted(root.rglob("red.tif"))[0]
+    victim.write_bytes(b"II*\x00 not a tiff any more")
+    config = tmp_path / "c.json"
+    raw = json.loads((REPO / "configs/sample_monthly_composite.json").read_text())
+    config.write_text(json.dumps({**raw, "catalog": str(root / "catalog.json"), "end": "2021-12-31"}))
+    run = subprocess.run([CLI, "collect", str(config), "--features", str(root / "features.geojson"), "--out",
+                          str(tmp_path / "o.zarr"), "--quiet"], capture_output=True, text=True, timeout=300)
+    assert run.returncode == 3, run.stdout + run.stderr
+    assert "unreadable assets were left out" in run.stderr and "unreadable assets skipped" in run.stdout
+    report = json.loads((tmp_path / "o.zarr" / ".pixels_xr" / "report.json").read_text())
+    assert any(p["href"].endswith(victim.name) for f in report["features"] for p in f["asset_problems"])

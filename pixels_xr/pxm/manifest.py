@@ -305,8 +305,9 @@ def _int_list(value: Any, where: str, what: str) -> list[int]:
         if what == "ndv":
             try:
                 value = json.loads(text)
-            except ValueError:
-                raise ManifestError(f"must hold a list of 3 integers like \"[0, 0, 0]\", got {text!r}",
+            except (ValueError, RecursionError):  # a deeply nested string ends in RecursionError
+                shown = text if len(text) <= 40 else text[:37] + "…"
+                raise ManifestError(f"must hold a list of 3 integers like \"[0, 0, 0]\", got {shown!r}",
                                     where=where) from None
         else:
             if not re.fullmatch(r"[0-9]+(?:\s*,\s*[0-9]+)*", text):

@@ -403,3 +403,17 @@ def test_colour_keys_are_matched_once_per_distinct_name() -> None:
     fast = validate_manifest(_many([("f", f"x{i}_3.tif") for i in range(1000)]))  # cheap names: no limit hit
     assert len(fast.matches) == 1000 and fast.color_rule(fast.sources[0]).key == "."
     assert validate_manifest(with_("info.color", {"^Z": "gamma r 1.1", ".": "gamma g 1"})).unused_color_keys() == ["^Z"]
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(path=st.sampled_from(["info.ndv", "info.bidx", "info.crs", "info.date", "sources[0]"]),
+       depth=st.integers(1, 200_000), opener=st.sampled_from(["[", "{\"a\":", "[1,"]))
+def test_fuzz_deeply_nested_strings_and_documents(path: str, depth: int, opener: str) -> None:
+    """Hostile nesting inside a string field (ndv is JSON inside a string) or the document itself."""
+    closer = {"[": "]", "{\"a\":": "}", "[1,": "]"}[opener]
+    nested = opener * depth + closer * depth
+    for doc in (with_(path, nested), json.dumps(VALID)[:-1] + ', "x": ' + nested + "}"):
+        try:
+            validate_manifest(doc)
+        except ManifestError as err:
+            assert err.where and "\n" not in str(err) and len(str(err)) < 2500

@@ -42,7 +42,7 @@ from pixels_xr.io import storage
 from pixels_xr.io.cog import CogLayer, write_cogs
 from pixels_xr.io.layout import MANIFEST_DIR, SOURCE_TIME_NODATA, SOURCE_TIME_UNITS, CogUnit, days_since_epoch, \
     safe_label
-from pixels_xr.io.lock import locked
+from pixels_xr.io.lock import ReadOnlyOutput, locked
 from pixels_xr.io.stac_out import write_output_catalog, zarr_item
 from pixels_xr.io.zarr_store import aligned, region_write
 from pixels_xr.ledger import RunManifest
@@ -177,12 +177,16 @@ def run_batch(config: PixelsConfig, features: Sequence[Feature], out: str, *, cl
     started = time.perf_counter()
     report = RunReport(out, output_format)
     with contextlib.ExitStack() as stack:
-        stack.enter_context(locked(out, MANIFEST_DIR))  # one writer per output (stale-lock rule: io.lock)
+        try:
+            stack.enter_context(locked(out, MANIFEST_DIR))  # one writer per output (stale-lock rule: io.lock)
+            read_only = False
+        except ReadOnlyOutput:  # a finished output on read-only storage may still be re-run as a no-op
+            read_only = True
         stack.enter_context(run_cache())  # local catalog parsed and asset headers checked once per run
         if client is None:
             options = cluster_options if cluster_options is not None else config.cluster
             client = stack.enter_context(open_client(cluster, options, quiet=not progress))
-        manifest.open(overwrite=overwrite)
+        manifest.open(overwrite=overwrite, read_only=read_only)
         threads = sum(client.nthreads().values()) or 1
         window = window or max(16, 4 * threads)
         bar = stack.enter_context(_progress(len(features), enabled=progress))
@@ -197,6 +201,11 @@ def run_batch(config: PixelsConfig, features: Sequence[Feature], out: str, *, cl
             report.features.append(plan.result)
             remaining[plan.feature.id] = len(plan.pending)
             if not plan.pending:
+                bar(plan.result)
+                continue
+            if read_only:
+                _fail(plan.result, "write", OutputError(f"{len(plan.pending)} units are missing and the output's "
+                                                        "storage is read-only", out))
                 bar(plan.result)
                 continue
             while sum(len(units) for _, units in in_flight.values()) >= window:
@@ -214,6 +223,8 @@ def run_batch(config: PixelsConfig, features: Sequence[Feature], out: str, *, cl
         while in_flight:
             _drain(in_flight, remaining, manifest, bar, on_unit, items, block=True, client=client)
     report.seconds = time.perf_counter() - started
+    if read_only:
+        return report  # nothing was written, nothing can be: no catalog, no report file
     done = [f for f in report.features if f.status == "done"]
     try:
         write_output_catalog(out, f"pixels_xr {config.mode} output", output_format, [f.id for f in done + [
@@ -260,7 +271,7 @@ def _plan(feature: Feature, config: PixelsConfig, manifest: RunManifest, output_
         plan.labels = unit_labels(ds)
         if not plan.labels:  # mode all without any acquisition: nothing to write, the report says why
             return plan
-        if manifest.template(feature.id) not in (None, plan.labels):
+        if manifest.template(feature.id) not in (None, plan.labels) and not manifest.read_only:
             manifest.forget(feature.id)  # the time axis changed since the last run: rewrite the feature
         plan.sources = _source_hrefs(items)
         if output_format == "zarr" and manifest.template(feature.id) is None:
@@ -268,7 +279,8 @@ def _plan(feature: Feature, config: PixelsConfig, manifest: RunManifest, output_
             # (a template write empties the group), and recorded when that job completes
             plan.template, done = zarr_format, set()
         else:
-            manifest.record_template(feature.id, plan.labels, plan.sources)
+            if not manifest.read_only:
+                manifest.record_template(feature.id, plan.labels, plan.sources)
             done = manifest.done(feature.id)
         plan.pending = [i for i, label in enumerate(plan.labels) if safe_label(label) not in done]
         plan.result.units_skipped = len(plan.labels) - len(plan.pending)

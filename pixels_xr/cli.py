@@ -148,6 +148,8 @@ def preview(
     limit: Annotated[int, typer.Option(help="Collect at most this many features.")] = 3,
 ) -> None:
     """Collect the first features in memory (no output written) and print one line per time slice."""
+    import json
+
     import numpy as np
 
     from pixels_xr.compose import collect
@@ -156,8 +158,11 @@ def preview(
     cfg = load_config(config)
     for feature in _features(cfg, features)[:limit]:
         ds = collect(cfg, feature).compute()
+        filtered = json.loads(ds.attrs.get("items_filtered", "{}"))
         typer.echo(f"feature {feature.id}: {dict(ds.sizes)} in {ds.rio.crs}"
-                   + (f"; empty: {ds.attrs['empty_reason']}" if ds.attrs.get("empty_reason") else ""))
+                   + (f"; empty: {ds.attrs['empty_reason']}" if ds.attrs.get("empty_reason") else "")
+                   + ("; items left out by filters: " + ", ".join(f"{r} {n}" for r, n in sorted(filtered.items()))
+                      if filtered else ""))
         band = cfg.band_names[0]
         for k in range(ds.sizes["time"]):
             values = ds[band].isel(time=k).values

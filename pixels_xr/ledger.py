@@ -80,12 +80,15 @@ class RunManifest:
         """Ids of the features this output's ledger knows (each owns ``OUT/<id>``)."""
         return [n for n in storage.list_names(storage.join(self.root, "units")) if not n.startswith(".")]
 
-    def open(self, *, overwrite: bool) -> None:
+    def open(self, *, overwrite: bool, read_only: bool = False) -> None:
         """Claim the output for this config: refuse another config's output unless ``overwrite``, which
         first deletes every feature output the old ledger knows (so no old-config group stays readable
         beside new ones), then the ledger; nothing the ledger does not know is touched."""
         self.check_location()
         existing = storage.read_bytes(storage.join(self.root, "run.json"))
+        if read_only and (overwrite or existing is None):
+            raise OutputError("the output's storage is read-only" + (", so --overwrite cannot work" if overwrite
+                              else " and holds no previous run"), self.out)
         if existing is not None and not overwrite:
             try:
                 previous = json.loads(existing).get("config_hash")
@@ -101,6 +104,9 @@ class RunManifest:
             for name in storage.list_names(self.root):
                 if name != LOCK_NAME:  # the lock of this very run stays
                     storage.remove_tree(storage.join(self.root, name))
+        self.read_only = read_only
+        if read_only:  # nothing can be recorded: the run may only find every unit done
+            return
         record = {"config": json.loads(self.config_json), "config_hash": self.hash, "format": self.output_format,
                   "software": f"pixels_xr {__version__}", "started": _now()}
         storage.write_bytes(storage.join(self.root, "run.json"), json.dumps(record, indent=1).encode())
@@ -118,6 +124,8 @@ class RunManifest:
         """The time labels the feature's template was written with (None: no template yet)."""
         data = storage.read_bytes(storage.join(self.root, "units", feature_id, f"{TEMPLATE}.json"))
         return None if data is None else list(json.loads(data)["labels"])
+
+    read_only: bool = False
 
     def record_template(self, feature_id: str, labels: list[str], sources: dict[str, str]) -> None:
         """Record the feature's time labels and its source items (id → self href, redacted: no tokens) for

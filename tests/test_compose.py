@@ -290,3 +290,20 @@ def test_platforms_that_cannot_share_a_config_are_refused(platforms, bands, text
     with pytest.raises(ConfigError, match=text):
         load_config({"start": "2021-01-01", "end": "2021-02-01", "mode": "all", "platforms": platforms,
                      "level": "L2", "bands": bands})
+
+
+def test_preview_counts_what_the_platform_filter_left_out(platform_series: Path, fmask_series: dict[str, Any],
+                                                          tmp_path: Path) -> None:
+    import subprocess
+    import sys
+
+    config = tmp_path / "c.json"
+    config.write_text(_fmask_config(platform_series, mode="latest_pixel", interval="months",
+                                    interval_step=12).model_dump_json(exclude_none=True))
+    features = tmp_path / "f.geojson"
+    features.write_text(json.dumps({"type": "FeatureCollection", "crs": {"init": "EPSG:32613"}, "features": [
+        {"type": "Feature", "id": "series", "properties": {}, "geometry": mapping(box(*fmask_series["bounds"]))}]}))
+    run = subprocess.run([sys.executable, "-m", "pixels_xr.cli", "preview", str(config), "--features",
+                          str(features)], capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr
+    assert "items left out by filters: platform landsat-7 " in run.stdout, run.stdout

@@ -241,3 +241,32 @@ def test_full_disk_leaves_no_temporary_files(tmp_path) -> None:
     assert run.returncode == 0, run.stderr
     assert "refused:" in run.stdout and "No space left" in run.stdout
     assert run.stdout.strip().splitlines()[-1] == "['ok.json']", run.stdout
+
+
+def test_finished_output_on_read_only_storage_reruns_as_a_no_op(tmp_path, sample) -> None:
+    """A real read-only bind mount (private mount namespace): the finished output re-runs as a no-op (exit
+    0, nothing written); an unfinished one is refused in one line per feature, exit 1."""
+    if shutil.which("unshare") is None:
+        pytest.skip("unshare is not available")
+    config = tmp_path / "c.json"
+    config.write_text(_config(sample).model_dump_json(exclude_none=True))
+    out = tmp_path / "run.zarr"
+    cmd = [sys.executable, "-m", "pixels_xr.cli", "collect", str(config), "--features", str(sample.features),
+           "--out", str(out), "--quiet", "--workers", "1"]
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    assert subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300).returncode == 0
+    before = sorted((p.relative_to(out), p.stat().st_mtime_ns) for p in out.rglob("*"))
+    readonly = f"mount --bind {out} {out} && mount -o remount,ro,bind {out} && exec \"$@\""
+    run = subprocess.run(["unshare", "-m", "sh", "-c", readonly, "sh", *cmd], env=env, capture_output=True,
+                         text=True, timeout=300)
+    if "mount:" in run.stderr or "unshare:" in run.stderr:
+        pytest.skip(f"cannot make a read-only mount here: {run.stderr.strip()}")
+    assert run.returncode == 0, run.stdout + run.stderr
+    assert "0 units written" in run.stdout and "already complete" in run.stdout
+    assert sorted((p.relative_to(out), p.stat().st_mtime_ns) for p in out.rglob("*")) == before
+    marker = sorted((out / MANIFEST_DIR / "units").rglob("2021-12-*.json"))[0]
+    marker.unlink()  # one unit missing now
+    run = subprocess.run(["unshare", "-m", "sh", "-c", readonly, "sh", *cmd], env=env, capture_output=True,
+                         text=True, timeout=300)
+    assert run.returncode == 1 and "storage is read-only" in run.stderr, run.stdout + run.stderr
+    assert "Traceback" not in run.stderr

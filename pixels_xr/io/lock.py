@@ -58,13 +58,14 @@ def _create_exclusive(url: str, data: bytes) -> bool:
             raise OutputError(f"cannot create the output lock: {exc}", url) from None
         return True
     path = storage.local_path(url)
-    os.makedirs(os.path.dirname(path), exist_ok=True)
     try:
+        os.makedirs(os.path.dirname(path), exist_ok=True)
         fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
     except FileExistsError:
         return False
     except OSError as exc:
-        raise OutputError(f"cannot create the output lock: {exc.strerror}", url) from None
+        kind = ReadOnlyOutput if _read_only(exc) else OutputError
+        raise kind(f"cannot create the output lock: {exc.strerror}", url) from None
     try:
         os.write(fd, data)
     finally:
@@ -94,6 +95,17 @@ def _describe(holder: dict[str, Any]) -> str:
     started = holder.get("started")
     return (f"process {holder.get('pid')} on {holder.get('host')}" + (f" since {started}" if started else "")
             + f", last heartbeat {max(0, round(time.time() - float(holder.get('heartbeat', 0))))} s ago")
+
+
+class ReadOnlyOutput(OutputError):
+    """The output's storage refuses writes (a read-only mount or bucket): no lock can be taken, and a run
+    may only find that everything is already done."""
+
+
+def _read_only(exc: OSError) -> bool:
+    import errno
+
+    return exc.errno in {errno.EROFS, errno.EACCES, errno.EPERM}
 
 
 class OutputLock:

@@ -31,7 +31,7 @@ STAGES: list[set[str]] = [
     {"ledger", "cluster"},
     {"batch", "inference", "inference.blocks", "inference.model", "inference.pipeline", "inference.sidecar",
      "plot", "sample"},
-    {"pxm", "pxm.archives", "pxm.color", "pxm.encode", "pxm.interrupts", "pxm.manifest", "pxm.pyramid",
+    {"pxm", "pxm.archives", "pxm.checks", "pxm.color", "pxm.encode", "pxm.interrupts", "pxm.manifest", "pxm.pyramid",
      "pxm.renderer", "pxm.sources", "pxm.tiles", "pxm.warp", "pxm.cli"},
     {"cli", ""},  # "" is the package root (its public API names everything)
 ]

@@ -3,14 +3,8 @@
 from __future__ import annotations
 
 from pixels_xr.pxm.color import FormulaError, Op, apply as apply_color, format_formula, parse_formula
-from pixels_xr.pxm.manifest import (
-    ColorRule,
-    Finding,
-    Manifest,
-    ManifestInfo,
-    check_sources,
-    validate_manifest,
-)
+from pixels_xr.pxm.checks import Finding, check_sources
+from pixels_xr.pxm.manifest import ColorRule, Manifest, ManifestInfo, validate_manifest
 from pixels_xr.pxm.renderer import RenderReport, UnreadableSources, render
 from pixels_xr.pxm.sources import (
     MAX_PIXELS,

@@ -36,7 +36,7 @@ def validate(
                                             " may declare.")] = MAX_PIXELS,
 ) -> None:
     """Validate MANIFEST: print the spec version read and a summary, or one error line per problem (exit 1)."""
-    from pixels_xr.pxm.manifest import check_sources as run_checks
+    from pixels_xr.pxm.checks import check_sources as run_checks
     from pixels_xr.pxm.manifest import validate_manifest
 
     try:

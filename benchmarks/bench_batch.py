@@ -129,7 +129,7 @@ def main() -> None:
 
     from pixels_xr.config import load_config
     from pixels_xr.features import load_features
-    from pixels_xr.sample import make_sample
+    from pixels_xr.testing.sample import make_sample
 
     WORK.mkdir(parents=True, exist_ok=True)
     sample_dir = WORK / f"sample-{args.size}-{args.dates}"
@@ -192,7 +192,7 @@ def big_runs(size: int, date_counts: list[int], config) -> list[str]:
 
     from pixels_xr.features import load_features
     from pixels_xr.grid import feature_grid
-    from pixels_xr.sample import make_sample
+    from pixels_xr.testing.sample import make_sample
 
     rows = []
     for dates in date_counts:

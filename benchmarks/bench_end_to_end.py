@@ -2,7 +2,7 @@
 
 Run:  .venv/bin/python benchmarks/bench_end_to_end.py [--size 1024] [--dates 30] [--repeat 2] [--no-write]
 
-Sample: ``pixels_xr.sample.make_sample`` with 2 tiles of ``size``² px at 10 m (25 % overlap), ``dates``
+Sample: ``pixels_xr.testing.sample.make_sample`` with 2 tiles of ``size``² px at 10 m (25 % overlap), ``dates``
 acquisitions every 5 days from 2021-11-03 (crossing the 2022-01-25 baseline 04.00 change), written once
 into a cache folder. Area: the whole sample; bands blue, green, red, nir + SCL; months Nov 2021 – Apr 2022;
 clear = SCL not in the configuration's not-clear classes. Items come from ``catalog.search`` (not timed).
@@ -42,7 +42,7 @@ from pixels_xr.catalog import item_datetime, search  # noqa: E402
 from pixels_xr.compose import collect  # noqa: E402
 from pixels_xr.config import load_config  # noqa: E402
 from pixels_xr.features import Feature  # noqa: E402
-from pixels_xr.sample import make_sample  # noqa: E402
+from pixels_xr.testing.sample import make_sample  # noqa: E402
 
 BANDS = ["blue", "green", "red", "nir"]
 NOTE = ("Where ours spends its time: each asset window is decoded once, by a direct windowed read when the "

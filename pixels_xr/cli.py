@@ -133,7 +133,7 @@ def sample(
     size: Annotated[int, typer.Option(help="Tile width and height in pixels.")] = 256,
 ) -> None:
     """Write a small SYNTHETIC Sentinel-2 L2A catalog (COGs + static STAC) and features for offline runs."""
-    from pixels_xr.sample import make_sample
+    from pixels_xr.testing.sample import make_sample
 
     info = make_sample(out_dir, seed=seed, n_dates=n_dates, width=size, height=size)
     typer.echo(f"synthetic sample written: catalog {info.catalog}, features {info.features}")

@@ -144,7 +144,7 @@ def test_all_mode_masks_clouds_on_real_s2_scene(shared_data: Path, tmp_path: Pat
 
 
 def test_sample_monthly_latest_pixel_leaves_no_cloud(tmp_path: Path) -> None:
-    from pixels_xr.sample import make_sample
+    from pixels_xr.testing.sample import make_sample
 
     info = make_sample(tmp_path / "sample", n_dates=12, width=96, height=96, every_days=5)
     features = load_features(info.features)
@@ -190,7 +190,7 @@ def test_graphs_of_two_features_share_no_key(fmask_series: dict[str, Any]) -> No
 # ------------------------------------------------------------------------------ fields no scene covers
 @pytest.fixture(scope="module")
 def small_sample(tmp_path_factory: pytest.TempPathFactory):
-    from pixels_xr.sample import make_sample
+    from pixels_xr.testing.sample import make_sample
 
     return make_sample(tmp_path_factory.mktemp("empty") / "sample", n_dates=6, width=64, height=64,
                        every_days=10)

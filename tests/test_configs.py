@@ -93,7 +93,7 @@ def test_unknown_file_kinds_are_refused() -> None:
 # ------------------------------------------------------------------------------ sample configs run
 @pytest.fixture(scope="module")
 def sample(tmp_path_factory: pytest.TempPathFactory):
-    from pixels_xr.sample import make_sample
+    from pixels_xr.testing.sample import make_sample
 
     return make_sample(tmp_path_factory.mktemp("configs") / "sample", n_dates=36, width=48, height=48)
 

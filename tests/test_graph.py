@@ -28,7 +28,7 @@ from pixels_xr.io.zarr_store import aligned, region_write, write_template
 
 @pytest.fixture(scope="module")
 def sample(tmp_path_factory: pytest.TempPathFactory):
-    from pixels_xr.sample import make_sample
+    from pixels_xr.testing.sample import make_sample
 
     return make_sample(tmp_path_factory.mktemp("fused") / "sample", n_dates=12, width=96, height=96,
                        every_days=5)

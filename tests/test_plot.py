@@ -253,7 +253,7 @@ def test_bad_arguments_name_their_field() -> None:
 def sample_run(tmp_path_factory: pytest.TempPathFactory) -> dict:
     from pixels_xr.config import load_config
     from pixels_xr.features import load_features
-    from pixels_xr.sample import make_sample
+    from pixels_xr.testing.sample import make_sample
 
     root = tmp_path_factory.mktemp("plot")
     info = make_sample(root / "sample", n_dates=18, width=64, height=64)

@@ -43,7 +43,7 @@ class Gauge:
 
 @pytest.fixture(scope="module")
 def sample(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Feature]:
-    from pixels_xr.sample import make_sample
+    from pixels_xr.testing.sample import make_sample
 
     info = make_sample(tmp_path_factory.mktemp("sample"), n_dates=6, width=128, height=128, tiles=2,
                        every_days=4)

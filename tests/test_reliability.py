@@ -28,7 +28,7 @@ REPO = Path(__file__).resolve().parents[1]
 
 @pytest.fixture(scope="module")
 def sample(tmp_path_factory: pytest.TempPathFactory):
-    from pixels_xr.sample import make_sample
+    from pixels_xr.testing.sample import make_sample
 
     return make_sample(tmp_path_factory.mktemp("rel") / "sample", n_dates=6, width=256, height=256,
                        every_days=10)

@@ -1,4 +1,4 @@
-"""Tests of the synthetic Sentinel-2 L2A sample generator (pixels_xr.sample)."""
+"""Tests of the synthetic Sentinel-2 L2A sample generator (pixels_xr.testing.sample)."""
 
 from __future__ import annotations
 
@@ -18,7 +18,7 @@ import shapely
 from shapely.geometry import shape
 
 from pixels_xr.errors import PixelsError
-from pixels_xr.sample import BASELINE_04_DATE, EPSG, ORIGIN, SCL_CLOUDY, SampleInfo, main, make_sample
+from pixels_xr.testing.sample import BASELINE_04_DATE, EPSG, ORIGIN, SCL_CLOUDY, SampleInfo, main, make_sample
 
 ID_RE = re.compile(r"^S2[AB]_29R[M-R]P_\d{8}_0_L2A$")
 

@@ -96,7 +96,7 @@ class FileServer:
 
 @pytest.fixture(scope="module")
 def sample(tmp_path_factory: pytest.TempPathFactory) -> Any:
-    from pixels_xr.sample import make_sample
+    from pixels_xr.testing.sample import make_sample
 
     return make_sample(tmp_path_factory.mktemp("security") / "sample", n_dates=4, width=48, height=48, tiles=1,
                        every_days=10)

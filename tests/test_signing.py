@@ -148,7 +148,7 @@ def pc(server: PCServer, monkeypatch: pytest.MonkeyPatch) -> PCServer:
 
 @pytest.fixture(scope="module")
 def sample(tmp_path_factory: pytest.TempPathFactory) -> Any:
-    from pixels_xr.sample import make_sample
+    from pixels_xr.testing.sample import make_sample
 
     return make_sample(tmp_path_factory.mktemp("pc-sample"), n_dates=3, width=256, height=256, tiles=1,
                        every_days=5)

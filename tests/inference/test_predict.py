@@ -245,7 +245,7 @@ def test_engine_cube_raw_uint16_nodata_zero(tmp_path: Path, client, models) -> N
     from pixels_xr.compose import collect
     from pixels_xr.config import load_config
     from pixels_xr.features import load_features
-    from pixels_xr.sample import make_sample
+    from pixels_xr.testing.sample import make_sample
 
     info = make_sample(tmp_path / "sample", n_dates=6, width=64, height=64, every_days=7)
     cfg = load_config({"start": "2021-11-01", "end": "2021-12-31", "mode": "latest_pixel",

@@ -143,10 +143,10 @@ class _Planned:
     #: Zarr format of a template still to write (by the feature's first job; recorded once it completes)
     template: int | None = None
     sources: dict[str, str] = field(default_factory=dict)
-    #: asset hrefs the feature reads, and the event marker posted when its job was submitted (read problems
-    #: after the marker on those hrefs make it degraded)
+    #: asset hrefs the feature reads, and the scheduler's clock when its job was submitted (read problems
+    #: received after it on those hrefs make it degraded)
     hrefs: set[str] = field(default_factory=set)
-    submitted: str = ""
+    submitted: float = 0.0
 
 
 def run_batch(config: PixelsConfig, features: Sequence[Feature], out: str, *, cluster: str | None = "local",

@@ -49,7 +49,7 @@ def client(dask_scheduler):
 
 
 def _arrays(out: str, fid: str) -> dict[str, np.ndarray]:
-    ds = xr.open_zarr(out, group=fid)
+    ds = xr.open_zarr(out, group=fid, consolidated=False)
     return {k: ds[k].values for k in ds.data_vars}
 
 
@@ -160,8 +160,8 @@ def test_overwrite_removes_old_config_groups(tmp_path, sample, client) -> None:
     report = run_batch(other, features[:1], out, client=client, progress=False, overwrite=True)
     assert report.ok
     with pytest.raises(Exception):  # the old config's group is gone, not left readable beside new ones
-        xr.open_zarr(out, group=features[1].id)
-    assert set(xr.open_zarr(out, group=features[0].id).data_vars) == {"red", "clear_count", "source_time"}
+        xr.open_zarr(out, group=features[1].id, consolidated=False)
+    assert set(xr.open_zarr(out, group=features[0].id, consolidated=False).data_vars) == {"red", "clear_count", "source_time"}
 
 
 # ------------------------------------------------------------------------------ reads that fail mid-run

@@ -4,13 +4,12 @@ Under ``on_asset_error: skip`` a read that fails mid-run (a COG truncated or del
 checked, a flaky server past its retries) becomes nodata for that block, as stackstac does — but it is also
 recorded here: on a Dask worker as a cluster event (``Worker.log_event`` on ``TOPIC``, which the batch
 client reads back when the feature's job completes and turns into *degraded* units that are reported and
-not recorded done, so a re-run reads them again); outside a worker in a process-wide list
-(``local_problems``) and as a warning. The href is recorded redacted.
+not recorded done, so a re-run reads them again). Outside a worker (an in-process ``compute``) the reader's
+warning is the record. The href is recorded redacted.
 """
 
 from __future__ import annotations
 
-import threading
 import time
 from typing import Any
 
@@ -18,19 +17,11 @@ from pixels_xr.signing import redact
 
 TOPIC = "pixels-xr-read-errors"
 
-_local: list[dict[str, Any]] = []
-_lock = threading.Lock()
-
-
 def record(href: str, error: str) -> None:
     """Record one failed read of ``href`` (called by the readers where a failure becomes nodata)."""
-    event = {"href": redact(href), "error": redact(" ".join(str(error).split()))[:300], "time": time.time()}
     worker = _this_worker()
     if worker is not None:
-        worker.log_event(TOPIC, event)
-    else:
-        with _lock:
-            _local.append(event)
+        worker.log_event(TOPIC, {"href": redact(href), "error": redact(" ".join(str(error).split()))[:300]})
 
 
 def _this_worker() -> Any:
@@ -45,12 +36,6 @@ def _this_worker() -> Any:
     except ValueError:
         workers = list(Worker._instances)  # one per worker process; in-process clusters share a scheduler
         return workers[0] if workers else None
-
-
-def local_problems(since: float = 0.0) -> list[dict[str, Any]]:
-    """Problems recorded in this process (outside any worker) since ``since`` (``time.time()``)."""
-    with _lock:
-        return [e for e in _local if e["time"] >= since]
 
 
 def mark(client: Any) -> float:

@@ -47,13 +47,9 @@ def _create_exclusive(url: str, data: bytes) -> bool:
     if storage.is_remote(url):
         fs, path = storage.filesystem(url)
         try:
-            fs.pipe_file(path, data, mode="create")
-        except (FileExistsError, OSError) as exc:
+            fs.pipe_file(path, data, mode="create")  # If-None-Match: *
+        except Exception as exc:  # FileExistsError, or botocore's ClientError for the 412 with older s3fs
             if isinstance(exc, FileExistsError) or "PreconditionFailed" in str(exc) or "412" in str(exc):
-                return False
-            raise OutputError(f"cannot create the output lock: {exc}", url) from None
-        except Exception as exc:  # botocore's ClientError for 412 with older s3fs
-            if "PreconditionFailed" in str(exc) or "412" in str(exc):
                 return False
             raise OutputError(f"cannot create the output lock: {exc}", url) from None
         return True

@@ -1,0 +1,168 @@
+"""Object storage with latency: the latency proxy, the range server, and how many requests a read costs."""
+
+from __future__ import annotations
+
+import http.client
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import rasterio
+
+from pixels_xr.testing.latency_proxy import LatencyProxy, ProxyProcess
+from pixels_xr.testing.range_server import RangeServer, parse_ranges
+
+
+@pytest.fixture(scope="module")
+def blob(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    folder = tmp_path_factory.mktemp("blobs")
+    (folder / "a.bin").write_bytes(np.random.default_rng(0).bytes(100_000))
+    (folder / "sub").mkdir()
+    (folder / "sub" / "b.bin").write_bytes(b"0123456789")
+    (folder.parent / "outside.txt").write_text("not served")
+    return folder
+
+
+@pytest.fixture(scope="module")
+def range_server(blob: Path):
+    with RangeServer(blob) as server:
+        yield server
+
+
+def _get(conn: http.client.HTTPConnection, path: str, rng: str | None = None,
+         method: str = "GET") -> tuple[int, dict[str, str], bytes]:
+    conn.request(method, path, headers={"Range": rng} if rng else {})
+    r = conn.getresponse()
+    return r.status, {k.lower(): v for k, v in r.getheaders()}, r.read()
+
+
+# ------------------------------------------------------------------------------------------ range server
+def test_range_server_answers_ranges_as_object_storage_does(range_server: RangeServer, blob: Path) -> None:
+    data = (blob / "a.bin").read_bytes()
+    conn = http.client.HTTPConnection(range_server.host, range_server.port, timeout=10)
+    status, headers, body = _get(conn, "/a.bin", "bytes=10-19")
+    assert (status, headers["content-range"], body) == (206, "bytes 10-19/100000", data[10:20])
+    assert _get(conn, "/a.bin", "bytes=99990-")[2] == data[99990:]
+    assert _get(conn, "/a.bin", "bytes=-5")[2] == data[-5:]
+    assert _get(conn, "/a.bin", "bytes=99990-200000")[2] == data[99990:]  # clipped to the end
+    status, headers, body = _get(conn, "/a.bin", "bytes=100000-")
+    assert (status, headers["content-range"], body) == (416, "bytes */100000", b"")
+    status, headers, body = _get(conn, "/a.bin", "bytes=0-1,5-6")
+    assert status == 206 and headers["content-type"].startswith("multipart/byteranges")
+    assert b"Content-Range: bytes 0-1/100000\r\n\r\n" + data[:2] in body and data[5:7] in body
+    assert _get(conn, "/a.bin", "items=0-1")[:1] == (200,)  # not a byte range: the whole file
+    assert _get(conn, "/a.bin")[2] == data
+    status, headers, body = _get(conn, "/a.bin", method="HEAD")
+    assert (status, headers["content-length"], body) == (200, "100000", b"")
+    assert _get(conn, "/sub/b.bin", "bytes=2-3")[2] == b"23"
+    for missing in ("/nope.bin", "/sub", "/", "/../outside.txt", "/%2e%2e/outside.txt",
+                    "/sub/../../outside.txt"):
+        assert _get(conn, missing)[0] == 404, missing
+    conn.close()
+
+
+def test_parse_ranges_follows_rfc_9110() -> None:
+    assert parse_ranges("bytes=0-0", 10) == [(0, 0)]
+    assert parse_ranges("bytes=5-", 10) == [(5, 9)]
+    assert parse_ranges("bytes=-3", 10) == [(7, 9)]
+    assert parse_ranges("bytes=-30", 10) == [(0, 9)]
+    assert parse_ranges("bytes=20-30", 10) == []  # unsatisfiable: 416
+    assert parse_ranges("bytes=20-30, 1-2", 10) == [(1, 2)]  # satisfiable parts are served
+    assert parse_ranges("bytes=5-2", 10) is None  # invalid: ignored, 200
+    assert parse_ranges("bytes=x-", 10) is None and parse_ranges("pages=1-2", 10) is None
+
+
+# ------------------------------------------------------------------------------------------ the proxy
+def test_proxy_counts_every_request_of_a_keep_alive_connection(range_server: RangeServer, blob: Path) -> None:
+    data = (blob / "a.bin").read_bytes()
+    with LatencyProxy(range_server.host_port, delay=0.03) as proxy:
+        conn = http.client.HTTPConnection(proxy.host, proxy.port, timeout=10)
+        t0 = time.perf_counter()
+        bodies = [_get(conn, "/a.bin", f"bytes={k * 1000}-{k * 1000 + 999}")[2] for k in range(5)]
+        assert _get(conn, "/a.bin", method="HEAD")[0] == 200
+        assert _get(conn, "/nope.bin")[0] == 404
+        held = time.perf_counter() - t0
+        conn.close()
+        stats = proxy.stats()
+    assert bodies == [data[k * 1000:(k + 1) * 1000] for k in range(5)]  # relayed verbatim
+    assert stats.connections == 1 and stats.requests == 7  # per HTTP request, not per connection
+    assert stats.by_method == {"GET": 6, "HEAD": 1} and stats.gets == 6
+    assert [r.status for r in stats.records] == [206] * 5 + [200, 404]
+    assert [r.range for r in stats.records[:2]] == ["bytes=0-999", "bytes=1000-1999"]
+    assert stats.response_bytes == 5000 + len(b"not found\n")
+    assert held >= 7 * 0.03  # every request was held (a lower bound: sleeps never end early)
+
+
+def test_proxy_resets_and_serves_concurrent_connections(range_server: RangeServer) -> None:
+    from concurrent.futures import ThreadPoolExecutor
+
+    with LatencyProxy(range_server.host_port, delay=0.01) as proxy:
+        def fetch(k: int) -> int:
+            conn = http.client.HTTPConnection(proxy.host, proxy.port, timeout=10)
+            try:
+                return sum(len(_get(conn, "/a.bin", f"bytes={j}-{j + 9}")[2]) for j in range(k, k + 4))
+            finally:
+                conn.close()
+
+        with ThreadPoolExecutor(8) as pool:
+            assert sum(pool.map(fetch, range(16))) == 16 * 4 * 10
+        stats = proxy.stats()
+        assert (stats.requests, stats.connections, stats.response_bytes) == (64, 16, 640)
+        proxy.reset()
+        assert proxy.stats().requests == 0
+
+
+def test_proxy_relays_s3_writes_and_reads(s3_server) -> None:
+    """boto3 through the proxy: a PUT with a body (and ``Expect: 100-continue``), a listing, a ranged GET."""
+    import boto3
+
+    with LatencyProxy(s3_server.host_port) as proxy:
+        client = boto3.client("s3", endpoint_url=proxy.url, aws_access_key_id="testing",
+                              aws_secret_access_key="testing", region_name="us-east-1")
+        client.create_bucket(Bucket="proxied")
+        payload = bytes(range(256)) * 1000
+        client.put_object(Bucket="proxied", Key="k.bin", Body=payload)
+        got = client.get_object(Bucket="proxied", Key="k.bin", Range="bytes=1000-1999")["Body"].read()
+        keys = [o["Key"] for o in client.list_objects_v2(Bucket="proxied")["Contents"]]
+        stats = proxy.stats()
+    assert got == payload[1000:2000] and keys == ["k.bin"]
+    assert stats.by_method == {"PUT": 2, "GET": 2} and stats.request_bytes >= len(payload)
+
+
+def test_proxy_process_has_the_same_counters(range_server: RangeServer) -> None:
+    with ProxyProcess(range_server.host_port, delay=0.0) as proxy:
+        conn = http.client.HTTPConnection("127.0.0.1", proxy.port, timeout=10)
+        assert _get(conn, "/a.bin", "bytes=0-99")[0] == 206
+        assert _get(conn, "/a.bin", "bytes=100-199")[0] == 206
+        stats = proxy.stats()
+        assert (stats.requests, stats.connections, stats.response_bytes) == (2, 1, 200)
+        proxy.set_delay(0.02)
+        proxy.reset()
+        assert _get(conn, "/a.bin", "bytes=0-9")[0] == 206
+        conn.close()
+        assert proxy.stats().requests == 1
+
+
+def test_gdal_reads_through_the_proxy_over_s3_and_http(tmp_path: Path, s3_server) -> None:
+    """GDAL's /vsis3/ and /vsicurl/ reads through the proxy return the file's pixels, and every request
+    they make is seen."""
+    from rasterio.transform import from_origin
+
+    values = np.random.default_rng(2).integers(0, 5000, (300, 300)).astype("uint16")
+    path = tmp_path / "t.tif"
+    with rasterio.open(path, "w", driver="GTiff", width=300, height=300, count=1, dtype="uint16",
+                       crs="EPSG:32629", transform=from_origin(500000, 3400000, 10, 10), tiled=True,
+                       blockxsize=128, blockysize=128, compress="deflate") as dst:
+        dst.write(values, 1)
+    s3_server.upload(path, "gdal-proxy", "t.tif")
+    from pixels_xr.readers import GDAL_CLOUD_ENV
+
+    with RangeServer(tmp_path) as web, LatencyProxy(s3_server.host_port) as s3_proxy, \
+            LatencyProxy(web.host_port) as web_proxy:
+        for href, proxy, env in [("s3://gdal-proxy/t.tif", s3_proxy, {"AWS_S3_ENDPOINT": s3_proxy.host_port}),
+                                 (f"{web_proxy.url}/t.tif", web_proxy, {})]:
+            with rasterio.Env(**GDAL_CLOUD_ENV, **env), rasterio.open(href) as ds:
+                np.testing.assert_array_equal(ds.read(1), values)
+            stats = proxy.stats()
+            assert stats.gets >= 2 and stats.response_bytes <= path.stat().st_size + 32768, stats

@@ -273,6 +273,33 @@ def predict(
             typer.echo(path)
 
 
+@app.command()
+@one_line_errors
+def serve(
+    path: Annotated[Path, typer.Argument(help="A run's Zarr store or COG folder, a tileset, or a pxm render --out folder.")],
+    port: Annotated[int, typer.Option("--port", min=0, max=65535, help="Port (0: any free one).")] = 8000,
+    host: Annotated[str, typer.Option("--host", help="Address to listen on; only loopback unless you say so.")]
+    = "127.0.0.1",
+) -> None:
+    """Serve a map of PATH in the browser: run outputs per time bin, or PXM tilesets (serve extra). Ctrl-C stops."""
+    try:
+        from pixels_xr.serve import LOOPBACK, MapServer
+    except ImportError as exc:
+        from pixels_xr.errors import ConfigError
+
+        raise ConfigError(f"the map needs the serve extra ({exc}): pip install 'pixels-xr[serve]'", "serve") from None
+    server = MapServer(path, host=host, port=port).start()
+    if host not in LOOPBACK:
+        typer.echo(f"warning: listening on {host}: anyone who can reach it can read every file under {path}", err=True)
+    typer.echo(f"map of {path}: {server.url} (Ctrl-C stops)")
+    try:
+        server.wait()
+    except KeyboardInterrupt:  # the normal way to stop a server: exit 0
+        typer.echo("stopped")
+    finally:
+        server.stop()
+
+
 def _mount_pxm() -> None:
     try:
         from pixels_xr.pxm.cli import pxm_app
@@ -299,3 +326,49 @@ def main() -> None:  # pragma: no cover - console entry
 
 if __name__ == "__main__":  # pragma: no cover
     sys.exit(app())
+
+
+@app.command()
+@one_line_errors
+def samples(
+    config: Annotated[Path, typer.Argument(help="Pixels configuration JSON file (the cubes to sample).")],
+    labels: Annotated[Path, typer.Argument(help="GeoJSON points/polygons with a class property.")],
+    out: Annotated[str, typer.Argument(help="Sample store folder (path or URL).")],
+    features: Annotated[Path | None, typer.Option("--features", "-f", help="Features to collect (default: one "
+                                                                           "per label).")] = None,
+    source: Annotated[str | None, typer.Option(help="A collect Zarr output to sample instead of collecting.")] = None,
+    spec: Annotated[Path | None, typer.Option(help="JSON file of sample settings (training.SampleSpec).")] = None,
+    kind: Annotated[str | None, typer.Option(help="pixels (Parquet) or chips (Zarr).")] = None,
+    size: Annotated[int | None, typer.Option(help="Chip size in pixels.")] = None,
+    time: Annotated[int | None, typer.Option(help="Keep one time step (index); default all.")] = None,
+    block_size: Annotated[float | None, typer.Option(help="Split block size, CRS units.")] = None,
+    seed: Annotated[int | None, typer.Option(help="Seed of every random choice.")] = None,
+    class_property: Annotated[str, typer.Option(help="Label property holding the class.")] = "class",
+    cluster: Annotated[str, typer.Option(help="'local', a scheduler address, 'gateway' or 'none' (threads "
+                                              "in this process).")] = "local",
+    overwrite: Annotated[bool, typer.Option(help="Replace samples drawn with other settings.")] = False,
+) -> None:
+    """Draw training samples of LABELS from the cubes of CONFIG into OUT (resumable); print the counts."""
+    import json as _json
+
+    from pixels_xr.config import load_config
+    from pixels_xr.errors import ConfigError
+    from pixels_xr.features import load_features
+    from pixels_xr.jsontext import loads
+    from pixels_xr.training import build_samples, load_labels
+
+    settings: dict[str, Any] = {}
+    if spec is not None:
+        try:
+            settings = loads(spec.read_bytes(), str(spec), ConfigError)
+        except OSError as exc:
+            raise ConfigError(f"cannot read: {exc.strerror or exc}", str(spec)) from None
+    settings.update({k: v for k, v in {"kind": kind, "size": size, "time": time, "block_size": block_size,
+                                       "seed": seed}.items() if v is not None})
+    cfg = load_config(config)
+    manifest = build_samples(load_labels(labels, class_property=class_property), out, config=cfg,
+                             features=load_features(features) if features is not None else None, source=source,
+                             spec=settings, cluster=None if cluster == "none" else cluster)
+    counts = {s: sum(c.values()) for s, c in manifest["counts"].items()}
+    typer.echo(f"{sum(counts.values())} {manifest['kind']} samples ({', '.join(f'{s} {n}' for s, n in counts.items())})"
+               f"; rejected {_json.dumps(manifest['rejected'])} → {out}")

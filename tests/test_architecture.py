@@ -30,7 +30,9 @@ STAGES: list[set[str]] = [
     {"io", "io.storage", "io.layout", "io.lock", "io.cog", "io.zarr_store", "io.stac_out", "io.predictions"},
     {"ledger", "cluster"},
     {"batch", "inference", "inference.blocks", "inference.model", "inference.pipeline", "inference.sidecar",
-     "plot", "testing", "testing.sample", "testing.latency_proxy", "testing.range_server"},
+     "plot", "testing", "testing.sample", "testing.latency_proxy", "testing.range_server",
+     "training", "training.build", "training.labels", "training.loaders", "training.sampling", "training.split",
+     "training.store"},
     {"pxm", "pxm.archives", "pxm.checks", "pxm.color", "pxm.encode", "pxm.interrupts", "pxm.manifest", "pxm.pyramid",
      "pxm.renderer", "pxm.sources", "pxm.tiles", "pxm.warp", "pxm.cli"},
     {"cli", ""},  # "" is the package root (its public API names everything)

@@ -35,6 +35,10 @@ def __getattr__(name: str):  # distributed is imported only when a batch or clus
         from pixels_xr.inference import predict
 
         return predict
+    if name in {"build_samples", "load_labels", "open_samples", "write_sidecar"}:  # training data
+        from pixels_xr import training
+
+        return getattr(training, name)
     raise AttributeError(f"module 'pixels_xr' has no attribute {name!r}")
 
 
@@ -42,15 +46,19 @@ __all__ = [
     "Feature",
     "PixelsConfig",
     "build_cube",
+    "build_samples",
     "collect",
     "load_config",
     "load_features",
+    "load_labels",
     "open_client",
     "open_feature",
+    "open_samples",
     "predict",
     "run_batch",
     "RunReport",
     "search",
+    "write_sidecar",
     "__version__",
     "AssetReadError",
     "CatalogError",

@@ -273,6 +273,36 @@ def predict(
             typer.echo(path)
 
 
+@app.command()
+@one_line_errors
+def serve(
+    path: Annotated[Path, typer.Argument(
+        help="A run's Zarr store or COG folder, a tileset, or a pxm render --out folder.")],
+    port: Annotated[int, typer.Option("--port", min=0, max=65535, help="Port (0: any free one).")] = 8000,
+    host: Annotated[str, typer.Option("--host", help="Address to listen on; only loopback unless you say so.")]
+    = "127.0.0.1",
+) -> None:
+    """Serve a map of PATH on loopback: a run's outputs per time bin, or PXM tilesets (serve extra)."""
+    try:
+        from pixels_xr.serve import LOOPBACK, MapServer
+    except ImportError as exc:
+        from pixels_xr.errors import ConfigError
+
+        raise ConfigError(f"the map needs the serve extra ({exc}): pip install 'pixels-xr[serve]'",
+                          "serve") from None
+    server = MapServer(path, host=host, port=port).start()
+    if host not in LOOPBACK:
+        typer.echo(f"warning: listening on {host}: anyone who can reach it can read every file under {path}",
+                   err=True)
+    typer.echo(f"map of {path}: {server.url} (Ctrl-C stops)")
+    try:
+        server.wait()
+    except KeyboardInterrupt:  # the normal way to stop a server: exit 0
+        typer.echo("stopped")
+    finally:
+        server.stop()
+
+
 def _mount_pxm() -> None:
     try:
         from pixels_xr.pxm.cli import pxm_app

@@ -35,6 +35,7 @@ STAGES: list[set[str]] = [
      "training.store"},
     {"pxm", "pxm.archives", "pxm.checks", "pxm.color", "pxm.encode", "pxm.interrupts", "pxm.manifest", "pxm.pyramid",
      "pxm.renderer", "pxm.sources", "pxm.tiles", "pxm.warp", "pxm.cli"},
+    {"serve", "serve.app", "serve.run", "serve.tilesets"},  # the map: reads run outputs and PXM tilesets
     {"cli", ""},  # "" is the package root (its public API names everything)
 ]
 RANK = {name: k for k, stage in enumerate(STAGES) for name in stage}

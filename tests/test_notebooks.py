@@ -57,7 +57,7 @@ def stdout(nb: nbformat.NotebookNode) -> str:
 def test_notebooks_are_stored_without_outputs() -> None:
     """Committed notebooks carry no outputs or execution counts (small diffs; CI produces the outputs)."""
     names = sorted(p.name for p in NOTEBOOKS.glob("*.ipynb"))
-    assert names == ["distributed.ipynb", "quickstart.ipynb"]
+    assert names == ["distributed.ipynb", "quickstart.ipynb", "training.ipynb"]
     for name in names:
         nb = nbformat.read(NOTEBOOKS / name, as_version=4)
         nbformat.validate(nb)
@@ -85,6 +85,21 @@ def test_distributed_runs_on_a_local_cluster_through_its_scheduler_address(kerne
     assert len(outputs(nb, "image/png")) >= 2
     pngs = sorted(p.name for p in (kernel_env / "quicklooks").iterdir())
     assert "field-2_rgb.png" in pngs and "field-2_source_time.png" in pngs
+
+
+@pytest.mark.tf
+def test_training_goes_from_labels_to_a_class_map(kernel_env: Path) -> None:
+    """labels → build_samples → Keras on the train blocks → test blocks → write_sidecar → predict → map."""
+    pytest.importorskip("tensorflow", reason="TensorFlow is not installed: pip install -e '.[tf]' (CI has it)")
+    import re
+
+    nb = execute("training.ipynb")
+    text = stdout(nb)
+    found = re.search(r"accuracy (\d\.\d+), majority-class baseline (\d\.\d+)", text)
+    assert found, text
+    assert float(found.group(1)) > float(found.group(2))  # the model learned something the baseline did not
+    assert len(outputs(nb, "image/png")) == 1 and (kernel_env / "figures" / "classes.png").stat().st_size > 5_000
+    assert "agrees with the SCL classes" in text
 
 
 def test_readme_figure_comes_from_the_quickstart() -> None:

@@ -4,7 +4,7 @@ Run:  .venv/bin/python benchmarks/bench_planning.py [--sizes 100 1000] [--repeat
 
 Items: the 10 real Earth Search v1 items of tile 13TDE in ../shared/data/stac, cloned every 5 days from
 2017-01-01 with new ids (their 23 assets and projection metadata unchanged), normalised by
-``catalog.normalize_item`` (not timed). Cube: 3 bands + SCL (4 assets) over the whole tile (10980 × 10980
+``catalog.parse_item`` (not timed). Cube: 3 bands + SCL (4 assets) over the whole tile (10980 × 10980
 at 10 m, EPSG:32613), monthly composite configuration, 1024-pixel spatial chunks.
 
 What is timed, for each approach: from the item dicts to the low-level task graph a scheduler runs
@@ -32,7 +32,7 @@ from shapely.geometry import box
 sys.path.insert(0, str(Path(__file__).parent))
 from _common import machine_state, materialise, publish, table, timed  # noqa: E402
 
-from pixels_xr.catalog import normalize_item  # noqa: E402
+from pixels_xr.catalog import parse_item  # noqa: E402
 from pixels_xr.config import load_config  # noqa: E402
 from pixels_xr.cube import build_cube  # noqa: E402
 from pixels_xr.features import Feature  # noqa: E402
@@ -67,16 +67,17 @@ def run(n: int, repeat: int) -> dict[str, tuple[float, int]]:
     from odc.geo.geobox import GeoBox
 
     cfg = load_config(CONFIG)
-    items = [normalize_item(i, cfg) for i in synthesize(n)]
+    parsed = [parse_item(i, cfg) for i in synthesize(n)]  # ours: the typed items catalog.search returns
+    items = [i.to_stac() for i in parsed]  # the baselines: the same items as normalised STAC dicts
     names = ["red", "green", "nir", "scl"]
-    cube = build_cube(items, TILE, cfg)
+    cube = build_cube(parsed, TILE, cfg)
     bounds, shape, transform = cube.rio.bounds(), cube.rio.shape, cube.rio.transform()
     bin_chunks = cube.data.chunks[0]
     py_items = [pystac.Item.from_dict({**i, "links": []}, migrate=False) for i in items]
     geobox = GeoBox(shape, transform, "EPSG:32613")
 
     def ours(time_chunks: int | None = None) -> int:
-        return len(materialise(build_cube(items, TILE, cfg, time_chunks=time_chunks)))
+        return len(materialise(build_cube(parsed, TILE, cfg, time_chunks=time_chunks)))
 
     def ours_no_gc() -> int:  # the caller's garbage collector off during dask's materialisation too
         gc.disable()

@@ -34,17 +34,24 @@ from distributed import Client
 
 from pixels_xr.catalog import search
 from pixels_xr.cluster import ClusterOptions, open_client
-from pixels_xr.compose import collect
+from pixels_xr.compose import composite, observations, unit_item_ids
 from pixels_xr.config import PixelsConfig
 from pixels_xr.errors import ConfigError, OutputError, PixelsError
 from pixels_xr.features import Feature, check_id
 from pixels_xr.io import storage
 from pixels_xr.io.cog import CogLayer, write_cogs
-from pixels_xr.io.layout import MANIFEST_DIR, SOURCE_TIME_NODATA, SOURCE_TIME_UNITS, CogUnit, days_since_epoch, \
-    safe_label
+from pixels_xr.io.layout import (
+    MANIFEST_DIR,
+    SOURCE_TIME_NODATA,
+    SOURCE_TIME_UNITS,
+    CogUnit,
+    days_since_epoch,
+    safe_label,
+)
 from pixels_xr.io.lock import ReadOnlyOutput, locked
 from pixels_xr.io.stac_out import write_output_catalog, zarr_item
 from pixels_xr.io.zarr_store import aligned, region_write
+from pixels_xr.items import AssetProblem, ParsedItem
 from pixels_xr.ledger import RunManifest
 from pixels_xr.read_problems import cluster_problems, mark
 from pixels_xr.run_cache import run_cache
@@ -72,7 +79,7 @@ class FeatureResult:
     #: items the search found but a filter removed, by reason (``platform landsat-7``: 12, …)
     items_filtered: dict[str, int] = field(default_factory=dict)
     #: assets found unreadable by the check before the run and left out (``on_asset_error: skip``)
-    asset_problems: list[dict[str, str]] = field(default_factory=list)
+    asset_problems: list[AssetProblem] = field(default_factory=list)
     #: reads that failed after the check (read as nodata): the units are *degraded*, not recorded done
     read_problems: list[dict[str, Any]] = field(default_factory=list)
 
@@ -143,6 +150,8 @@ class _Planned:
     #: Zarr format of a template still to write (by the feature's first job; recorded once it completes)
     template: int | None = None
     sources: dict[str, str] = field(default_factory=dict)
+    #: ids of the items behind each unit, by label (the COG tags' ``items``)
+    unit_items: dict[str, list[str]] = field(default_factory=dict)
     #: asset hrefs the feature reads, and the scheduler's clock when its job was submitted (read problems
     #: received after it on those hrefs make it degraded)
     hrefs: set[str] = field(default_factory=set)
@@ -263,11 +272,13 @@ def _plan(feature: Feature, config: PixelsConfig, manifest: RunManifest, output_
         items = search(config, feature)
         plan.result.items = len(items)
         stage = "build"
-        ds = aligned(collect(config, feature, items=items), config.chunksize)
+        obs = observations(config, feature, items=items)
+        ds = aligned(composite(obs, config, feature), config.chunksize)
         plan.result.empty_reason = ds.attrs.get("empty_reason")
-        plan.result.items_filtered = dict(getattr(items, "filtered", {}))
-        plan.result.asset_problems = json.loads(ds.attrs.get("asset_problems", "[]"))
-        plan.hrefs = {a["href"] for i in items for a in i["assets"].values() if a.get("href")}
+        plan.result.items_filtered = dict(items.filtered)
+        plan.result.asset_problems = list(obs.problems)
+        plan.unit_items = unit_item_ids(obs.cube, config, feature)
+        plan.hrefs = {s.href for i in items for s in i.sources.values()}
         plan.labels = unit_labels(ds)
         if not plan.labels:  # mode all without any acquisition: nothing to write, the report says why
             return plan
@@ -293,13 +304,9 @@ def _plan(feature: Feature, config: PixelsConfig, manifest: RunManifest, output_
     return plan
 
 
-def _source_hrefs(items: list[dict]) -> dict[str, str]:
+def _source_hrefs(items: list[ParsedItem]) -> dict[str, str]:
     """Item id → its self href (or the id when the item has none) for ``derived_from`` links."""
-    hrefs = {}
-    for item in items:
-        self_links = [link["href"] for link in item.get("links", []) if link.get("rel") == "self"]
-        hrefs[str(item["id"])] = self_links[0] if self_links else str(item["id"])
-    return hrefs
+    return {item.id: item.self_href or item.id for item in items}
 
 
 def unit_labels(ds: xr.Dataset) -> list[str]:
@@ -352,7 +359,8 @@ def _write_feature_cogs(client: Client, plan: _Planned, config: PixelsConfig, ou
     per_group = max(1, COG_ROW_BYTES // max(_row_bytes(plan.ds.isel(time=0)), 1))
     for k in range(0, len(plan.pending), per_group):
         layers = [layer for i in plan.pending[k:k + per_group] for layer in
-                  unit_cog_layers(plan.ds.isel(time=i), out, plan.feature.id, plan.labels[i], config)]
+                  unit_cog_layers(plan.ds.isel(time=i), out, plan.feature.id, plan.labels[i], config,
+                                  plan.unit_items.get(plan.labels[i], []))]
         write_cogs(layers, scheduler=client)
     return {"seconds": round(time.perf_counter() - started, 3)}
 
@@ -363,15 +371,15 @@ def _row_bytes(step: xr.Dataset) -> int:
     return sum(v.dtype.itemsize * v.size // step.sizes["y"] * rows for v in step.data_vars.values())
 
 
-def unit_cog_layers(step: xr.Dataset, out: str, feature_id: str, label: str,
-                    config: PixelsConfig) -> list[CogLayer]:
+def unit_cog_layers(step: xr.Dataset, out: str, feature_id: str, label: str, config: PixelsConfig,
+                    item_ids: Sequence[str]) -> list[CogLayer]:
     """The COGs of one feature × bin (``io.layout.CogUnit``): bands, clear_count and (pick modes)
-    source_time."""
+    source_time, tagged with the ids of the items behind the bin."""
     unit = CogUnit(out, feature_id, label)
     bands = list(config.band_names)
     when = str(step["time"].values)[:10]
     tags = {"datetime": when, "feature": feature_id, "bin": label,
-            "items": json.dumps(json.loads(step.attrs.get("item_ids", "{}")).get(label, []))}
+            "items": json.dumps(list(item_ids))}
     stack = xr.concat([step[b] for b in bands], dim="band").assign_coords(band=bands)
     layers = [CogLayer(stack, unit.path(), np.nan if stack.dtype.kind == "f" else 0, bands, tags),
               CogLayer(step["clear_count"], unit.path("clear_count"), None, ["clear_count"], tags)]

@@ -1,10 +1,11 @@
-"""Search STAC APIs and local catalogs for a feature; normalise items into plain dicts the cube can trust.
+"""Search STAC APIs and local catalogs for a feature; parse items once into the typed models the cube trusts.
 
-Normalised items keep the STAC Item shape but guarantee: a ``bbox``; an integer ``proj:epsg`` on the item and
-on every kept asset (from ``proj:epsg``, ``proj:code``, WKT2 or PROJJSON); assets renamed to the
-configuration's common band names (``B04`` → ``red``) plus the mask asset, each with exactly one
-``raster:bands`` entry holding ``scale``, ``offset``, ``nodata`` and ``data_type`` (from STAC 1.0
-``raster:bands``, STAC 1.1 ``bands`` or the platform's rule); and the original key as ``pixels_xr:key``.
+Every kept item is parsed (``parse_item``) into a frozen ``ParsedItem`` (``pixels_xr.items``): a ``bbox``;
+an integer EPSG on the item and on every source (from ``proj:epsg``, ``proj:code``, WKT2 or PROJJSON); one
+``RasterSource`` per configured band plus the mask asset, under the configuration's common band names
+(``B04`` → ``red``), holding ``scale``, ``offset``, ``nodata`` and ``data_type`` (from STAC 1.0
+``raster:bands``, STAC 1.1 ``bands`` or the platform's rule) and the original asset key.
+``ParsedItem.to_stac()`` (and ``normalize_item``) give the same as a normalised STAC dict.
 
 Same-day duplicates of one tile (reprocessings) keep one item: the highest processing baseline, then the
 latest ``updated``/``created``/processing time, then the greatest id.
@@ -32,9 +33,9 @@ import json
 import logging
 import math
 import os
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import shapely
 from pyproj import CRS
@@ -43,15 +44,34 @@ from shapely.geometry import mapping, shape
 from pixels_xr.config import PixelsConfig
 from pixels_xr.errors import CatalogError, ConfigError
 from pixels_xr.features import Feature
-from pixels_xr.platforms import PROVIDERS, Band, Platform, asset_candidates, canonical_band, \
-    platform_of_item, reflectance_scale_offset
+from pixels_xr.items import ParsedItem, RasterSource, item_datetime, processing_version
+from pixels_xr.platforms import (
+    PROVIDERS,
+    Band,
+    Platform,
+    asset_candidates,
+    canonical_band,
+    platform_of_item,
+    reflectance_scale_offset,
+)
 from pixels_xr.run_cache import memo
-from pixels_xr.signing import ALLOWED_HREFS, SIGNERS, allow_hrefs, href_policy, is_remote, redact, redact_logs, \
-    register_signer, registered_signer, signer_for
+from pixels_xr.signing import (
+    ALLOWED_HREFS,
+    SIGNERS,
+    allow_hrefs,
+    href_policy,
+    is_remote,
+    redact,
+    redact_logs,
+    register_signer,
+    registered_signer,
+    signer_for,
+)
 
-__all__ = ["ALLOWED_HREFS", "SIGNERS", "SearchResult", "allow_hrefs", "deduplicate", "find_asset", "href_policy",
-           "is_remote", "item_datetime", "normalize_item", "read_local", "register_signer", "registered_signer",
-           "search", "search_api", "signer_for", "tile_key"]
+__all__ = ["ALLOWED_HREFS", "SIGNERS", "ParsedItem", "RasterSource", "SearchResult", "allow_hrefs", "as_items",
+           "deduplicate", "find_asset", "href_policy", "is_remote", "item_datetime", "normalize_item", "parse_item",
+           "read_local", "register_signer", "registered_signer", "search", "search_api", "signer_for",
+           "tile_key"]
 
 log = logging.getLogger(__name__)
 
@@ -70,13 +90,13 @@ STAC_TIMEOUT_ENV = "PIXELS_XR_STAC_TIMEOUT"
 
 # ----------------------------------------------------------------------------------------------- search
 class SearchResult(list):
-    """The items of a search (a plain list of normalised item dicts) and ``filtered``: how many items the
+    """The items of a search (a plain list of ``ParsedItem``) and ``filtered``: how many items the
     catalog returned for the feature's area and dates that a filter then removed, by reason
     (``"platform landsat-7"``, ``"maxcloud"``, ``"collection other"``) — so no item is dropped unsaid."""
 
     filtered: dict[str, int]
 
-    def __init__(self, items: Iterable[dict] = (), filtered: dict[str, int] | None = None) -> None:
+    def __init__(self, items: Iterable[ParsedItem] = (), filtered: dict[str, int] | None = None) -> None:
         super().__init__(items)
         self.filtered = dict(filtered or {})
 
@@ -99,9 +119,8 @@ def search(config: PixelsConfig, feature: Feature) -> SearchResult:
     if unusual:
         log.warning("feature %s: %s", feature.id, ", ".join(f"{n} items left out by {r}"
                                                            for r, n in sorted(unusual.items())))
-    items = [normalize_item(i, config) for i in kept]
-    items = deduplicate(items)
-    items.sort(key=lambda i: (item_datetime(i), i["id"]))
+    items = deduplicate([parse_item(i, config) for i in kept])
+    items.sort(key=lambda i: (i.datetime, i.id))
     if config.limit is not None:
         items = items[: config.limit]
     return SearchResult(items, filtered)
@@ -295,16 +314,6 @@ def _absolute_hrefs(item: dict, base: Path) -> dict:
 
 
 # ----------------------------------------------------------------------------------------------- filters
-def item_datetime(item: dict) -> dt.datetime:
-    """Acquisition time of an item (``datetime`` or ``start_datetime``), timezone-aware UTC."""
-    props = item.get("properties", {})
-    value = props.get("datetime") or props.get("start_datetime")
-    if not value:
-        raise CatalogError("item has no datetime", f"item {item.get('id')!r}")
-    t = dt.datetime.fromisoformat(str(value).replace("Z", "+00:00"))
-    return t if t.tzinfo else t.replace(tzinfo=dt.timezone.utc)
-
-
 def _rejection(item: dict, config: PixelsConfig, geometry: shapely.Geometry, start: dt.date,
                end: dt.date) -> str | None:
     """Why an item is left out: None (kept), "" (outside the feature's area or dates: not part of the
@@ -404,20 +413,22 @@ def find_asset(item: dict, band: Band | str) -> str | None:
     return None
 
 
-def normalize_item(item: dict, config: PixelsConfig) -> dict:
-    """Plain-dict item with requested bands + mask asset under canonical names (see module docstring)."""
-    out = copy.deepcopy(item)
-    iid = out.get("id", "?")
-    if not out.get("bbox"):
-        if not out.get("geometry"):
+def parse_item(item: Mapping[str, Any] | Any, config: PixelsConfig) -> ParsedItem:
+    """A raw STAC item (dict or ``pystac.Item``) parsed for a configuration: the requested bands and the
+    mask asset as typed sources under the configuration's names (see ``pixels_xr.items``)."""
+    if hasattr(item, "to_dict") and not isinstance(item, Mapping):
+        item = item.to_dict(transform_hrefs=False)
+    iid = str(item.get("id", "?"))
+    bbox = item.get("bbox")
+    if not bbox:
+        if not item.get("geometry"):
             raise CatalogError("item has neither bbox nor geometry", f"item {iid!r}")
-        out["bbox"] = list(shape(out["geometry"]).bounds)
-    props = out.setdefault("properties", {})
-    epsg = item_epsg(out)
+        bbox = list(shape(item["geometry"]).bounds)
+    props = dict(item.get("properties") or {})
+    epsg = item_epsg(item)
     props["proj:epsg"] = epsg
     props.pop("proj:code", None)
-    platform, level = item_platform(out, config), config.resolved_level
-    assets: dict[str, dict] = {}
+    platform, level = item_platform(item, config), config.resolved_level
     wanted: list[tuple[str, Band | str]] = [(b, canonical_band(platform, level, b))
                                             for b in config.band_names]
     spec = config.mask_spec
@@ -429,41 +440,69 @@ def normalize_item(item: dict, config: PixelsConfig) -> dict:
             mask_band = spec.asset
         wanted.append((spec.asset, mask_band))
     fallback_scale, fallback_offset = reflectance_scale_offset(platform, props)
+    sources: dict[str, RasterSource] = {}
     for name, band in wanted:
-        key = find_asset(out, band)
+        key = find_asset(item, band)
         if key is None:
             raise CatalogError(f"item has no asset for band {name!r} (looked for "
                                f"{', '.join(asset_candidates(band)) if isinstance(band, Band) else name} "
                                "and eo:bands common names)", f"item {iid!r}")
-        src = out["assets"][key]
+        src = item["assets"][key]
         meta = _band_meta(src)
         is_reflectance = isinstance(band, Band) and band.reflectance
-        scale = meta.get("scale")
-        offset = meta.get("offset")
+        scale, offset = meta.get("scale"), meta.get("offset")
         if scale is None and offset is None and is_reflectance:
             scale, offset = fallback_scale, fallback_offset
-        asset = {k: v for k, v in src.items() if k not in {"raster:bands", "bands", "proj:code"}}
-        asset["proj:epsg"] = item_epsg(out, src)
-        asset["raster:bands"] = [{
-            "scale": float(1.0 if scale is None else scale),
-            "offset": float(0.0 if offset is None else offset),
-            "nodata": meta.get("nodata", 0 if is_reflectance else None),
-            "data_type": meta.get("data_type"),
-        }]
-        asset["pixels_xr:key"] = key
-        asset["pixels_xr:reflectance"] = is_reflectance
-        assets[name] = asset
-    out["assets"] = assets
-    out.setdefault("links", [])
-    out.setdefault("stac_version", "1.0.0")
-    out.setdefault("type", "Feature")
+        transform, raster_shape = src.get("proj:transform"), src.get("proj:shape")
+        sources[name] = RasterSource(
+            name=name, key=key, href=str(src["href"]), epsg=item_epsg(item, src),
+            scale=float(1.0 if scale is None else scale), offset=float(0.0 if offset is None else offset),
+            nodata=meta.get("nodata", 0 if is_reflectance else None), data_type=meta.get("data_type"),
+            reflectance=is_reflectance,
+            transform=tuple(float(v) for v in transform) if transform and len(transform) >= 6 else None,
+            shape=(int(raster_shape[0]), int(raster_shape[1])) if raster_shape and len(raster_shape) >= 2
+            else None,
+            extra={k: copy.deepcopy(v) for k, v in src.items() if k not in _RAW_SOURCE_KEYS})
+    return ParsedItem(id=iid, datetime=item_datetime(item), epsg=epsg, bbox=tuple(float(v) for v in bbox),
+                      sources=sources, properties=copy.deepcopy(props), collection=item.get("collection"),
+                      geometry=copy.deepcopy(item.get("geometry")),
+                      links=tuple(copy.deepcopy(link) for link in item.get("links") or ()),
+                      stac_version=str(item.get("stac_version", "1.0.0")),
+                      stac_extensions=tuple(item.get("stac_extensions") or ()))
+
+
+#: Keys of a raw asset that ``parse_item`` turns into typed fields (not copied into ``RasterSource.extra``).
+_RAW_SOURCE_KEYS = frozenset({"href", "raster:bands", "bands", "proj:code", "proj:epsg", "proj:transform",
+                              "proj:shape"})
+
+
+def normalize_item(item: dict, config: PixelsConfig) -> dict:
+    """``parse_item`` as a normalised STAC dict (``ParsedItem.to_stac``), for tools that want STAC."""
+    return parse_item(item, config).to_stac()
+
+
+def as_items(items: Iterable[ParsedItem | Mapping[str, Any] | Any], config: PixelsConfig) -> list[ParsedItem]:
+    """Items for the cube: parsed items as they are; normalised dicts read back; raw STAC dicts and
+    ``pystac.Item``s parsed for the configuration."""
+    out = []
+    for item in items:
+        if isinstance(item, ParsedItem):
+            out.append(item)
+        elif isinstance(item, Mapping) and ParsedItem.is_normalised(item):
+            out.append(ParsedItem.from_stac(item))
+        else:
+            out.append(parse_item(item, config))
     return out
 
 
 # ----------------------------------------------------------------------------------------------- duplicates
-def tile_key(item: dict) -> str:
+def _properties(item: Mapping[str, Any] | ParsedItem) -> Mapping[str, Any]:
+    return item.properties if isinstance(item, ParsedItem) else item.get("properties", {})
+
+
+def tile_key(item: Mapping[str, Any] | ParsedItem) -> str:
     """Identity of the tile/footprint an item covers (MGRS tile, WRS path/row, or EPSG + rounded bbox)."""
-    p = item.get("properties", {})
+    p = _properties(item)
     platform = str(p.get("platform", "")).lower()
     if p.get("s2:mgrs_tile"):
         return f"{platform}:{p['s2:mgrs_tile']}"
@@ -473,23 +512,21 @@ def tile_key(item: dict) -> str:
         return f"{platform}:{p['grid:code']}"
     if p.get("landsat:wrs_path") is not None:
         return f"{platform}:{p['landsat:wrs_path']}/{p.get('landsat:wrs_row')}"
-    bbox = ",".join(f"{v:.2f}" for v in item.get("bbox", []))
-    return f"{platform}:{p.get('proj:epsg')}:{bbox}"
+    bbox = item.bbox if isinstance(item, ParsedItem) else item.get("bbox", [])
+    return f"{platform}:{p.get('proj:epsg')}:{','.join(f'{v:.2f}' for v in bbox)}"
 
 
-def _freshness(item: dict) -> tuple:
-    p = item.get("properties", {})
-    try:
-        baseline = float(p.get("s2:processing_baseline") or 0)
-    except ValueError:
-        baseline = 0.0
-    stamp = str(p.get("updated") or p.get("s2:generation_time") or p.get("created") or "")
-    return baseline, stamp, item.get("id", "")
+def _freshness(item: Mapping[str, Any] | ParsedItem) -> tuple:
+    item_id = item.id if isinstance(item, ParsedItem) else item.get("id", "")
+    return (*processing_version(_properties(item)), item_id)
 
 
-def deduplicate(items: list[dict]) -> list[dict]:
-    """One item per (tile, day): the freshest reprocessing (see module docstring)."""
-    best: dict[tuple[str, dt.date], dict] = {}
+Item = TypeVar("Item", ParsedItem, dict)
+
+
+def deduplicate(items: list[Item]) -> list[Item]:
+    """One item per (tile, day): the freshest reprocessing (see module docstring); raw or parsed items."""
+    best: dict[tuple[str, dt.date], Item] = {}
     for item in items:
         key = (tile_key(item), item_datetime(item).date())
         if key not in best or _freshness(item) > _freshness(best[key]):

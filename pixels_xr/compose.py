@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import datetime as dt
 import json
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -25,56 +26,67 @@ import xarray as xr
 
 from pixels_xr import reducers
 from pixels_xr._version import __version__
-from pixels_xr.catalog import search
+from pixels_xr.catalog import as_items, search
 from pixels_xr.config import PixelsConfig
 from pixels_xr.cube import Loader, build_cube, check_assets
 from pixels_xr.errors import ConfigError
 from pixels_xr.features import Feature
+from pixels_xr.items import AssetProblem, ParsedItem
 from pixels_xr.masks import clear_mask
 from pixels_xr.methods import METHODS, Method
 from pixels_xr.signing import redact_json
 from pixels_xr.timeslices import TimeBin, assign_bins
 
+
 @dataclass(frozen=True)
 class Observations:
-    """What a feature's reductions start from: the lazy cube, its clear-sky mask, the unreadable assets left
-    out (``check_assets`` problems) and the items a search filter removed (by reason)."""
+    """What a feature's reductions start from: the lazy cube, its clear-sky mask, the items it was built
+    from, the unreadable assets left out (``check_assets`` problems) and the items a search filter removed
+    (by reason)."""
 
     cube: xr.DataArray
     clear: xr.DataArray
-    problems: list[dict]
+    items: list[ParsedItem]
+    problems: list[AssetProblem]
     filtered: dict[str, int]
 
 
-def observations(config: PixelsConfig, feature: Feature, *, items: list[dict] | None = None,
-                 loader: Loader = "stackstac", check: bool = True) -> Observations:
+def observations(config: PixelsConfig, feature: Feature, *,
+                 items: Sequence[ParsedItem | dict] | None = None, loader: Loader = "stackstac",
+                 check: bool = True) -> Observations:
     """Search (unless ``items``) → asset check (``check``) → cube → clear mask with the configured cleanup:
-    the one path from a configuration to observations, shared by ``collect`` and ``plot``."""
-    if items is None:
-        items = search(config, feature)
-    filtered = dict(getattr(items, "filtered", {}))
-    problems: list[dict] = []
-    if check and items:
-        items, problems = check_assets(items, config)
-    cube = build_cube(items, feature, config, loader=loader)
+    the one path from a configuration to observations, shared by ``collect``, ``run_batch`` and ``plot``."""
+    found = search(config, feature) if items is None else items
+    filtered = dict(getattr(found, "filtered", {}))
+    parsed = as_items(found, config)
+    problems: list[AssetProblem] = []
+    if check and parsed:
+        parsed, problems = check_assets(parsed, config)
+    cube = build_cube(parsed, feature, config, loader=loader)
     clear = clear_mask(cube, config.mask_spec, config.mask_cleanup.opening, config.mask_cleanup.dilation)
-    return Observations(cube, clear, problems, filtered)
+    return Observations(cube, clear, parsed, problems, filtered)
 
 
-def collect(config: PixelsConfig, feature: Feature, *, items: list[dict] | None = None,
+def collect(config: PixelsConfig, feature: Feature, *, items: Sequence[ParsedItem | dict] | None = None,
             loader: Loader = "stackstac", check: bool = True) -> xr.Dataset:
     """Lazy Dataset of a feature for the configured mode (search → cube → mask → reduce).
 
-    ``items`` skips the search (normalised items from ``catalog.search``); ``check`` opens every asset
-    header first so unreadable assets are recorded (``attrs["asset_problems"]``) or fail per
-    ``on_asset_error``.
+    ``items`` skips the search (``catalog.search``'s parsed items, or STAC dicts parsed here); ``check``
+    opens every asset header first so unreadable assets are recorded (``attrs["asset_problems"]``) or fail
+    per ``on_asset_error``.
     """
-    obs = observations(config, feature, items=items, loader=loader, check=check)
+    return composite(observations(config, feature, items=items, loader=loader, check=check), config, feature)
+
+
+def composite(obs: Observations, config: PixelsConfig, feature: Feature) -> xr.Dataset:
+    """The configured mode's lazy Dataset over observations, with the run's provenance in ``attrs``
+    (JSON strings, so that Zarr and COG tags keep them as written)."""
     cube, clear = obs.cube, obs.clear
     if config.mode == "all":
         ds = _all(cube, clear, config)
     else:
         ds = _binned(cube, clear, config, config.bins(feature), config.method)
+    ds.attrs["item_ids"] = json.dumps(unit_item_ids(cube, config, feature))
     ds.attrs.update({
         "feature": feature.id, "mode": config.mode,
         "config": redact_json(config.model_dump_json(exclude_none=True)),  # no tokens in a catalog URL
@@ -325,10 +337,35 @@ def _in_step_order(cube: xr.DataArray, clear: xr.DataArray,
     return cube.isel(time=keep), clear.isel(time=keep), steps[keep]
 
 
+def _bin_steps(cube: xr.DataArray, bins: list[TimeBin]) -> np.ndarray:
+    """The bin index of each observation (-1: outside every bin)."""
+    days = [dt.date.fromisoformat(str(t)[:10]) for t in cube.time.values]
+    return np.array(assign_bins(days, bins), dtype=np.int64)
+
+
+def _day_steps(cube: xr.DataArray) -> tuple[np.ndarray, np.ndarray]:
+    """The acquisition days of the observations (mode ``all``'s steps) and each observation's day index."""
+    days = np.array([np.datetime64(str(t)[:10], "ns") for t in cube.time.values], dtype="datetime64[ns]")
+    unique, steps = np.unique(days, return_inverse=True)
+    return unique, steps.astype(np.int64)
+
+
+def unit_item_ids(cube: xr.DataArray, config: PixelsConfig, feature: Feature) -> dict[str, list[str]]:
+    """Ids of the items behind each output time step, by unit label: the bin's ``start/end`` label, or the
+    acquisition day in mode ``all``."""
+    ids = cube.id.values
+    if config.mode == "all":
+        days, steps = _day_steps(cube)
+        labels = [str(d)[:10] for d in days]
+    else:
+        bins = config.bins(feature)
+        steps, labels = _bin_steps(cube, bins), [b.label for b in bins]
+    return {label: [str(i) for i in ids[steps == k]] for k, label in enumerate(labels)}
+
+
 def _binned(cube: xr.DataArray, clear: xr.DataArray, config: PixelsConfig, bins: list[TimeBin],
             method: Method) -> xr.Dataset:
-    days = [dt.date.fromisoformat(str(t)[:10]) for t in cube.time.values]
-    cube, clear, steps = _in_step_order(cube, clear, np.array(assign_bins(days, bins), dtype=np.int64))
+    cube, clear, steps = _in_step_order(cube, clear, _bin_steps(cube, bins))
     out = _reduce(cube, clear, config, method, steps, len(bins))
     counts = np.bincount(steps, minlength=len(bins))
     out = out.assign_coords(
@@ -337,20 +374,15 @@ def _binned(cube: xr.DataArray, clear: xr.DataArray, config: PixelsConfig, bins:
         partial=("time", np.array([b.partial for b in bins])),
         empty=("time", counts == 0),
     )
-    out.attrs["item_ids"] = json.dumps({b.label: [str(i) for i in cube.id.values[steps == k]]
-                                        for k, b in enumerate(bins)})
     return _finish(out, cube)
 
 
 def _all(cube: xr.DataArray, clear: xr.DataArray, config: PixelsConfig) -> xr.Dataset:
     """One slice per acquisition day: same-day tiles fused first-valid (in time order), cloudy → nodata."""
-    days = np.array([np.datetime64(str(t)[:10], "ns") for t in cube.time.values], dtype="datetime64[ns]")
-    unique, steps = np.unique(days, return_inverse=True)
-    cube, clear, steps = _in_step_order(cube, clear, steps.astype(np.int64))
+    unique, steps = _day_steps(cube)
+    cube, clear, steps = _in_step_order(cube, clear, steps)
     out = _reduce(cube, clear, config, METHODS["all_first"], steps, len(unique))
     out = out.drop_vars("source_time").assign_coords(time=unique)
-    out.attrs["item_ids"] = json.dumps({str(d)[:10]: [str(i) for i in cube.id.values[steps == k]]
-                                        for k, d in enumerate(unique)})
     return _finish(out, cube)
 
 

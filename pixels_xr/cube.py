@@ -1,4 +1,4 @@
-"""Normalised items + a feature → a lazy, pixel-aligned ``(time, band, y, x)`` DataArray (stackstac/odc-stac).
+"""Parsed items + a feature → a lazy, pixel-aligned ``(time, band, y, x)`` DataArray (stackstac/odc-stac).
 
 Grid: the feature's bounds in the output CRS snapped to ``scale`` on the sources' grid phase (see ``grid``),
 read with ``snap_bounds=False`` so that at native scale output pixels are source pixels (bit-identical reads).
@@ -16,7 +16,7 @@ import datetime as dt
 import functools
 import gc
 import logging
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from typing import Any, Literal
 
 import numpy as np
@@ -24,13 +24,25 @@ import rioxarray  # noqa: F401  (registers the .rio accessor)
 import xarray as xr
 from rasterio.enums import Resampling
 
-from pixels_xr.catalog import item_datetime, signer_for
+from pixels_xr.catalog import as_items, signer_for
 from pixels_xr.config import PixelsConfig
 from pixels_xr.errors import ConfigError
 from pixels_xr.features import Feature
 from pixels_xr.grid import Grid, check_size, common_phase, feature_grid
-from pixels_xr.readers import GDAL_CLOUD_ENV, BoundedRioDriver, PixelsReader, ReaderOptions, asset_table_dtype, \
-    check_assets, cube_coords, fetch_block, gdal_env, open_readers, raster_spec
+from pixels_xr.items import ParsedItem
+from pixels_xr.readers import (
+    GDAL_CLOUD_ENV,
+    BoundedRioDriver,
+    PixelsReader,
+    ReaderOptions,
+    asset_table_dtype,
+    check_assets,
+    cube_coords,
+    fetch_block,
+    gdal_env,
+    open_readers,
+    raster_spec,
+)
 from pixels_xr.signing import Signer, sign
 
 __all__ = ["GDAL_CLOUD_ENV", "Loader", "asset_table", "build_cube", "check_assets", "output_grid",
@@ -41,12 +53,12 @@ log = logging.getLogger(__name__)
 Loader = Literal["stackstac", "odc"]
 
 
-def output_grid(items: list[dict], feature: Feature, config: PixelsConfig) -> Grid:
+def output_grid(items: list[ParsedItem], feature: Feature, config: PixelsConfig) -> Grid:
     """The feature's grid, anchored on the sources' phase when every source in the output CRS shares one."""
     grid = feature_grid(config, feature)
     epsg = grid.epsg
-    origins = {(float(tr[2]), float(tr[5])) for item in items for asset in item["assets"].values()
-               if asset.get("proj:epsg") == epsg and (tr := asset.get("proj:transform")) and len(tr) >= 6}
+    origins = {(tr[2], tr[5]) for item in items for source in item.sources.values()
+               if source.epsg == epsg and (tr := source.transform) is not None}
     if not origins and items:
         origins = set(_header_origins(items[0], epsg, signer_for(config.catalog)))
     if origins:
@@ -55,33 +67,31 @@ def output_grid(items: list[dict], feature: Feature, config: PixelsConfig) -> Gr
     return grid
 
 
-def _header_origins(item: dict, epsg: int | None, signer: Signer | None) -> list[tuple[float, float]]:
+def _header_origins(item: ParsedItem, epsg: int | None, signer: Signer | None) -> list[tuple[float, float]]:
     """Grid origin read from the first asset's header when the metadata carries no ``proj:transform``."""
     import rasterio
 
-    for asset in item["assets"].values():
-        if asset.get("proj:epsg") != epsg:
+    for source in item.sources.values():
+        if source.epsg != epsg:
             continue
         try:
-            with rasterio.Env(**GDAL_CLOUD_ENV), rasterio.open(sign(signer, asset["href"]).href) as ds:
+            with rasterio.Env(**GDAL_CLOUD_ENV), rasterio.open(sign(signer, source.href).href) as ds:
                 return [(ds.transform.c, ds.transform.f)]
         except Exception:  # unreadable assets are reported by check_assets; fall back to phase 0
             return []
     return []
 
 
-def _cube_dtype(items: list[dict], names: list[str]) -> np.dtype:
-    declared = {a["raster:bands"][0].get("data_type") for i in items for n, a in i["assets"].items()
-                if n in names}
+def _cube_dtype(items: list[ParsedItem], names: list[str]) -> np.dtype:
+    declared = {s.data_type for i in items for n, s in i.sources.items() if n in names}
     declared.discard(None)
     if not declared:
         return np.dtype("uint16")
     return np.result_type(*[np.dtype(d) for d in declared])
 
 
-def _fill_value(items: list[dict], names: list[str], dtype: np.dtype) -> Any:
-    nodata = {a["raster:bands"][0].get("nodata") for i in items for n, a in i["assets"].items()
-              if n in names and a.get("pixels_xr:reflectance")}
+def _fill_value(items: list[ParsedItem], names: list[str], dtype: np.dtype) -> Any:
+    nodata = {s.nodata for i in items for n, s in i.sources.items() if n in names and s.reflectance}
     nodata.discard(None)
     if len(nodata) == 1:
         value = nodata.pop()
@@ -108,9 +118,10 @@ def _empty(grid: Grid, names: list[str], dtype: np.dtype, fill: Any, reason: str
     return cube
 
 
-def build_cube(items: list[dict], feature: Feature, config: PixelsConfig, *, loader: Loader = "stackstac",
-               time_chunks: int | None = None) -> xr.DataArray:
-    """Lazy ``(time, band, y, x)`` cube of a feature from normalised items (``catalog.search`` output).
+def build_cube(items: Sequence[ParsedItem | dict], feature: Feature, config: PixelsConfig, *,
+               loader: Loader = "stackstac", time_chunks: int | None = None) -> xr.DataArray:
+    """Lazy ``(time, band, y, x)`` cube of a feature from items: ``catalog.search``'s parsed items, or STAC
+    dicts / ``pystac.Item``s (parsed here for the configuration, see ``catalog.as_items``).
 
     Bands are the configuration's common names plus the mask asset (last). Coordinates: ``time``, ``band``,
     ``y``/``x`` (pixel centres), ``id``, ``eo:cloud_cover``, ``platform`` per time, ``scale``/``offset`` per
@@ -123,10 +134,10 @@ def build_cube(items: list[dict], feature: Feature, config: PixelsConfig, *, loa
     left out.
     """
     with _gc_paused():  # the build makes many small long-lived objects: collector passes would cost more
-        return _build_cube(items, feature, config, loader, time_chunks)
+        return _build_cube(as_items(items, config), feature, config, loader, time_chunks)
 
 
-def _build_cube(items: list[dict], feature: Feature, config: PixelsConfig, loader: Loader,
+def _build_cube(items: list[ParsedItem], feature: Feature, config: PixelsConfig, loader: Loader,
                 time_chunks: int | None) -> xr.DataArray:
     names = list(config.band_names)
     spec = config.mask_spec
@@ -138,8 +149,8 @@ def _build_cube(items: list[dict], feature: Feature, config: PixelsConfig, loade
     if not items:
         cube = _empty(grid, names, dtype, fill, "no items matched the search")
     else:
-        items = sorted(items, key=lambda i: (item_datetime(i), i["id"]))
-        mask_names = [n for n in names if not items[0]["assets"][n].get("pixels_xr:reflectance")]
+        items = sorted(items, key=lambda i: (i.datetime, i.id))
+        mask_names = [n for n in names if not items[0].sources[n].reflectance]
         if loader == "odc":
             cube = _load_odc(items, names, mask_names, grid, dtype, fill, config)
         elif loader == "stackstac":
@@ -147,14 +158,12 @@ def _build_cube(items: list[dict], feature: Feature, config: PixelsConfig, loade
                                           time_chunks)
         else:
             raise ValueError(f"unknown loader {loader!r}")
-        bands = [[i["assets"][n]["raster:bands"][0] for n in names] for i in items]
-        scale = np.array([[b["scale"] for b in row] for row in bands], "float32")
-        offset = np.array([[b["offset"] for b in row] for row in bands], "float32")
-        props = [i["properties"] for i in items]
+        scale = np.array([[i.sources[n].scale for n in names] for i in items], "float32")
+        offset = np.array([[i.sources[n].offset for n in names] for i in items], "float32")
         cube = cube.assign_coords(
-            id=("time", np.array([i["id"] for i in items], dtype=object)),
-            cloud_cover=("time", np.array([float(p.get("eo:cloud_cover", np.nan)) for p in props])),
-            platform=("time", np.array([str(p.get("platform", "")) for p in props], dtype=object)),
+            id=("time", np.array([i.id for i in items], dtype=object)),
+            cloud_cover=("time", np.array([np.nan if i.cloud_cover is None else i.cloud_cover for i in items])),
+            platform=("time", np.array([i.platform for i in items], dtype=object)),
             scale=(("time", "band"), scale.reshape(len(items), len(names))),
             offset=(("time", "band"), offset.reshape(len(items), len(names))))
         if config.clip:
@@ -195,9 +204,9 @@ def _errors_as_nodata(config: PixelsConfig) -> tuple[Exception, ...]:
     return (RasterioIOError(".*"), RuntimeError("Error (opening|reading)"))
 
 
-def _load_stackstac(items: list[dict], names: list[str], mask_names: list[str], grid: Grid, dtype: np.dtype,
+def _load_stackstac(items: list[ParsedItem], names: list[str], mask_names: list[str], grid: Grid, dtype: np.dtype,
                     fill: Any, config: PixelsConfig, feature: Feature,
-                    time_chunks: int | None) -> tuple[xr.DataArray, list[dict]]:
+                    time_chunks: int | None) -> tuple[xr.DataArray, list[ParsedItem]]:
     """stackstac's readers and windows under a graph built here (see ``_read_graph``); returns the cube and
     the items kept (those overlapping the grid)."""
     if grid.epsg is None:
@@ -223,20 +232,19 @@ def _load_stackstac(items: list[dict], names: list[str], mask_names: list[str], 
     return cube.drop_vars([c for c in cube.coords if c not in {"time", "band", "x", "y"}]), items
 
 
-def asset_table(items: list[dict], names: list[str], grid: Grid) -> np.ndarray:
+def asset_table(items: list[ParsedItem], names: list[str], grid: Grid) -> np.ndarray:
     """stackstac's ``(item, band)`` asset table (href, bounds in the grid's CRS, scale/offset 1/0), built
     with array arithmetic: bounds from ``proj:transform``/``proj:shape`` (corners reprojected once per
     source CRS) or, without them, from the item's lon/lat ``bbox``. Assets missing the grid get no href
     and NaN bounds."""
     n, m = len(items), len(names)
-    assets = [i["assets"].get(name) or {} for i in items for name in names]
+    sources = [i.sources.get(name) for i in items for name in names]
     tr = np.full((n * m, 6), np.nan)
     shape = np.full((n * m, 2), np.nan)
-    epsg = np.array([a.get("proj:epsg") or -1 for a in assets], dtype=np.int64)
-    for k, a in enumerate(assets):
-        t, s = a.get("proj:transform"), a.get("proj:shape")
-        if t and s and len(t) >= 6:
-            tr[k], shape[k] = t[:6], s[:2]
+    epsg = np.array([s.epsg if s is not None else -1 for s in sources], dtype=np.int64)
+    for k, s in enumerate(sources):
+        if s is not None and s.transform is not None and s.shape is not None:
+            tr[k], shape[k] = s.transform[:6], s.shape
     has_grid = ~np.isnan(tr).any(axis=1) & (epsg > 0)
     # corners (ul, ll, lr, ur) of each raster: x = a·col + b·row + c, y = d·col + e·row + f
     cols = np.array([0, 0, 1, 1])[None, :] * shape[:, 1:2]
@@ -257,15 +265,16 @@ def asset_table(items: list[dict], names: list[str], grid: Grid) -> np.ndarray:
     left, bottom, right, top = grid.bounds
     overlap = (bounds[:, 0] < right) & (bounds[:, 2] > left) & (bounds[:, 1] < top) & (bounds[:, 3] > bottom)
     table = np.full(n * m, None, dtype=asset_table_dtype())
-    table["url"] = np.array([a.get("href") if ok else None for a, ok in zip(assets, overlap)], dtype=object)
+    table["url"] = np.array([s.href if s is not None and ok else None for s, ok in zip(sources, overlap)],
+                            dtype=object)
     table["bounds"] = np.where(overlap[:, None], bounds, np.nan)
     table["scale_offset"] = (1.0, 0.0)
     return table.reshape(n, m)
 
 
-def _lonlat_bbox(item: dict) -> list[float]:
+def _lonlat_bbox(item: ParsedItem) -> list[float]:
     """An item's 2-D lon/lat bbox (a 3-D bbox loses its heights; none → NaN)."""
-    bbox = item.get("bbox") or []
+    bbox = item.bbox
     if len(bbox) == 6:
         return [bbox[0], bbox[1], bbox[3], bbox[4]]
     return list(bbox[:4]) if len(bbox) == 4 else [np.nan] * 4
@@ -277,7 +286,7 @@ def _transformer(src: int, dst: int | None) -> Any:
     return Transformer.from_crs(src, dst, always_xy=True)
 
 
-def _time_groups(items: list[dict], config: PixelsConfig, feature: Feature,
+def _time_groups(items: list[ParsedItem], config: PixelsConfig, feature: Feature,
                  time_chunks: int | None) -> list[tuple[int, int]]:
     """Contiguous ``[start, stop)`` item ranges, one per time chunk: a bin (a day in mode ``all``) or N
     items."""
@@ -286,7 +295,7 @@ def _time_groups(items: list[dict], config: PixelsConfig, feature: Feature,
     n = len(items)
     if time_chunks is not None:
         return [(k, min(k + time_chunks, n)) for k in range(0, n, time_chunks)]
-    days = [item_datetime(i).astimezone(dt.timezone.utc).date() for i in items]
+    days = [i.datetime.astimezone(dt.timezone.utc).date() for i in items]
     labels: list[Any] = days if config.mode == "all" else assign_bins(days, config.bins(feature))
     starts = [k for k in range(n) if k == 0 or labels[k] != labels[k - 1]]
     return list(zip(starts, starts[1:] + [n]))
@@ -329,14 +338,14 @@ def _read_graph(table: np.ndarray, spec: Any, groups: list[tuple[int, int]], chu
     return da.Array(graph, read_name, chunks, meta=np.empty((0, 0, 0, 0), options.dtype))
 
 
-def _load_odc(items: list[dict], names: list[str], mask_names: list[str], grid: Grid, dtype: np.dtype,
+def _load_odc(items: list[ParsedItem], names: list[str], mask_names: list[str], grid: Grid, dtype: np.dtype,
               fill: Any, config: PixelsConfig) -> xr.DataArray:
     import odc.stac
     import pystac
     from odc.geo.geobox import GeoBox
 
     geobox = GeoBox(grid.shape, grid.transform, f"EPSG:{grid.epsg}")
-    py_items = [pystac.Item.from_dict({**i, "links": []}, migrate=False) for i in items]
+    py_items = [pystac.Item.from_dict({**i.to_stac(), "links": []}, migrate=False) for i in items]
     resampling = {n: ("nearest" if n in mask_names else config.resampling) for n in names}
     ds = odc.stac.load(py_items, bands=names, geobox=geobox,
                        chunks={"x": config.chunksize, "y": config.chunksize}, resampling=resampling,
@@ -344,7 +353,7 @@ def _load_odc(items: list[dict], names: list[str], mask_names: list[str], grid: 
                        driver=BoundedRioDriver(config.pool_size, signer_for(config.catalog)),
                        fail_on_error=config.on_asset_error == "fail")
     cube = ds[names].to_array("band").transpose("time", "band", "y", "x")
-    cube = cube.assign_coords(time=np.array([np.datetime64(item_datetime(i).replace(tzinfo=None), "ns")
+    cube = cube.assign_coords(time=np.array([np.datetime64(i.datetime.replace(tzinfo=None), "ns")
                                              for i in items]))
     return cube.drop_vars([c for c in cube.coords if c not in {"time", "band", "x", "y"}])
 

@@ -29,6 +29,7 @@ if TYPE_CHECKING:  # matplotlib is imported lazily: the plot extra is optional
 
     from pixels_xr.config import PixelsConfig
     from pixels_xr.features import Feature
+    from pixels_xr.items import ParsedItem
 
 __all__ = [
     "band_values",
@@ -300,7 +301,7 @@ def _nearest_pixel(ds: xr.Dataset, x: float, y: float) -> dict[str, int]:
 
 
 def pixel_observations(config: PixelsConfig, feature: Feature, x: float, y: float, *,
-                       items: list[dict] | None = None) -> xr.Dataset:
+                       items: Sequence[ParsedItem | dict] | None = None) -> xr.Dataset:
     """Every acquisition behind one pixel (``x``/``y`` in the output CRS): reflectance per band and ``clear``.
 
     The same search, grid, mask rule and cleanup as ``compose.collect``; dims ``time``; coords ``id`` and

@@ -15,6 +15,7 @@ import os
 import threading
 import time
 import warnings
+from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
@@ -24,9 +25,10 @@ from odc.loader._rio import RioDriver, RioReader, rio_read
 from rasterio import windows
 
 from pixels_xr import read_problems
-from pixels_xr.catalog import signer_for
+from pixels_xr.catalog import as_items, signer_for
 from pixels_xr.config import PixelsConfig
 from pixels_xr.errors import AssetReadError
+from pixels_xr.items import AssetProblem, ParsedItem, RasterSource
 from pixels_xr.run_cache import memo
 from pixels_xr.signing import HrefRefused, Signer, redact, redact_logs, sign
 
@@ -356,11 +358,14 @@ def asset_table_dtype() -> np.dtype:
     return ASSET_TABLE_DT
 
 
-def cube_coords(items: list[dict], names: list[str], spec: Any) -> tuple[dict, list[str]]:
+def cube_coords(items: list[ParsedItem], names: list[str], spec: Any) -> tuple[dict, list[str]]:
     """stackstac's coordinates (time, band, pixel-centre y/x) and dims for items on ``spec``."""
     from stackstac.prepare import to_coords
 
-    return to_coords(items, names, spec, xy_coords="center", properties=False, band_coords=False)
+    # to_coords reads only the id and the datetime string of each item
+    stac = [{"id": i.id, "properties": {"datetime": i.properties.get("datetime") or i.datetime.isoformat()}}
+            for i in items]
+    return to_coords(stac, names, spec, xy_coords="center", properties=False, band_coords=False)
 
 
 def gdal_env(extra: dict[str, Any]) -> Any:
@@ -371,8 +376,10 @@ def gdal_env(extra: dict[str, Any]) -> Any:
 
 
 # ----------------------------------------------------------------------------------------------- asset checks
-def check_assets(items: list[dict], config: PixelsConfig) -> tuple[list[dict], list[dict]]:
-    """Open every asset's header (``pool_size`` at a time); returns (readable items, problems).
+def check_assets(items: Sequence[ParsedItem | dict],
+                 config: PixelsConfig) -> tuple[list[ParsedItem], list[AssetProblem]]:
+    """Open every asset's header (``pool_size`` at a time); returns (readable items, problems). ``items``:
+    parsed items, or STAC dicts parsed here (``catalog.as_items``).
 
     Each problem is ``{"item", "asset", "href", "error"}``. With ``on_asset_error: fail`` the first problem
     raises ``AssetReadError`` naming the item and asset; with ``skip`` (default) the item is left out and
@@ -392,17 +399,18 @@ def check_assets(items: list[dict], config: PixelsConfig) -> tuple[list[dict], l
             return redact(" ".join(str(exc).split()))[:300]
         return None
 
-    def probe(item: dict, name: str, asset: dict) -> dict | None:
-        error = memo("asset-error", asset["href"], lambda: open_error(asset["href"]))  # once per batch run
+    def probe(item: ParsedItem, source: RasterSource) -> AssetProblem | None:
+        error = memo("asset-error", source.href, lambda: open_error(source.href))  # once per batch run
         if error is None:
             return None
-        return {"item": item["id"], "asset": name, "href": redact(asset["href"]), "error": error}
+        return AssetProblem(item=item.id, asset=source.name, href=redact(source.href), error=error)
 
-    jobs = [(item, name, asset) for item in items for name, asset in item["assets"].items()]
+    parsed = as_items(items, config)
+    jobs = [(item, source) for item in parsed for source in item.sources.values()]
     results = list(read_pool(config.pool_size).map(lambda j: probe(*j), jobs))
     problems = [r for r in results if r is not None]
     if problems and config.on_asset_error == "fail":
         p = problems[0]
         raise AssetReadError(f"asset {p['asset']!r} unreadable: {p['error']}", f"item {p['item']!r}")
     bad = {p["item"] for p in problems}
-    return [i for i in items if i["id"] not in bad], problems
+    return [i for i in parsed if i.id not in bad], problems

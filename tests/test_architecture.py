@@ -17,7 +17,7 @@ PACKAGE = Path(__file__).resolve().parents[1] / "pixels_xr"
 #: Stages in data-flow order; modules within one stage may import each other.
 STAGES: list[set[str]] = [
     {"errors", "_version", "run_cache", "jsontext", "graph"},
-    {"methods", "timeslices", "platforms"},
+    {"methods", "timeslices", "platforms", "items"},
     {"signing", "features"},
     {"config"},
     {"grid", "plan"},

@@ -69,17 +69,17 @@ def test_stac_api_search_paging_cloud_dates_geometry(shared_data: Path, stac_api
     monkeypatch.setattr(catalog_mod, "search_api", spy)
     found = search(cfg, feature)
     want = _expected(items, geom, start, end, 35)
-    assert {i["id"] for i in found} == want and len(want) > 7
+    assert {i.id for i in found} == want and len(want) > 7
     assert any(item_datetime(i).date() == end for i in found) or not any(
         item_datetime(i).date() == end for i in items if i["id"] in want)
     assert pages and pages[0] > 7  # more than one page was followed
-    assert all(i["properties"]["eo:cloud_cover"] <= 35 for i in found)  # client filter, server ignores it
+    assert all(i.properties["eo:cloud_cover"] <= 35 for i in found)  # client filter, server ignores it
     assert [item_datetime(i) for i in found] == sorted(item_datetime(i) for i in found)
-    red = found[0]["assets"]["red"]
-    assert red["pixels_xr:key"] == "B04" and red["proj:epsg"] == 32613
+    red = found[0].sources["red"]
+    assert red.key == "B04" and red.epsg == 32613
     # PC publishes no scale/offset: taken from s2:processing_baseline (≥ 04.00 → −0.1)
-    assert red["raster:bands"][0]["scale"] == pytest.approx(1e-4)
-    assert red["raster:bands"][0]["offset"] == pytest.approx(-0.1)
+    assert red.scale == pytest.approx(1e-4)
+    assert red.offset == pytest.approx(-0.1)
     # limit caps the result
     assert len(search(cfg.model_copy(update={"limit": 3}), feature)) == 3
 
@@ -90,7 +90,7 @@ def test_end_day_inclusive_and_far_geometry(shared_data: Path, stac_api) -> None
     day = item_datetime(items[5]).date()
     geom = shape(items[5]["geometry"]).centroid.buffer(0.01)
     cfg = _cfg(catalog=url, collection="sentinel-2-l2a", start=str(day), end=str(day))
-    assert items[5]["id"] in {i["id"] for i in search(cfg, Feature("f", geom))}
+    assert items[5]["id"] in {i.id for i in search(cfg, Feature("f", geom))}
     assert search(cfg, Feature("far", box(10, 10, 10.1, 10.1))) == []
 
 
@@ -103,12 +103,12 @@ def test_landsat_items_without_bbox_and_platform_filter(shared_data: Path, stac_
                        "bands": ["red", "nir08"], "catalog": url, "collection": "landsat-8-c2-l2"})
     found = search(cfg, Feature("f", geom))
     want = _expected(items, geom, dt.date(2016, 1, 1), dt.date(2022, 12, 31), 100)
-    assert {i["id"] for i in found} == want
-    assert all(len(i["bbox"]) == 4 for i in found)
-    b = found[0]["assets"]["red"]["raster:bands"][0]
-    assert (b["scale"], b["offset"]) == (pytest.approx(2.75e-5), pytest.approx(-0.2))
-    assert found[0]["assets"]["nir08"]["pixels_xr:key"] == "SR_B5"
-    assert "qa_pixel" in found[0]["assets"]  # default mask asset travels with the bands
+    assert {i.id for i in found} == want
+    assert all(len(i.bbox) == 4 for i in found)
+    b = found[0].sources["red"]
+    assert (b.scale, b.offset) == (pytest.approx(2.75e-5), pytest.approx(-0.2))
+    assert found[0].sources["nir08"].key == "SR_B5"
+    assert "qa_pixel" in found[0].sources  # default mask asset travels with the bands
     cfg9 = cfg.model_copy(update={"platforms": "landsat-9"})
     assert search(cfg9, Feature("f", geom)) == []  # platform filter on the client
 
@@ -122,7 +122,7 @@ def test_local_formats_agree(shared_data: Path, tmp_path: Path) -> None:
     for path in (shared_data / PC_S2, shared_data / "stac/pc_sentinel-2-l2a_T13TDE_100items.stac-geoparquet.parquet",
                  nd):
         cfg = _cfg(catalog=str(path), maxcloud=50)
-        results.append([i["id"] for i in search(cfg, Feature("f", geom))])
+        results.append([i.id for i in search(cfg, Feature("f", geom))])
     assert results[0] == results[1] == results[2]
     assert set(results[0]) == _expected(items, geom, dt.date(2024, 1, 1), dt.date(2024, 12, 31), 50)
 

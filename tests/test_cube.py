@@ -156,7 +156,7 @@ def test_unreadable_asset_is_recorded_or_fails(s2_catalog: Path, tmp_path: Path)
     items = search(cfg, FEATURE)
     assert len(items) == 2
     kept, problems = check_assets(items, cfg)
-    assert [i["id"] for i in kept] == [good["id"]]
+    assert [i.id for i in kept] == [good["id"]]
     assert {(p["item"], p["asset"]) for p in problems} >= {(broken["id"], "blue"), (broken["id"], "red")}
     with pytest.raises(AssetReadError, match=f"item '{broken['id']}'"):
         check_assets(items, _config(s2_catalog, on_asset_error="fail"))

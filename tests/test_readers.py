@@ -122,7 +122,7 @@ def test_cube_equals_plain_stackstac(sample: tuple[Path, Feature], scale: int, r
     assert list(cube.band.values) == ["red", "nir", "scl"] and len(items) >= 8
 
     def plain(assets: list[str], how: str) -> np.ndarray:
-        return stackstac.stack(items, assets=assets, epsg=32629, resolution=scale, bounds=cube.rio.bounds(),
+        return stackstac.stack([i.to_stac() for i in items], assets=assets, epsg=32629, resolution=scale, bounds=cube.rio.bounds(),
                                snap_bounds=False, dtype=np.dtype("uint16"), fill_value=np.uint16(0),
                                rescale=False, sortby_date=False, resampling=Resampling[how]).values
 

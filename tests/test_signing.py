@@ -226,7 +226,7 @@ def _pc_items(sample: Any, pc: PCServer, tmp_path: Path) -> tuple[Any, list[dict
                        "catalog": str(sample.catalog), "output": "raw"})
     feature = Feature("area", box(*sample.bounds), crs=sample.crs)
     local = search(cfg, feature)
-    remote = json.loads(json.dumps(local))
+    remote = json.loads(json.dumps([i.to_stac() for i in local]))
     for item in remote:
         for asset in item["assets"].values():
             asset["href"] = pc.blob_url(Path(asset["href"]).relative_to(sample.root).as_posix())

@@ -255,6 +255,19 @@ def test_cli_serve_prints_the_url_and_stops_on_ctrl_c(tilesets: Path) -> None:
             proc.kill()
 
 
+def test_show_puts_the_map_in_a_notebook_iframe(tilesets: Path) -> None:
+    from pixels_xr.serve import show
+
+    frame = show(tilesets, height=400)
+    again = show(tilesets)
+    assert frame.src == again.src and frame.height == 400  # one server per path
+    port = int(re.match(r"http://127\.0\.0\.1:(\d+)/$", frame.src).group(1))
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
+    conn.request("GET", "/")
+    page = conn.getresponse().read().decode()
+    assert 'src="static/map.js"' in page and f'src="{frame.src}"' in frame._repr_html_()
+
+
 def test_vendored_javascript_matches_its_record_and_nothing_is_remote() -> None:
     vendor = STATIC / "vendor"
     record = json.loads((vendor / "VENDOR.json").read_text())

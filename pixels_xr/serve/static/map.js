@@ -111,22 +111,25 @@ function highlight() {
   }
 }
 
+const COLOURS = { red: "#d62728", green: "#2ca02c", blue: "#1f77b4", nir: "#9467bd" };
+const OTHERS = ["#8c564b", "#e377c2", "#7f7f7f", "#bcbd22"];
+const colour = (name, i) => COLOURS[name] || OTHERS[i % OTHERS.length];
+
 function chart(bins, series, names) {
-  const w = 360, h = 120, pad = 4;
+  const w = 420, h = 110, pad = 4;
   const values = names.flatMap((n) => series[n]).filter((v) => v !== null);
   const svg = document.createElementNS("http://www.w3.org/2000/svg", "svg");
   svg.setAttribute("width", w);
   svg.setAttribute("height", h);
   if (!values.length) return svg;
   const lo = Math.min(...values), hi = Math.max(...values), span = hi > lo ? hi - lo : 1;
-  const colours = { red: "#d62728", green: "#2ca02c", blue: "#1f77b4", nir: "#9467bd" };
   names.forEach((n, i) => {
     const points = series[n].map((v, k) => v === null ? null
       : `${pad + (k * (w - 2 * pad)) / Math.max(1, bins.length - 1)},${h - pad - ((v - lo) / span) * (h - 2 * pad)}`);
     const line = document.createElementNS("http://www.w3.org/2000/svg", "polyline");
     line.setAttribute("points", points.filter((p) => p !== null).join(" "));
     line.setAttribute("fill", "none");
-    line.setAttribute("stroke", colours[n] || ["#8c564b", "#e377c2", "#7f7f7f", "#bcbd22"][i % 4]);
+    line.setAttribute("stroke", colour(n, i));
     line.setAttribute("stroke-width", "1.5");
     line.dataset.band = n;
     svg.append(line);
@@ -161,7 +164,9 @@ async function pixel(lngLat) {
   });
   const title = el("div", { id: "pixel-title" },
     `${px.feature}: pixel row ${px.row}, col ${px.col} (x ${px.x}, y ${px.y}, ${px.crs})`);
-  panel.replaceChildren(close, title, chart(px.bins, px.series, bands), table);
+  const keys = el("div");
+  bands.forEach((b, i) => keys.append(el("span", { class: "key", style: `color: ${colour(b, i)}` }, b)));
+  panel.replaceChildren(close, title, chart(px.bins, px.series, bands), keys, table);
   panel.hidden = false;
   highlight();
 }

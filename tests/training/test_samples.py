@@ -179,3 +179,65 @@ def test_cli_samples(ml_scene: MlScene, tmp_path: Path) -> None:
     bad = runner.invoke(app, ["samples", str(cfg), str(ml_scene.labels), str(out), "--kind", "cubes"])
     assert bad.exit_code == 1 and bad.output.count("\n") == 1 and "samples.kind" in bad.output
     assert os.path.exists(out / "samples.parquet")
+
+
+def test_real_s2_scene_labels_from_its_scl_in_lon_lat(shared_data: Path, tmp_path: Path) -> None:
+    """The real S2 L2A scene (EPSG:32629) with labels drawn from its real SCL, given in lon/lat: each label
+    is collected on the fly as its own feature, and every sample holds its label's SCL class."""
+    import rasterio
+    from pyproj import Transformer
+
+    folder = shared_data / "s2-l2a-S2A_29RKH_20200219"
+    item = json.loads((folder / "S2A_29RKH_20200219_0_L2A.json").read_text())
+    item["links"] = []
+    item["assets"] = {k: {**item["assets"][k], "href": str(folder / f"{v}.tif")}
+                      for k, v in {"red": "B04", "scl": "SCL"}.items()}
+    for a in item["assets"].values():
+        a.pop("proj:shape", None), a.pop("proj:transform", None)
+    (tmp_path / "items.json").write_text(json.dumps({"type": "FeatureCollection", "features": [item]}))
+    cfg = load_config({"start": "2020-02-19", "end": "2020-02-19", "mode": "all", "platforms": "SENTINEL_2",
+                       "bands": ["red", "scl"], "scale": 200, "mask": "none", "catalog": str(tmp_path / "items.json")})
+    classes = {"bare": 5, "cloud": 9, "cirrus": 10}  # of the classes present: {2, 5, 7, 8, 9, 10}
+    with rasterio.open(folder / "SCL.tif") as src:
+        scl, t = src.read(1), src.transform
+    to_lonlat = Transformer.from_crs(32629, 4326, always_xy=True)
+    rng = np.random.default_rng(1)
+    feats = []
+    for name, value in classes.items():
+        rows, cols = np.nonzero(scl[5:-5, 5:-5] == value)
+        for k in rng.choice(len(rows), 4, replace=False):
+            x, y = t * (cols[k] + 5.5, rows[k] + 5.5)
+            feats.append({"type": "Feature", "id": f"{name}{k}", "properties": {"class": name},
+                          "geometry": {"type": "Point", "coordinates": list(to_lonlat.transform(x, y))}})
+    labels = load_labels({"type": "FeatureCollection", "features": feats})
+    m = build_samples(labels, tmp_path / "s", config=cfg, spec={"kind": "pixels", "time": 0, "block_size": 2000,
+                                                                 "buffer": 0})
+    assert [f["samples"] for f in m["features"]] == [1] * len(feats)  # each point: one pixel of its own cube
+    import pyarrow.parquet as pq
+
+    table = pq.read_table(tmp_path / "s" / "samples.parquet").to_pandas()
+    assert (table["scl"] == table["class_name"].map(classes)).all()
+    with rasterio.open(folder / "SCL.tif") as src:
+        at = np.array([v[0] for v in src.sample(zip(table["x"], table["y"]))])
+    assert (at == table["scl"]).all()
+    assert m["bands"] == ["red", "scl"] and m["epsg"] == [32629]
+
+
+def test_a_cluster_draws_the_same_samples(ml_scene: MlScene, dask_scheduler, tmp_path: Path) -> None:
+    """Features sampled on a real scheduler with two worker processes = sampled in this process."""
+    from distributed import Client
+
+    labels = load_labels(ml_scene.labels)
+    cfg = load_config(ml_scene.config())
+    x0, y1 = ORIGIN
+    halves = [Feature(name, shapely.box(x0 + k * 2560, y1 - 5120, x0 + (k + 1) * 2560, y1), f"EPSG:{EPSG}")
+              for k, name in enumerate(("west", "east"))]
+    spec = {"kind": "chips", "size": 3, "time": 0, "block_size": 400, "buffer": 0}
+    here = build_samples(labels, tmp_path / "here", config=cfg, features=halves, spec=spec)
+    with Client(dask_scheduler.address) as client:
+        there = build_samples(labels, tmp_path / "there", config=cfg, features=halves, spec=spec, client=client)
+    assert here["counts"] == there["counts"] and sum(sum(c.values()) for c in here["counts"].values()) > 10
+    a, b = open_samples(tmp_path / "here"), open_samples(tmp_path / "there")
+    for split in ("train", "validation", "test"):
+        for u, v in zip(a.arrays(split), b.arrays(split)):
+            np.testing.assert_array_equal(u, v)

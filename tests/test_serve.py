@@ -231,9 +231,10 @@ def test_run_tiles_are_the_stretch_of_the_values_for_zarr_and_cog(runs: dict[str
     assert pixel["series"]["clear_count"] == [int(v) for v in ds.clear_count.values[:, row, col]]
 
 
-def test_cli_serve_prints_the_url_and_stops_on_ctrl_c(tilesets: Path) -> None:
-    bad = CliRunner().invoke(app, ["serve", str(tilesets / "missing")])
-    assert bad.exit_code == 1 and bad.output.startswith("error: ") and bad.output.count("\n") == 1
+def test_cli_serve_prints_the_url_and_stops_on_ctrl_c(tilesets: Path, tmp_path: Path) -> None:
+    for path in (tilesets / "missing", tmp_path):  # nothing there; a folder with nothing to show
+        bad = CliRunner().invoke(app, ["serve", str(path)])
+        assert bad.exit_code == 1 and bad.output.startswith(f"error: {path}: ") and bad.output.count("\n") == 1
     with MapServer(tilesets) as busy:  # a port in use: one line too
         taken = CliRunner().invoke(app, ["serve", str(tilesets), "--port", str(busy.port)])
         assert taken.exit_code == 1 and taken.output.startswith("error: --port: cannot listen on 127.0.0.1:")

@@ -169,8 +169,9 @@ def test_loopback_only_by_default(tilesets: Path) -> None:
     with MapServer(tilesets) as server:
         assert server._server.servers[0].sockets[0].getsockname()[0] == "127.0.0.1"
         assert request(server, "/api/layers", {"Host": f"localhost:{server.port}"})[0] == 200
-        status, _, body = request(server, "/api/layers", {"Host": "attacker.example"})  # DNS rebinding
-        assert status == 400 and b"tilesets" not in body
+        for host in ("attacker.example", "attacker.example:80", "127.0.0.1.attacker.example"):  # DNS rebinding
+            status, _, body = request(server, "/api/layers", {"Host": host})
+            assert status == 400 and b"tilesets" not in body, host
 
 
 def test_tileset_tiles_are_the_stored_tiles(tilesets: Path) -> None:

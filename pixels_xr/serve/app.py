@@ -22,8 +22,6 @@ from pathlib import Path
 from typing import Any, Self
 
 from starlette.applications import Starlette
-from starlette.middleware import Middleware
-from starlette.middleware.trustedhost import TrustedHostMiddleware
 from starlette.requests import Request
 from starlette.responses import FileResponse, JSONResponse, Response
 from starlette.routing import Mount, Route
@@ -145,9 +143,28 @@ def make_app(served: Served, *, allowed_hosts: tuple[str, ...] | None = LOOPBACK
         Route("/run/{layer}/{bin:int}/{z:int}/{x:int}/{y:int}.png", run_tile),
         Mount("/static", StaticFiles(directory=STATIC)),
     ]
-    middleware = [Middleware(TrustedHostMiddleware, allowed_hosts=list(allowed_hosts))] if allowed_hosts \
-        else []
-    return Starlette(routes=routes, middleware=middleware)
+    app = Starlette(routes=routes)
+    return _HostCheck(app, allowed_hosts) if allowed_hosts else app  # type: ignore[return-value]
+
+
+class _HostCheck:
+    """Answer 400 unless the request's ``Host`` (port stripped, IPv6 in brackets) is an allowed name.
+
+    Starlette's ``TrustedHostMiddleware`` refuses every bracketed IPv6 ``Host`` (``[::1]:8000``), so a
+    server on ``::1`` could not be reached at all; this check is all the server needs of it.
+    """
+
+    def __init__(self, app: Any, allowed: tuple[str, ...]) -> None:
+        self.app, self.allowed = app, {h.strip("[]").lower() for h in allowed}
+
+    async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
+        if scope["type"] == "http":
+            host = dict(scope["headers"]).get(b"host", b"").decode("latin-1").lower()
+            name = host[1:host.find("]")] if host.startswith("[") else host.rsplit(":", 1)[0]
+            if name not in self.allowed:
+                await Response("host not allowed", status_code=400)(scope, receive, send)
+                return
+        await self.app(scope, receive, send)
 
 
 class MapServer:

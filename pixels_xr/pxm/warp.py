@@ -3,7 +3,7 @@
 Each source is read (window of the block, plus a margin for the resampling kernel), coloured (after its
 mask was decided), and warped as RGBA whose alpha is the validity mask, so GDAL weights only valid pixels
 and no black or white collar bleeds in. A destination pixel is valid when the source pixel under its centre
-is valid (centres projected exactly, see ``_centre_pixels``): masks are crisp and identical whichever way a
+is valid (centres projected exactly, see ``_centre_grid``): masks are crisp and identical whichever way a
 mosaic is cut into files; where GDAL finds too little valid weight for such a pixel, it takes the colour of
 the pixel under its centre. Sources are composed in manifest order, **first wins**: a pixel, with all its
 bands, comes from the first source valid there, and the loop stops as soon as the block is full (a source
@@ -30,6 +30,7 @@ from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Any
 
+import numba
 import numpy as np
 import rasterio
 from pyproj import Transformer
@@ -179,41 +180,66 @@ def _to_source(wkt: str) -> Transformer:
     return cache[wkt]
 
 
-def _centre_pixels(shape: tuple[int, int], transform: Any, crs: CRS, block: tuple[Any, int],
-                   window: tuple[int, int, int, int]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """(row, col, inside): the source pixel under each destination pixel's centre, for a window of a block.
+def _centre_grid(transform: Any, crs: CRS, block: tuple[Any, int]) -> tuple[np.ndarray, np.ndarray]:
+    """(column, row) in the source of exactly projected destination centres every ``_NODE`` pixels.
 
-    Centres are projected exactly on a grid every ``_NODE`` pixels anchored at the block's corner and
-    interpolated bilinearly in between: the same positions whichever file of a mosaic holds the pixel, so
-    masks do not depend on how a mosaic is cut into files (GDAL's approximate transformer would).
+    The grid is anchored at the block's corner and interpolated bilinearly in between (``_compose``): the
+    same positions whichever file of a mosaic holds the pixel, so masks do not depend on how a mosaic is
+    cut into files (GDAL's approximate transformer would).
     """
-    r0, r1, c0, c1 = window
     block_transform, size = block
     nodes = np.arange(size // _NODE + 1) * _NODE + 0.5
     gx, gy = np.meshgrid(block_transform.c + nodes * block_transform.a,
                          block_transform.f + nodes * block_transform.e)
     sx, sy = _to_source(crs.to_wkt()).transform(gx, gy)
     inverse = ~transform
-    grid_col = inverse.a * sx + inverse.b * sy + inverse.c
-    grid_row = inverse.d * sx + inverse.e * sy + inverse.f
+    return (inverse.a * sx + inverse.b * sy + inverse.c, inverse.d * sx + inverse.e * sy + inverse.f)
 
-    def weights(lo: int, hi: int) -> tuple[np.ndarray, np.ndarray]:
-        t = np.arange(lo, hi) / _NODE
-        i = np.minimum(np.floor(t).astype(np.int64), len(nodes) - 2)
-        return i, (t - i)
 
-    i, fr = weights(r0, r1)
-    j, fc = weights(c0, c1)
-    fr, fc = fr[:, None], fc[None, :]
+def _weights(lo: int, hi: int, nodes: int) -> tuple[np.ndarray, np.ndarray]:
+    """Grid cell and fraction of destination pixels ``lo``…``hi − 1`` along one axis."""
+    t = np.arange(lo, hi) / _NODE
+    i = np.minimum(np.floor(t).astype(np.int64), nodes - 2)
+    return i, (t - i)
 
-    def interp(grid: np.ndarray) -> np.ndarray:
-        top = grid[i][:, j] * (1 - fc) + grid[i][:, j + 1] * fc
-        bottom = grid[i + 1][:, j] * (1 - fc) + grid[i + 1][:, j + 1] * fc
-        return np.floor(top * (1 - fr) + bottom * fr)
 
-    col, row = interp(grid_col), interp(grid_row)
-    inside = (col >= 0) & (row >= 0) & (col < shape[1]) & (row < shape[0])
-    return np.where(inside, row, 0).astype(np.int64), np.where(inside, col, 0).astype(np.int64), inside
+@numba.njit(cache=True, nogil=True)
+def _compose(grid_col: np.ndarray, grid_row: np.ndarray, i: np.ndarray, fr: np.ndarray, j: np.ndarray,
+             fc: np.ndarray, rgba: np.ndarray, warped: np.ndarray, out: np.ndarray,
+             filled: np.ndarray) -> None:  # pragma: no cover - compiled
+    """Fill the holes of ``out``/``filled`` (a window of the block) with the valid pixels of ``warped``.
+
+    One pass, no full-size temporaries (this was 2× GDAL's warp time in numpy). For each destination pixel:
+    the source pixel under its centre (grid interpolated, then floored: the same float operations in the
+    same order as the numpy version it replaces, so the same pixels) decides validity; where GDAL found
+    too little valid weight (warped alpha 0) that source pixel's colour is taken.
+    """
+    height, width = rgba.shape[1], rgba.shape[2]
+    for r in range(out.shape[0]):
+        ir, wr = i[r], fr[r]
+        for c in range(out.shape[1]):
+            if filled[r, c]:
+                continue
+            jc, wc = j[c], fc[c]
+            top = grid_col[ir, jc] * (1 - wc) + grid_col[ir, jc + 1] * wc
+            bottom = grid_col[ir + 1, jc] * (1 - wc) + grid_col[ir + 1, jc + 1] * wc
+            col = np.floor(top * (1 - wr) + bottom * wr)
+            top = grid_row[ir, jc] * (1 - wc) + grid_row[ir, jc + 1] * wc
+            bottom = grid_row[ir + 1, jc] * (1 - wc) + grid_row[ir + 1, jc + 1] * wc
+            row = np.floor(top * (1 - wr) + bottom * wr)
+            if not (col >= 0 and row >= 0 and col < width and row < height):
+                continue
+            sr, sc = int(row), int(col)
+            if rgba[3, sr, sc] == 0:
+                continue
+            if warped[3, r, c] == 0:
+                for b in range(3):
+                    out[r, c, b] = rgba[b, sr, sc]
+            else:
+                for b in range(3):
+                    out[r, c, b] = warped[b, r, c]
+            out[r, c, 3] = 255
+            filled[r, c] = True
 
 
 def _warp(rgba: np.ndarray, transform: Any, crs: CRS, dst_transform: Any, shape: tuple[int, int],
@@ -276,8 +302,7 @@ def _mosaic_one(spec: SourceSpec, bounds: Bounds, res: float, size: int, resampl
     c1 = min(size, math.ceil((part[2] - bounds[0]) / res) + 1)
     r0 = max(0, math.floor((bounds[3] - part[3]) / res) - 1)
     r1 = min(size, math.ceil((bounds[3] - part[1]) / res) + 1)
-    hole = ~filled[r0:r1, c0:c1]
-    if not hole.any():
+    if filled[r0:r1, c0:c1].all():
         return False
     sub = (bounds[0] + c0 * res, bounds[3] - r1 * res, bounds[0] + c1 * res, bounds[3] - r0 * res)
     src = _handle(spec)
@@ -285,19 +310,10 @@ def _mosaic_one(spec: SourceSpec, bounds: Bounds, res: float, size: int, resampl
     if got is None:
         return False
     rgba, transform = got
-    window = (r0, r1, c0, c1)
     warped = _warp(rgba, transform, src.crs, from_bounds(*sub, c1 - c0, r1 - r0), (r1 - r0, c1 - c0),
                    resampling)
-    block = (from_bounds(*bounds, size, size), size)
-    row, col, inside = _centre_pixels(rgba.shape[1:], transform, src.crs, block, window)
-    valid = inside & (rgba[3][row, col] > 0)
-    gap = valid & (warped[3] == 0)  # GDAL found too little valid weight: take the pixel under the centre
-    if gap.any():
-        warped[:3, gap] = rgba[:3, row[gap], col[gap]]
-    take = valid & hole
-    if take.any():
-        view = out[r0:r1, c0:c1]
-        view[take, :3] = np.moveaxis(warped[:3], 0, -1)[take]
-        view[take, 3] = 255
-        filled[r0:r1, c0:c1] |= take
+    grid_col, grid_row = _centre_grid(transform, src.crs, (from_bounds(*bounds, size, size), size))
+    i, fr = _weights(r0, r1, len(grid_col))
+    j, fc = _weights(c0, c1, len(grid_col))
+    _compose(grid_col, grid_row, i, fr, j, fc, rgba, warped, out[r0:r1, c0:c1], filled[r0:r1, c0:c1])
     return bool(filled.all())

@@ -108,8 +108,8 @@ def _labels(ds: xr.Dataset) -> list[str]:
 
 
 def _zarr_features(store: Path) -> list[FeatureLayer]:
-    """Every feature of a run's Zarr store, its grid and bins read from the group's small coordinate arrays
-    (about 13× quicker than opening it with xarray, which waits for the first tile or click)."""
+    """Every feature of a run's Zarr store, its grid and bins read from the group's small coordinate arrays;
+    xarray opens the group (the slow part: decoding every variable's metadata) at its first tile or click."""
     import zarr
 
     from pixels_xr.io.zarr_store import open_feature

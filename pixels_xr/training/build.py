@@ -41,17 +41,26 @@ def label_features(labels: Labels, config: PixelsConfig, spec: SampleSpec) -> li
 
 
 def assign(labels: Labels, features: Sequence[Feature]) -> tuple[dict[str, list[int]], int]:
-    """Label indexes per feature id: each label goes to the first feature it intersects (in lon/lat), so no
-    label is sampled twice; also the number of labels no feature covers."""
-    tree = shapely.STRtree(geometries_in(features, "EPSG:4326"))
+    """Label indexes per feature id, and the number of labels no feature covers. A label goes to one
+    feature only (never sampled twice): of those it intersects, the one it lies deepest inside (its centre's
+    distance to the feature's edge, in lon/lat), so a label near an edge is cut from the cube where its
+    chip is whole; ties go to the smallest feature id (not the first given: the same features listed in
+    another order, as a store lists its groups, assign the same)."""
+    shapes = geometries_in(features, "EPSG:4326")
+    tree = shapely.STRtree(shapes)
+    label_shapes = geometries_in(labels.features, "EPSG:4326")
     out: dict[str, list[int]] = {f.id: [] for f in features}
-    pairs = tree.query(geometries_in(labels.features, "EPSG:4326"), predicate="intersects")  # (label, feature)
-    first: dict[int, int] = {}
-    for k, j in zip(*pairs.tolist()):
-        first[k] = min(j, first.get(k, j))
-    for k in sorted(first):
-        out[features[first[k]].id].append(k)
-    return out, len(labels) - len(first)
+    best: dict[int, tuple[float, int]] = {}
+    rank = {j: r for r, j in enumerate(sorted(range(len(features)), key=lambda j: features[j].id))}
+    for k, j in zip(*tree.query(label_shapes, predicate="intersects").tolist()):
+        depth = float(shapely.distance(shapely.centroid(label_shapes[k]), shapely.boundary(shapes[j])))
+        if not shapely.contains(shapes[j], shapely.centroid(label_shapes[k])):
+            depth = -depth
+        if k not in best or (depth, -rank[j]) > (best[k][0], -rank[best[k][1]]):
+            best[k] = (depth, j)
+    for k in sorted(best):
+        out[features[best[k][1]].id].append(k)
+    return out, len(labels) - len(best)
 
 
 def window(ds: xr.Dataset, labels: Labels, which: Sequence[int], spec: SampleSpec) -> xr.Dataset:
@@ -142,14 +151,20 @@ def build_samples(labels: Labels, out: str | Path, *, config: PixelsConfig | Non
 def _features(features: Sequence[Feature] | None, source: str | None,
               datasets: dict[str, xr.Dataset] | None) -> list[Feature]:
     if datasets is not None:
-        return [Feature(fid, shapely.box(*ds.rio.transform_bounds("EPSG:4326")), "EPSG:4326")
-                for fid, ds in datasets.items()]
+        return [_footprint(fid, ds) for fid, ds in datasets.items()]
     if features is not None:
         return list(features)
     assert source is not None
     names = [n for n in storage.list_names(source) if not n.startswith(".") and n not in {"stac", "zarr.json"}]
-    return [Feature(n, shapely.box(*open_feature(source, n).rio.transform_bounds("EPSG:4326")), "EPSG:4326")
-            for n in names]
+    return [_footprint(n, open_feature(source, n)) for n in names]
+
+
+def _footprint(fid: str, ds: xr.Dataset) -> Feature:
+    """A cube's grid as a feature, in the cube's own CRS (its lon/lat bounds would overlap its neighbours')."""
+    crs = ds.rio.crs
+    if crs is None or crs.to_epsg() is None:
+        raise ConfigError("the cube has no EPSG CRS", f"feature {fid!r}")
+    return Feature(fid, shapely.box(*ds.rio.bounds()), f"EPSG:{crs.to_epsg()}")
 
 
 def _unit(feature: Feature, which: list[int], labels: Labels, spec: SampleSpec, out: str,

@@ -102,15 +102,25 @@ class Samples:
 
 
 def cube_bands(ds: xr.Dataset, bands: Sequence[str] | None) -> list[str]:
-    """The band variables samples take: ``bands``, else every (time, y, x) variable but the engine's own."""
+    """The band variables samples take: ``bands``, else every (time, y, x) variable but the engine's own, in
+    the order of the configuration that made the cube (its ``config`` attribute) when it names them all."""
     if bands is not None:
         missing = [b for b in bands if b not in ds.data_vars]
         if missing:
             raise ConfigError(f"band {missing[0]!r} is not in the cube ({', '.join(map(str, ds.data_vars))})",
                               "samples.bands")
         return list(bands)
-    return [str(n) for n, v in ds.data_vars.items() if n not in {"clear_count", "source_time"}
-            and set(v.dims) == {"time", "y", "x"}]
+    names = [str(n) for n, v in ds.data_vars.items() if n not in {"clear_count", "source_time"}
+             and set(v.dims) == {"time", "y", "x"}]
+    try:  # the configuration's order (a store lists its variables in any order)
+        import json
+
+        configured = [str(b) for b in json.loads(ds.attrs.get("config", "{}")).get("bands", [])]
+    except (TypeError, ValueError, AttributeError):
+        configured = []
+    if configured and sorted(configured) == sorted(names):
+        return configured
+    return names
 
 
 def _epsg(ds: xr.Dataset) -> int:

@@ -224,7 +224,8 @@ def test_real_s2_scene_labels_from_its_scl_in_lon_lat(shared_data: Path, tmp_pat
 
 
 def test_a_cluster_draws_the_same_samples(ml_scene: MlScene, dask_scheduler, tmp_path: Path) -> None:
-    """Features sampled on a real scheduler with two worker processes = sampled in this process."""
+    """Features sampled on a real scheduler with two worker processes = sampled in this process = sampled
+    from the run_batch output of the same features."""
     from distributed import Client
 
     labels = load_labels(ml_scene.labels)
@@ -236,6 +237,13 @@ def test_a_cluster_draws_the_same_samples(ml_scene: MlScene, dask_scheduler, tmp
     here = build_samples(labels, tmp_path / "here", config=cfg, features=halves, spec=spec)
     with Client(dask_scheduler.address) as client:
         there = build_samples(labels, tmp_path / "there", config=cfg, features=halves, spec=spec, client=client)
+        # the same cubes written by run_batch, then sampled from the store (its groups are the features)
+        from pixels_xr import run_batch
+
+        report = run_batch(cfg, halves, str(tmp_path / "run.zarr"), client=client, progress=False)
+        assert report.ok, report.summary()
+    stored = build_samples(labels, tmp_path / "stored", source=str(tmp_path / "run.zarr"), spec=spec)
+    assert [f["id"] for f in stored["features"]] == ["east", "west"] and stored["counts"] == here["counts"]
     assert here["counts"] == there["counts"] and sum(sum(c.values()) for c in here["counts"].values()) > 10
     a, b = open_samples(tmp_path / "here"), open_samples(tmp_path / "there")
     for split in ("train", "validation", "test"):

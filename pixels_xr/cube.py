@@ -33,6 +33,7 @@ from pixels_xr.items import ParsedItem
 from pixels_xr.readers import (
     GDAL_CLOUD_ENV,
     BoundedRioDriver,
+    CogHeader,
     PixelsReader,
     ReaderOptions,
     asset_table_dtype,
@@ -40,6 +41,8 @@ from pixels_xr.readers import (
     cube_coords,
     fetch_block,
     gdal_env,
+    known_headers,
+    open_header,
     open_readers,
     raster_spec,
 )
@@ -53,29 +56,35 @@ log = logging.getLogger(__name__)
 Loader = Literal["stackstac", "odc"]
 
 
-def output_grid(items: list[ParsedItem], feature: Feature, config: PixelsConfig) -> Grid:
-    """The feature's grid, anchored on the sources' phase when every source in the output CRS shares one."""
+def output_grid(items: list[ParsedItem], feature: Feature, config: PixelsConfig,
+                headers: dict[str, CogHeader] | None = None) -> Grid:
+    """The feature's grid, anchored on the sources' phase when every source in the output CRS shares one
+    (read from the first asset's header, from ``headers`` when the check fetched it, when the metadata has
+    no ``proj:transform``)."""
     grid = feature_grid(config, feature)
     epsg = grid.epsg
     origins = {(tr[2], tr[5]) for item in items for source in item.sources.values()
                if source.epsg == epsg and (tr := source.transform) is not None}
     if not origins and items:
-        origins = set(_header_origins(items[0], epsg, signer_for(config.catalog)))
+        origins = set(_header_origins(items[0], epsg, signer_for(config.catalog), headers or {}))
     if origins:
         grid = feature_grid(config, feature, common_phase(sorted(origins), config.resolved_scale))
     check_size(config, feature, grid)
     return grid
 
 
-def _header_origins(item: ParsedItem, epsg: int | None, signer: Signer | None) -> list[tuple[float, float]]:
-    """Grid origin read from the first asset's header when the metadata carries no ``proj:transform``."""
+def _header_origins(item: ParsedItem, epsg: int | None, signer: Signer | None,
+                    headers: dict[str, CogHeader]) -> list[tuple[float, float]]:
+    """Grid origin read from the first asset's header when the metadata carries no ``proj:transform``
+    (parsed from memory when the asset check fetched it)."""
     import rasterio
 
     for source in item.sources.values():
         if source.epsg != epsg:
             continue
         try:
-            with rasterio.Env(**GDAL_CLOUD_ENV), rasterio.open(sign(signer, source.href).href) as ds:
+            href = sign(signer, source.href).href
+            with rasterio.Env(**GDAL_CLOUD_ENV), open_header(href, headers.get(source.href)) as ds:
                 return [(ds.transform.c, ds.transform.f)]
         except Exception:  # unreadable assets are reported by check_assets; fall back to phase 0
             return []
@@ -134,16 +143,16 @@ def build_cube(items: Sequence[ParsedItem | dict], feature: Feature, config: Pix
     left out.
     """
     with _gc_paused():  # the build makes many small long-lived objects: collector passes would cost more
-        return _build_cube(as_items(items, config), feature, config, loader, time_chunks)
+        return _build_cube(as_items(items, config), feature, config, loader, time_chunks, known_headers(items))
 
 
 def _build_cube(items: list[ParsedItem], feature: Feature, config: PixelsConfig, loader: Loader,
-                time_chunks: int | None) -> xr.DataArray:
+                time_chunks: int | None, headers: dict[str, CogHeader]) -> xr.DataArray:
     names = list(config.band_names)
     spec = config.mask_spec
     if spec is not None and spec.asset not in names:
         names.append(spec.asset)
-    grid = output_grid(items, feature, config)
+    grid = output_grid(items, feature, config, headers)
     dtype = _cube_dtype(items, names)
     fill = _fill_value(items, names, dtype)
     if not items:
@@ -155,7 +164,7 @@ def _build_cube(items: list[ParsedItem], feature: Feature, config: PixelsConfig,
             cube = _load_odc(items, names, mask_names, grid, dtype, fill, config)
         elif loader == "stackstac":
             cube, items = _load_stackstac(items, names, mask_names, grid, dtype, fill, config, feature,
-                                          time_chunks)
+                                          time_chunks, headers)
         else:
             raise ValueError(f"unknown loader {loader!r}")
         scale = np.array([[i.sources[n].scale for n in names] for i in items], "float32")
@@ -205,8 +214,8 @@ def _errors_as_nodata(config: PixelsConfig) -> tuple[Exception, ...]:
 
 
 def _load_stackstac(items: list[ParsedItem], names: list[str], mask_names: list[str], grid: Grid, dtype: np.dtype,
-                    fill: Any, config: PixelsConfig, feature: Feature,
-                    time_chunks: int | None) -> tuple[xr.DataArray, list[ParsedItem]]:
+                    fill: Any, config: PixelsConfig, feature: Feature, time_chunks: int | None,
+                    headers: dict[str, CogHeader]) -> tuple[xr.DataArray, list[ParsedItem]]:
     """stackstac's readers and windows under a graph built here (see ``_read_graph``); returns the cube and
     the items kept (those overlapping the grid)."""
     if grid.epsg is None:
@@ -226,7 +235,7 @@ def _load_stackstac(items: list[ParsedItem], names: list[str], mask_names: list[
     reader = functools.partial(PixelsReader, pool_size=config.pool_size, signer=signer_for(config.catalog))
     data = _read_graph(table, spec, _time_groups(items, config, feature, time_chunks), config.chunksize,
                        ReaderOptions(reader, tuple(resampling), dtype, fill, env, _errors_as_nodata(config)),
-                       config.pool_size, feature.id)
+                       config.pool_size, feature.id, headers)
     coords, dims = cube_coords(items, names, spec)
     cube = xr.DataArray(data, coords=coords, dims=dims)
     return cube.drop_vars([c for c in cube.coords if c not in {"time", "band", "x", "y"}]), items
@@ -302,11 +311,13 @@ def _time_groups(items: list[ParsedItem], config: PixelsConfig, feature: Feature
 
 
 def _read_graph(table: np.ndarray, spec: Any, groups: list[tuple[int, int]], chunksize: int,
-                options: ReaderOptions, pool_size: int, feature_id: str) -> Any:
+                options: ReaderOptions, pool_size: int, feature_id: str,
+                headers: dict[str, CogHeader] | None = None) -> Any:
     """Dask array over the asset table with one read task per (time chunk, y block, x block) and one
     reader-table task per time chunk, written as plain tasks: no per-asset task, no blockwise layer to
     expand at submit time, so the graph is ready to run as soon as it is built (``build_cube`` pauses the
-    garbage collector meanwhile: generational passes over tens of thousands of new tasks cost 5x)."""
+    garbage collector meanwhile: generational passes over tens of thousands of new tasks cost 5x). A
+    reader-table task carries the known headers of its chunk's remote assets (``headers``)."""
     import dask
     import dask.array as da
 
@@ -328,7 +339,9 @@ def _read_graph(table: np.ndarray, spec: Any, groups: list[tuple[int, int]], chu
     nx = len(x_chunks)
     for k, (start, stop) in enumerate(groups):
         okey = (open_name, k)
-        opens[okey] = Task(okey, opener, table[start:stop])
+        urls = table["url"][start:stop].ravel()
+        known = {u: headers[u] for u in urls if u in headers} if headers else None  # only this chunk's
+        opens[okey] = Task(okey, opener, table[start:stop], headers=known)
         ref = TaskRef(okey)
         for w, window in enumerate(windows):
             key = (read_name, k, 0, w // nx, w % nx)

@@ -6,10 +6,15 @@ thread pool of ``pool_size`` threads, so a bin of many scenes is read in paralle
 single task. Independently of who calls, every GDAL open and read holds one of the process's
 ``pool_size`` read slots (``PixelsReader`` for stackstac, ``BoundedRioDriver`` for odc-stac), so a
 process never runs more than ``pool_size`` reads at once whatever the scheduler and its thread count.
+
+Remote assets (S3, HTTP): the asset check fetches each header once (``CogHeader``: one ranged GET), and
+every later open of that asset parses it from memory, so a read costs only its tile requests (see the
+``remote headers`` section below).
 """
 
 from __future__ import annotations
 
+import io
 import math
 import os
 import threading
@@ -23,6 +28,7 @@ from typing import Any
 import numpy as np
 from odc.loader._rio import RioDriver, RioReader, rio_read
 from rasterio import windows
+from rasterio._vsiopener import MultiByteRangeResource, MultiByteRangeResourceContainer
 
 from pixels_xr import read_problems
 from pixels_xr.catalog import as_items, signer_for
@@ -98,19 +104,22 @@ class ReaderOptions:
                 repr(self.fill_value), repr(self.gdal_env), repr(self.errors_as_nodata))
 
 
-def open_readers(table: np.ndarray, spec: Any, options: ReaderOptions) -> np.ndarray:
+def open_readers(table: np.ndarray, spec: Any, options: ReaderOptions,
+                 headers: dict[str, CogHeader] | None = None) -> np.ndarray:
     """Reader table of a time chunk: ``(reader, asset window)`` per asset with an href, else ``None``.
 
-    Readers open nothing until their first read (stackstac's ``Reader`` protocol).
+    Readers open nothing until their first read (stackstac's ``Reader`` protocol). ``headers``: the known
+    headers of remote assets (from the asset check), given to the readers so no open fetches them again.
     """
     out = np.empty(table.shape, dtype=object)
     for index, entry in np.ndenumerate(table):
         url = entry["url"]
         if url:
+            known = {"header": headers[url]} if headers and url in headers else {}
             reader = options.reader(url=url, spec=spec, resampling=options.resampling[index[1]],
                                     dtype=options.dtype, fill_value=options.fill_value,
                                     scale_offset=(1.0, 0.0), gdal_env=options.gdal_env,
-                                    errors_as_nodata=options.errors_as_nodata)
+                                    errors_as_nodata=options.errors_as_nodata, **known)
             out[index] = (reader, windows.from_bounds(*entry["bounds"], transform=spec.transform))
     return out
 
@@ -154,16 +163,18 @@ class PixelsReader:
     ``HrefRefused`` before anything is opened), and holds one of the process's ``pool_size`` read slots
     around each open and read. A file whose pixels are output pixels (nearest resampling) is read by direct
     windowed reads, ~10x faster than stackstac's WarpedVRT and value-identical; any other goes through
-    stackstac's ``AutoParallelRioReader``. Error messages and warnings never carry the signed query string.
-    Picklable (distributed workers rebuild it and use their own slots)."""
+    stackstac's ``AutoParallelRioReader``. With a ``header`` (a remote asset the check already fetched),
+    the direct reader parses it from memory and fetches only tiles. Error messages and warnings never carry
+    the signed query string. Picklable (distributed workers rebuild it and use their own slots)."""
 
     def __init__(self, *, url: str, spec: Any, resampling: Any, dtype: np.dtype, fill_value: Any,
                  scale_offset: tuple[float, float], gdal_env: Any = None,
                  errors_as_nodata: tuple[Exception, ...] = (), pool_size: int = 8,
-                 signer: Signer | None = None) -> None:
+                 signer: Signer | None = None, header: CogHeader | None = None) -> None:
         self.url = url
         self.pool_size = pool_size
         self.signer = signer
+        self.header = header
         self.errors_as_nodata = errors_as_nodata
         self._state = {"url": url, "spec": spec, "resampling": resampling, "dtype": dtype,
                        "fill_value": fill_value, "scale_offset": scale_offset, "gdal_env": gdal_env}
@@ -180,7 +191,7 @@ class PixelsReader:
         with self._lock:
             if self._inner is None or (self._expires is not None and time.time() >= self._expires):
                 signed = sign(self.signer, self.url)
-                self._inner = _open_aligned(signed.href, self._state) or \
+                self._inner = _open_aligned(signed.href, self._state, self.header) or \
                     AutoParallelRioReader(**{**self._state, "url": signed.href})
                 self._expires = signed.expires
             return self._inner
@@ -213,7 +224,7 @@ class PixelsReader:
 
     def __getstate__(self) -> dict:
         return {**self._state, "errors_as_nodata": self.errors_as_nodata, "pool_size": self.pool_size,
-                "signer": self.signer}
+                "signer": self.signer, "header": self.header}
 
     def __setstate__(self, state: dict) -> None:
         self.__init__(**state)  # type: ignore[misc]
@@ -233,30 +244,41 @@ def grid_offset(transform: Any, crs: Any, spec: Any) -> tuple[int, int] | None:
     return round(col), round(row)
 
 
-def _open_aligned(href: str, state: dict) -> _AlignedReader | None:
-    """A direct reader of ``href`` when nearest resampling is asked and its grid is the output grid."""
+def _open_aligned(href: str, state: dict, header: CogHeader | None = None) -> _AlignedReader | None:
+    """A direct reader of ``href`` when nearest resampling is asked and its grid is the output grid; with a
+    ``header`` (remote assets) opened from it, fetching only tiles."""
     from rasterio.enums import MaskFlags, Resampling
-    from stackstac.rio_reader import DEFAULT_GDAL_ENV, MULTITHREADED_DRIVER_ALLOWLIST, \
-        SelfCleaningDatasetReader, SingleThreadedRioDataset, ThreadLocalRioDataset
+    from stackstac.rio_reader import (
+        DEFAULT_GDAL_ENV,
+        MULTITHREADED_DRIVER_ALLOWLIST,
+        SelfCleaningDatasetReader,
+        SingleThreadedRioDataset,
+        ThreadLocalRioDataset,
+    )
 
     if state["resampling"] != Resampling.nearest:
         return None
     env = state["gdal_env"] or DEFAULT_GDAL_ENV
+    remote = _RemoteSource(href, header, env) if header is not None and _Vsi.get() is not None else None
     with env.open:
         try:
-            ds = SelfCleaningDatasetReader(href, sharing=False)
+            ds = remote.open() if remote is not None else SelfCleaningDatasetReader(href, sharing=False)
         except Exception as exc:  # the same message stackstac gives, so errors_as_nodata rules match
             raise RuntimeError(f"Error opening {href!r}: {exc!r}") from exc
     offset = grid_offset(ds.transform, ds.crs, state["spec"])
     if offset is None or ds.count != 1:
         ds.close()
         return None
-    threadsafe = ThreadLocalRioDataset if ds.driver in MULTITHREADED_DRIVER_ALLOWLIST else \
-        SingleThreadedRioDataset
     plain = np.dtype(ds.dtypes[0]) == np.dtype(state["dtype"]) and \
         ds.mask_flag_enums[0] in ([MaskFlags.nodata], [MaskFlags.all_valid])
-    return _AlignedReader(threadsafe(env, ds), offset, (ds.height, ds.width), state["dtype"],
-                          state["fill_value"], ds.nodata, plain)
+    if remote is not None:  # the tiles of all the grid needs from this file: one request per run of them
+        remote.plan(ds, offset, state["spec"].shape)
+        dataset: Any = _PerThread(env, remote.open, ds)
+    else:
+        dataset = (ThreadLocalRioDataset if ds.driver in MULTITHREADED_DRIVER_ALLOWLIST else
+                   SingleThreadedRioDataset)(env, ds)
+    return _AlignedReader(dataset, offset, (ds.height, ds.width), state["dtype"], state["fill_value"],
+                          ds.nodata, plain, remote)
 
 
 class _AlignedReader:
@@ -267,9 +289,10 @@ class _AlignedReader:
     as read, without a copy."""
 
     def __init__(self, dataset: Any, offset: tuple[int, int], shape: tuple[int, int], dtype: np.dtype,
-                 fill_value: Any, nodata: Any, plain: bool) -> None:
+                 fill_value: Any, nodata: Any, plain: bool, remote: _RemoteSource | None = None) -> None:
         self._dataset, self._offset, self._shape = dataset, offset, shape
         self._dtype, self._fill, self._nodata, self._plain = dtype, fill_value, nodata, plain
+        self._remote = remote
 
     def read(self, window: windows.Window, **kwargs: Any) -> np.ndarray:
         col, row = int(window.col_off) - self._offset[0], int(window.row_off) - self._offset[1]
@@ -286,6 +309,8 @@ class _AlignedReader:
         return out
 
     def _pixels(self, window: windows.Window) -> np.ndarray:
+        if self._remote is not None:
+            self._remote.prefetch_planned()
         if not self._plain:
             masked = self._dataset.read(window, indexes=1, out_dtype=self._dtype, masked=True)
             return np.ma.filled(masked, self._fill)
@@ -375,42 +400,424 @@ def gdal_env(extra: dict[str, Any]) -> Any:
     return stackstac.DEFAULT_GDAL_ENV.updated(always=extra)
 
 
+# ----------------------------------------------------------------------------------------------- remote headers
+# On object storage requests, not decoding, set the pace (10–30 ms each in a region). A remote asset's
+# header is fetched once (the asset check does it: one ranged GET through GDAL's own virtual file system, so
+# credentials, endpoints and retries are GDAL's), kept as bytes in a ``CogHeader`` that travels with the
+# reader table, and every later open of that asset (any feature, worker or thread) parses it from memory
+# through rasterio's opener interface; only tile bytes are fetched after that, one request per run of
+# adjacent tiles (GDAL merges them and asks our opener for them in one multi-range call).
+
+#: Bytes the header read fetches (GDAL's GDAL_INGESTED_BYTES_AT_OPEN is 16 KiB; a COG's IFDs for a 10980²
+#: Sentinel-2 band fit in 32 KiB). More is fetched on demand when the IFDs go further.
+HEADER_BYTES = 32768
+#: The most compressed bytes a reader fetches up front for all of an asset's pixels in the output grid
+#: (reused by every block of that asset read in the process); a larger asset is fetched per block.
+PREFETCH_LIMIT = 8 << 20
+
+_REMOTE_SCHEMES = ("s3://", "http://", "https://", "gs://", "az://", "/vsis3/", "/vsicurl/", "/vsigs/",
+                   "/vsiaz/")
+
+
+def is_remote(href: str) -> bool:
+    """Whether ``href`` is read over the network (object storage or HTTP)."""
+    return href.startswith(_REMOTE_SCHEMES)
+
+
+def vsi_path(href: str) -> str:
+    """GDAL's virtual file system path of a remote href (``s3://b/k`` → ``/vsis3/b/k``, ``https://…`` →
+    ``/vsicurl/https://…``), as rasterio would open it."""
+    from rasterio._path import _parse_path
+
+    path = _parse_path(href)
+    return path.as_vsi() if hasattr(path, "as_vsi") else str(path.path)
+
+
+class _Vsi:
+    """GDAL's virtual file API (``VSIFOpenL``, ``VSIFReadL``, ``VSIFReadMultiRangeL``) on the libgdal that
+    rasterio loaded, through ctypes (rasterio exposes no raw byte reads): byte ranges fetched with GDAL's
+    settings and connection pool, the GIL released while they are in flight."""
+
+    _instance: _Vsi | None = None
+
+    def __init__(self, path: str) -> None:
+        import ctypes
+
+        lib = self.lib = ctypes.CDLL(path)
+        c = ctypes
+        lib.VSIFOpenL.restype, lib.VSIFOpenL.argtypes = c.c_void_p, [c.c_char_p, c.c_char_p]
+        lib.VSIFReadL.restype, lib.VSIFReadL.argtypes = c.c_size_t, [c.c_void_p, c.c_size_t, c.c_size_t,
+                                                                    c.c_void_p]
+        lib.VSIFSeekL.restype, lib.VSIFSeekL.argtypes = c.c_int, [c.c_void_p, c.c_uint64, c.c_int]
+        lib.VSIFTellL.restype, lib.VSIFTellL.argtypes = c.c_uint64, [c.c_void_p]
+        lib.VSIFCloseL.restype, lib.VSIFCloseL.argtypes = c.c_int, [c.c_void_p]
+        lib.VSIFReadMultiRangeL.restype = c.c_int
+        lib.VSIFReadMultiRangeL.argtypes = [c.c_int, c.POINTER(c.c_void_p), c.POINTER(c.c_uint64),
+                                            c.POINTER(c.c_size_t), c.c_void_p]
+        lib.CPLGetLastErrorMsg.restype, lib.CPLGetLastErrorMsg.argtypes = c.c_char_p, []
+        lib.CPLErrorReset.restype, lib.CPLErrorReset.argtypes = None, []
+
+    @classmethod
+    def get(cls) -> _Vsi | None:
+        """The binding, or None where no libgdal can be found (then headers are not shared)."""
+        if cls._instance is None:
+            path = _libgdal_path()
+            if path is None:
+                return None
+            cls._instance = cls(path)
+        return cls._instance
+
+    def _error(self, vsi: str, what: str) -> OSError:
+        message = (self.lib.CPLGetLastErrorMsg() or b"").decode("utf-8", "replace").strip()
+        return OSError(f"{what} {vsi}: {message or 'No such file or directory'}")
+
+    def _open(self, vsi: str) -> int:
+        self.lib.CPLErrorReset()
+        handle = self.lib.VSIFOpenL(vsi.encode(), b"rb")
+        if not handle:
+            raise self._error(vsi, "cannot open")
+        return handle
+
+    def head(self, vsi: str, length: int) -> tuple[bytes, int]:
+        """The first ``length`` bytes of ``vsi`` (fewer if it is shorter) and its size: one request."""
+        import ctypes
+
+        handle = self._open(vsi)
+        try:
+            buf = ctypes.create_string_buffer(length)
+            got = self.lib.VSIFReadL(buf, 1, length, handle)
+            if got == 0 and self.lib.CPLGetLastErrorMsg():
+                raise self._error(vsi, "cannot read")
+            self.lib.VSIFSeekL(handle, 0, 2)  # SEEK_END: the size came with the answer (Content-Range)
+            return buf.raw[:got], int(self.lib.VSIFTellL(handle))
+        finally:
+            self.lib.VSIFCloseL(handle)
+
+    def ranges(self, vsi: str, spans: list[tuple[int, int]]) -> list[bytes]:
+        """Bytes of each ``(offset, length)`` of ``vsi``, fetched concurrently (GDAL merges adjacent ones)."""
+        import ctypes
+
+        handle = self._open(vsi)
+        try:
+            n = len(spans)
+            bufs = [ctypes.create_string_buffer(length) for _, length in spans]
+            data = (ctypes.c_void_p * n)(*[ctypes.cast(b, ctypes.c_void_p) for b in bufs])
+            offsets = (ctypes.c_uint64 * n)(*[o for o, _ in spans])
+            sizes = (ctypes.c_size_t * n)(*[length for _, length in spans])
+            if self.lib.VSIFReadMultiRangeL(n, data, offsets, sizes, handle) != 0:
+                raise self._error(vsi, "cannot read ranges of")
+            return [b.raw for b in bufs]
+        finally:
+            self.lib.VSIFCloseL(handle)
+
+
+def _libgdal_path() -> str | None:
+    """Path of the libgdal this process loaded with rasterio (Linux: from the process's memory map)."""
+    import ctypes.util
+    import re
+
+    import rasterio  # noqa: F401  (loads libgdal)
+
+    try:
+        with open("/proc/self/maps") as f:
+            found = sorted(set(re.findall(r"(/\S*libgdal[^/\s]*\.so[^/\s]*)", f.read())))
+    except OSError:
+        found = []
+    return found[0] if found else ctypes.util.find_library("gdal")
+
+
+@dataclass(frozen=True)
+class CogHeader:
+    """The first bytes of a remote raster and its size: what every open of it parses (no request), plus
+    whatever else opens needed (IFDs past the first read), fetched once."""
+
+    size: int
+    spans: dict[int, bytes]  # offset → bytes
+
+    def covers(self, offset: int, length: int) -> bytes | None:
+        """The bytes ``[offset, offset + length)`` when one held span has them all (clipped at the end)."""
+        length = max(0, min(length, self.size - offset))
+        for start, data in list(self.spans.items()):
+            if start <= offset and offset + length <= start + len(data):
+                return data[offset - start:offset - start + length]
+        return None
+
+
+def fetch_header(href: str) -> CogHeader:
+    """One ranged GET of a remote raster's first ``HEADER_BYTES`` (signed href), in GDAL's cloud settings."""
+    import rasterio
+
+    vsi = _Vsi.get()
+    if vsi is None:
+        raise OSError("libgdal not found: cannot share headers")
+    with rasterio.Env(**GDAL_CLOUD_ENV):
+        data, size = vsi.head(vsi_path(href), HEADER_BYTES)
+    return CogHeader(size, {0: data})
+
+
+def open_header(href: str, header: CogHeader | None) -> Any:
+    """A rasterio dataset of ``href`` (signed): parsed from ``header`` in memory when it is known, else
+    opened as usual. Call inside the GDAL environment."""
+    import rasterio
+
+    if header is None or _Vsi.get() is None:
+        return rasterio.open(href)
+    return _RemoteSource(href, header, gdal_env(GDAL_CLOUD_ENV)).open()
+
+
+class _RangeFile(io.RawIOBase, MultiByteRangeResource):
+    """A read-only file over a remote raster: the header's bytes from memory, the rest fetched through
+    GDAL's virtual file system (GDAL asks for tiles with ``get_byte_ranges``, one call per window)."""
+
+    def __init__(self, source: _RemoteSource) -> None:
+        self._source, self._pos = source, 0
+
+    def readable(self) -> bool:
+        return True
+
+    def seekable(self) -> bool:
+        return True
+
+    def seek(self, offset: int, whence: int = 0) -> int:
+        base = (0, self._pos, self._source.header.size)[whence]
+        self._pos = max(0, base + offset)
+        return self._pos
+
+    def tell(self) -> int:
+        return self._pos
+
+    def read(self, size: int = -1) -> bytes:
+        end = self._source.header.size if size is None or size < 0 else min(self._pos + size,
+                                                                              self._source.header.size)
+        if end <= self._pos:
+            return b""
+        data = self._source.get([(self._pos, end - self._pos)])[0]
+        self._pos = end
+        return data
+
+    def get_byte_ranges(self, offsets: list[int], sizes: list[int]) -> list[bytes]:
+        return self._source.get(list(zip(offsets, sizes)))
+
+
+class _RemoteSource:
+    """What the opener serves for one remote raster: its header, the spans fetched since, and fetches of
+    the rest (through GDAL's VSI on the signed href). Shared by every thread's dataset of the asset."""
+
+    def __init__(self, href: str, header: CogHeader, gdal_env: Any) -> None:
+        self.href, self._env = href, gdal_env
+        self.header = CogHeader(header.size, dict(header.spans))
+        self.name = f"pixels-xr/{os.path.basename(href.split('?', 1)[0]) or 'asset'}"
+        self._opener = _Opener(self.name, self)
+        self._planned: list[tuple[int, int]] = []
+        self._lock, self._plan_lock = threading.Lock(), threading.Lock()
+
+    def open(self) -> Any:
+        """A rasterio dataset of this raster parsed from the header in memory (no request)."""
+        import rasterio
+
+        return rasterio.open(self.name, opener=self._opener, sharing=False)
+
+    def plan(self, ds: Any, offset: tuple[int, int], grid_shape: tuple[int, int]) -> None:
+        """Remember the byte ranges of every full-resolution tile of ``ds`` inside the output grid (its
+        pixel (0, 0) at ``offset``), to fetch at the first read when they total at most ``PREFETCH_LIMIT``:
+        every block of this asset then reads from memory, and tiles next to each other on disk cost one
+        request although different blocks need them."""
+        try:
+            bh, bw = ds.block_shapes[0]
+            col, row = offset
+            c0, r0 = max(0, -col) // bw, max(0, -row) // bh
+            c1 = -(-min(ds.width, grid_shape[1] - col) // bw)
+            r1 = -(-min(ds.height, grid_shape[0] - row) // bh)
+            spans = [(int(ds.get_tag_item(f"BLOCK_OFFSET_{c}_{r}", "TIFF", bidx=1)),
+                      int(ds.get_tag_item(f"BLOCK_SIZE_{c}_{r}", "TIFF", bidx=1)))
+                     for r in range(r0, r1) for c in range(c0, c1)]
+        except (TypeError, ValueError):  # not a tiled GeoTIFF: GDAL asks per window
+            return
+        # sparse tiles are not stored; GDAL reads a tile with the 4-byte leader and trailer COGs have
+        spans = [(max(0, o - _GHOST), n + 2 * _GHOST) for o, n in spans if n > 0]
+        if sum(n for _, n in spans) <= PREFETCH_LIMIT:
+            self._planned = spans
+
+    def prefetch_planned(self) -> None:
+        """Fetch the planned tiles once; a second thread reading meanwhile waits for them."""
+        with self._plan_lock:
+            spans, self._planned = self._planned, []
+            if spans:
+                self.prefetch(spans)
+
+    def prefetch(self, spans: list[tuple[int, int]]) -> None:
+        """Fetch ``spans`` (merged where they touch) unless already held."""
+        size = self.header.size
+        missing = [(o, min(n, size - o)) for o, n in spans if o < size and self.header.covers(o, n) is None]
+        if missing:
+            self._fetch(_merge(missing))
+
+    def get(self, spans: list[tuple[int, int]]) -> list[bytes]:
+        self.prefetch(spans)
+        return [self.header.covers(*s) or b"" for s in spans]
+
+    def _fetch(self, spans: list[tuple[int, int]]) -> None:
+        vsi = _Vsi.get()
+        assert vsi is not None
+        with self._env.read:
+            parts = vsi.ranges(vsi_path(self.href), spans)
+        with self._lock:
+            for (offset, _), data in zip(spans, parts):
+                self.header.spans[offset] = data
+
+
+class _PerThread:
+    """One dataset per reading thread (GDAL datasets are not thread-safe), each opened by ``open``: for a
+    remote raster from its header in memory, so a thread's first read costs no header request."""
+
+    def __init__(self, env: Any, open: Any, first: Any) -> None:
+        self._env, self._open = env, open
+        self._local = threading.local()
+        self._local.ds = first
+        self._all = [first]
+        self._lock = threading.Lock()
+
+    def read(self, window: windows.Window, **kwargs: Any) -> np.ndarray:
+        ds = getattr(self._local, "ds", None)
+        if ds is None:
+            with self._env.open:
+                ds = self._local.ds = self._open()
+            with self._lock:
+                self._all.append(ds)
+        return ds.read(window=window, **kwargs)
+
+    def close(self) -> None:
+        with self._lock:
+            for ds in self._all:
+                ds.close()
+            self._all.clear()
+
+
+_GHOST = 8  # bytes around a tile that GDAL may read with it (COG tile leader and trailer)
+
+
+def _merge(spans: list[tuple[int, int]], gap: int = 1024) -> list[tuple[int, int]]:
+    """Byte ranges merged where they touch or lie within ``gap`` bytes (tile leaders, trailers)."""
+    out: list[list[int]] = []
+    for offset, length in sorted(spans):
+        if out and offset <= out[-1][0] + out[-1][1] + gap:
+            out[-1][1] = max(out[-1][1], offset + length - out[-1][0])
+        else:
+            out.append([offset, length])
+    return [(o, n) for o, n in out]
+
+
+class _Opener(MultiByteRangeResourceContainer):
+    """rasterio's opener for one remote raster: only its own name exists (GDAL's side-car probes —
+    ``.aux.xml``, ``.msk``, ``.ovr`` — find nothing, as ``GDAL_DISABLE_READDIR_ON_OPEN`` makes them)."""
+
+    def __init__(self, name: str, source: _RemoteSource) -> None:
+        self._name, self._source = name, source
+
+    def open(self, path: str, mode: str = "r", **kwargs: Any) -> _RangeFile:
+        if path != self._name:
+            raise FileNotFoundError(path)
+        return _RangeFile(self._source)
+
+    def isfile(self, path: str) -> bool:
+        return path == self._name
+
+    def isdir(self, path: str) -> bool:
+        return False
+
+    def ls(self, path: str) -> list[str]:
+        return []
+
+    def mtime(self, path: str) -> int:
+        return 0
+
+    def size(self, path: str) -> int:
+        if path != self._name:
+            raise FileNotFoundError(path)
+        return self._source.header.size
+
+    def rm(self, path: str) -> None:
+        raise PermissionError(path)
+
+
 # ----------------------------------------------------------------------------------------------- asset checks
+class CheckedItems(list):
+    """The readable items ``check_assets`` returns, with ``headers``: href → ``CogHeader`` of every remote
+    asset it fetched, which ``build_cube`` hands to the readers (as ``search`` results carry ``filtered``)."""
+
+    headers: dict[str, CogHeader]
+
+
+def known_headers(items: Any) -> dict[str, CogHeader]:
+    """The headers ``check_assets`` fetched for ``items`` (none for items it did not return)."""
+    return dict(getattr(items, "headers", None) or {})
+
+
 def check_assets(items: Sequence[ParsedItem | dict],
-                 config: PixelsConfig) -> tuple[list[ParsedItem], list[AssetProblem]]:
+                 config: PixelsConfig) -> tuple[CheckedItems, list[AssetProblem]]:
     """Open every asset's header (``pool_size`` at a time); returns (readable items, problems). ``items``:
     parsed items, or STAC dicts parsed here (``catalog.as_items``).
 
     Each problem is ``{"item", "asset", "href", "error"}``. With ``on_asset_error: fail`` the first problem
     raises ``AssetReadError`` naming the item and asset; with ``skip`` (default) the item is left out and
     the problem recorded.
+
+    A local asset is opened and its pixel (0, 0) read. A remote one costs one request, the header read the
+    cube's readers then reuse (``CheckedItems.headers``; once per batch run for every feature): its header
+    is fetched, parsed from memory, and its first tile must lie inside the file (a file cut short); the
+    tile is decoded only when the header read brought it, since fetching it would be a second request.
     """
     import rasterio
 
     signer = signer_for(config.catalog)
 
-    def open_error(href: str) -> str | None:
+    def open_error(href: str) -> tuple[str | None, CogHeader | None]:
         try:
             with read_slots(config.pool_size):
                 signed = sign(signer, href).href  # a token API failure is this asset's problem too
+                if is_remote(signed) and _Vsi.get() is not None:
+                    return None, _checked_header(signed)
                 with rasterio.Env(**GDAL_CLOUD_ENV), rasterio.open(signed) as ds:
                     ds.read(1, window=((0, 1), (0, 1)))
         except Exception as exc:
-            return redact(" ".join(str(exc).split()))[:300]
-        return None
+            return redact(" ".join(str(exc).split()))[:300], None
+        return None, None
 
-    def probe(item: ParsedItem, source: RasterSource) -> AssetProblem | None:
-        error = memo("asset-error", source.href, lambda: open_error(source.href))  # once per batch run
+    def probe(item: ParsedItem, source: RasterSource) -> tuple[AssetProblem | None, CogHeader | None]:
+        error, header = memo("asset-header", source.href, lambda: open_error(source.href))  # once per run
         if error is None:
-            return None
-        return AssetProblem(item=item.id, asset=source.name, href=redact(source.href), error=error)
+            return None, header
+        return AssetProblem(item=item.id, asset=source.name, href=redact(source.href), error=error), None
 
     parsed = as_items(items, config)
     jobs = [(item, source) for item in parsed for source in item.sources.values()]
     results = list(read_pool(config.pool_size).map(lambda j: probe(*j), jobs))
-    problems = [r for r in results if r is not None]
+    problems = [p for p, _ in results if p is not None]
     if problems and config.on_asset_error == "fail":
         p = problems[0]
         raise AssetReadError(f"asset {p['asset']!r} unreadable: {p['error']}", f"item {p['item']!r}")
     bad = {p["item"] for p in problems}
-    return [i for i in parsed if i.id not in bad], problems
+    kept = CheckedItems(i for i in parsed if i.id not in bad)
+    kept.headers = {s.href: h for (_, s), (_, h) in zip(jobs, results) if h is not None}
+    return kept, problems
+
+
+def _checked_header(href: str) -> CogHeader:
+    """A remote asset's header (one request), checked as the local check checks a file: it opens, and its
+    first tile is inside the file (decoded when the header read brought it)."""
+    import rasterio
+
+    header = fetch_header(href)
+    source = _RemoteSource(href, header, gdal_env(GDAL_CLOUD_ENV))
+    with rasterio.Env(**GDAL_CLOUD_ENV), source.open() as ds:
+        try:
+            first = (int(ds.get_tag_item("BLOCK_OFFSET_0_0", "TIFF", bidx=1)),
+                     int(ds.get_tag_item("BLOCK_SIZE_0_0", "TIFF", bidx=1)))
+        except (TypeError, ValueError):  # not a tiled GeoTIFF: read pixel (0, 0) as for a local file
+            first = None
+        if first is not None and sum(first) > header.size:
+            raise OSError(f"{redact(href)}: file cut short: its first tile ends at byte {sum(first)}, "
+                          f"the file has {header.size}")
+        if first is None or source.header.covers(*first) is not None:
+            ds.read(1, window=((0, 1), (0, 1)))
+    return CogHeader(header.size, source.header.spans)

@@ -144,7 +144,7 @@ def test_proxy_process_has_the_same_counters(range_server: RangeServer) -> None:
         assert proxy.stats().requests == 1
 
 
-def test_gdal_reads_through_the_proxy_over_s3_and_http(tmp_path: Path, s3_server) -> None:
+def test_gdal_reads_through_the_proxy_over_s3_and_http(tmp_path: Path, s3_server, monkeypatch) -> None:
     """GDAL's /vsis3/ and /vsicurl/ reads through the proxy return the file's pixels, and every request
     they make is seen."""
     from rasterio.transform import from_origin
@@ -160,9 +160,169 @@ def test_gdal_reads_through_the_proxy_over_s3_and_http(tmp_path: Path, s3_server
 
     with RangeServer(tmp_path) as web, LatencyProxy(s3_server.host_port) as s3_proxy, \
             LatencyProxy(web.host_port) as web_proxy:
-        for href, proxy, env in [("s3://gdal-proxy/t.tif", s3_proxy, {"AWS_S3_ENDPOINT": s3_proxy.host_port}),
-                                 (f"{web_proxy.url}/t.tif", web_proxy, {})]:
-            with rasterio.Env(**GDAL_CLOUD_ENV, **env), rasterio.open(href) as ds:
+        monkeypatch.setenv("AWS_S3_ENDPOINT", s3_proxy.host_port)
+        for href, proxy in [("s3://gdal-proxy/t.tif", s3_proxy), (f"{web_proxy.url}/t.tif", web_proxy)]:
+            with rasterio.Env(**GDAL_CLOUD_ENV), rasterio.open(href) as ds:
                 np.testing.assert_array_equal(ds.read(1), values)
             stats = proxy.stats()
             assert stats.gets >= 2 and stats.response_bytes <= path.stat().st_size + 32768, stats
+
+
+# ------------------------------------------------------------------------------------------ requests of a read
+@pytest.fixture(scope="module")
+def remote_sample(tmp_path_factory: pytest.TempPathFactory, s3_server):
+    """A small sample (4 items × 5 assets, 2 tiles) on moto_server and behind a range server, with its
+    local STAC copied twice: hrefs on ``s3://`` and on ``http://`` (both through latency proxies)."""
+    import json
+
+    from pixels_xr.testing.sample import make_sample
+
+    root = tmp_path_factory.mktemp("remote")
+    info = make_sample(root / "sample", n_dates=2, width=384, height=256, tiles=2, every_days=5)
+    s3_server.upload_dir(info.root, "remote-sample")
+    web = RangeServer(info.root).start()
+    s3_proxy, web_proxy = LatencyProxy(s3_server.host_port).start(), LatencyProxy(web.host_port).start()
+    catalogs = {}
+    for kind, prefix in (("s3", "s3://remote-sample/"), ("http", f"{web_proxy.url}/")):
+        for path in info.root.rglob("*.json"):
+            doc = json.loads(path.read_text())
+            for asset in doc.get("assets", {}).values():
+                target = (path.parent / asset["href"]).resolve()
+                if target.suffix == ".tif":
+                    asset["href"] = prefix + target.relative_to(info.root).as_posix()
+            dest = root / kind / path.relative_to(info.root)
+            dest.parent.mkdir(parents=True, exist_ok=True)
+            dest.write_text(json.dumps(doc))
+        catalogs[kind] = root / kind / "catalog.json"
+    try:
+        yield {"info": info, "catalogs": catalogs, "proxies": {"s3": s3_proxy, "http": web_proxy}}
+    finally:
+        s3_proxy.stop()
+        web_proxy.stop()
+        web.stop()
+
+
+def _remote_config(catalog: Path, **kw):
+    from pixels_xr.config import load_config
+
+    return load_config({"start": "2021-11-01", "end": "2021-11-30", "mode": "composite",
+                        "composite_method": "median", "interval": "months", "platforms": "SENTINEL_2",
+                        "bands": ["red", "nir"], "catalog": str(catalog), "chunksize": 256, **kw})
+
+
+@pytest.fixture
+def via_proxy(remote_sample, monkeypatch):
+    """GDAL's S3 endpoint set to the S3 proxy; every GDAL cache emptied, proxy counters reset."""
+    import ctypes
+    import re
+
+    monkeypatch.setenv("AWS_S3_ENDPOINT", remote_sample["proxies"]["s3"].host_port)
+    maps = Path("/proc/self/maps").read_text()
+    for lib in sorted(set(re.findall(r"(/\S*libgdal[^/\s]*\.so[^/\s]*)", maps))):
+        ctypes.CDLL(lib).VSICurlClearCache()
+    for proxy in remote_sample["proxies"].values():
+        proxy.reset()
+    return remote_sample
+
+
+@pytest.mark.parametrize("kind", ["s3", "http"])
+def test_a_small_read_costs_its_minimum_of_requests_and_equals_the_local_read(via_proxy, kind) -> None:
+    """Regression guard on the request count: a whole-area read costs one header read per file (the asset
+    check's, reused by the read) plus one request per run of adjacent tiles, and gives the local pixels."""
+    import dask
+    from shapely.geometry import box
+
+    from pixels_xr.compose import collect
+    from pixels_xr.features import Feature
+    from pixels_xr.readers import HEADER_BYTES
+    from pixels_xr.testing.latency_proxy import minimum_requests
+
+    info = via_proxy["info"]
+    feature = Feature("area", box(*info.bounds), crs=info.crs)
+    cfg, local = _remote_config(via_proxy["catalogs"][kind]), _remote_config(info.catalog)
+    with dask.config.set(scheduler="threads"):
+        ds = collect(cfg, feature).compute()
+        ref = collect(local, feature).compute()
+    for name in ("red", "nir", "clear_count"):
+        np.testing.assert_array_equal(ds[name].values, ref[name].values)
+    stats = via_proxy["proxies"][kind].stats()
+    read = sorted({r.target.lstrip("/").removeprefix("remote-sample/") for r in stats.records})
+    files = [info.root / p for p in read]
+    assert len(files) == 2 * 2 * 3  # 2 dates × 2 tiles × (red, nir, scl)
+    minimum, _ = minimum_requests(files, ds.rio.bounds(), header_bytes=HEADER_BYTES)
+    assert stats.gets == minimum, [(r.target, r.range) for r in stats.records]
+    assert stats.by_method.get("HEAD", 0) <= (len(files) if kind == "http" else 0)  # /vsicurl/ sizes a file
+
+
+def test_headers_are_read_once_per_run_across_features(via_proxy) -> None:
+    """Two features over the same items in one run: every header is fetched once, by the first check."""
+    import dask
+    from shapely.geometry import box
+
+    from pixels_xr.compose import collect
+    from pixels_xr.features import Feature
+    from pixels_xr.run_cache import run_cache
+
+    info = via_proxy["info"]
+    minx, miny, maxx, maxy = info.bounds
+    halves = [Feature("west", box(minx, miny, (minx + maxx) / 2, maxy), crs=info.crs),
+              Feature("east", box((minx + maxx) / 2, miny, maxx, maxy), crs=info.crs)]
+    cfg = _remote_config(via_proxy["catalogs"]["s3"])
+    with run_cache(), dask.config.set(scheduler="threads"):
+        for feature in halves:
+            collect(cfg, feature).compute()
+    records = via_proxy["proxies"]["s3"].stats().records
+    headers = [r.target for r in records if r.range.startswith("bytes=0-")]
+    assert headers and len(headers) == len(set(headers))  # one header read per file for both features
+    assert len(headers) == len({r.target for r in records})  # every file read had its header read once
+
+
+@pytest.mark.parametrize("kind", ["s3", "http"])
+def test_problem_assets_over_s3_and_http_are_recorded_as_for_local_files(via_proxy, tmp_path, s3_server,
+                                                                        kind) -> None:
+    """A missing asset and one cut inside its header are left out per item and asset, as the same files are
+    locally; one cut after its first tiles passes the check both ways (its reads fail later, as today)."""
+    import json
+    import shutil
+
+    from shapely.geometry import box
+
+    from pixels_xr.catalog import search
+    from pixels_xr.cube import check_assets
+    from pixels_xr.features import Feature
+
+    info = via_proxy["info"]
+    feature = Feature("area", box(*info.bounds), crs=info.crs)
+    local_root = tmp_path / "local"
+    shutil.copytree(info.root, local_root)
+    local_items = search(_remote_config(local_root / "catalog.json"), feature)
+    remote_items = search(_remote_config(via_proxy["catalogs"][kind]), feature)
+    assert [i.id for i in local_items] == [i.id for i in remote_items]
+    first, second, third = sorted(local_items, key=lambda i: i.id)[:3]
+    missing, cut, late = first.sources["red"].href, second.sources["nir"].href, third.sources["scl"].href
+    damaged = {missing: None, cut: Path(cut).read_bytes()[:300],
+               late: Path(late).read_bytes()[:int(Path(late).stat().st_size * 0.8)]}
+    bucket_key = {h: "broken/" + Path(h).relative_to(local_root).as_posix() for h in damaged}
+    for href, data in damaged.items():  # the same damage locally, on S3 and on the web server's folder
+        if data is None:
+            Path(href).unlink()
+        else:
+            Path(href).write_bytes(data)
+            s3_server.client.put_object(Bucket="remote-sample", Key=bucket_key[href], Body=data)
+            (info.root / bucket_key[href]).parent.mkdir(parents=True, exist_ok=True)
+            (info.root / bucket_key[href]).write_bytes(data)
+    web = via_proxy["proxies"]["http"].url
+    prefix = "s3://remote-sample/" if kind == "s3" else f"{web}/"
+    docs = [i.to_stac() for i in remote_items]
+    for doc in docs:
+        for asset in doc["assets"].values():
+            local = str(local_root / asset["href"].removeprefix(prefix))
+            if local in bucket_key:
+                asset["href"] = prefix + bucket_key[local]
+    kept_local, problems_local = check_assets(local_items, _remote_config(local_root / "catalog.json"))
+    kept, problems = check_assets(docs, _remote_config(via_proxy["catalogs"][kind]))
+    assert [i.id for i in kept] == [i.id for i in kept_local] and len(kept) == len(local_items) - 2
+    assert {(p["item"], p["asset"]) for p in problems} == {(p["item"], p["asset"]) for p in problems_local} \
+        == {(first.id, "red"), (second.id, "nir")}
+    assert all(p["href"].startswith(prefix) and p["error"] for p in problems)
+    json.dumps(problems)  # recorded as plain JSON, as today

@@ -393,6 +393,38 @@ class ProxyProcess(Endpoint):
             self.proc.stdout.close()
 
 
+def minimum_requests(files: list[Any], bounds: tuple[float, float, float, float], *, header_bytes: int = 16384,
+                     gap: int = 1024) -> tuple[int, int]:
+    """(requests, tiles) the area ``bounds`` costs at the least: per GeoTIFF, one header read of its first
+    ``header_bytes`` plus one request per run of the full-resolution tiles inside ``bounds`` that the header
+    read did not bring (runs: tile byte ranges sorted, merged where at most ``gap`` bytes apart — tile
+    leaders and trailers). Byte ranges come from GDAL's ``BLOCK_OFFSET``/``BLOCK_SIZE`` metadata."""
+    import rasterio
+    from rasterio.windows import from_bounds
+
+    requests = tiles = 0
+    for path in files:
+        with rasterio.open(path) as ds:
+            bh, bw = ds.block_shapes[0]
+            win = from_bounds(*bounds, transform=ds.transform)
+            c0, r0 = max(0, int(win.col_off // bw)), max(0, int(win.row_off // bh))
+            c1 = min(-(-ds.width // bw), -int(-(win.col_off + win.width) // bw))
+            r1 = min(-(-ds.height // bh), -int(-(win.row_off + win.height) // bh))
+            spans = sorted((int(ds.get_tag_item(f"BLOCK_OFFSET_{c}_{r}", "TIFF", bidx=1)),
+                            int(ds.get_tag_item(f"BLOCK_SIZE_{c}_{r}", "TIFF", bidx=1)))
+                           for r in range(r0, r1) for c in range(c0, c1))
+        tiles += len(spans)
+        runs, end = 0, None
+        for offset, length in spans:
+            if offset + length <= header_bytes:
+                continue
+            if end is None or offset > end + gap:
+                runs += 1
+            end = offset + length if end is None else max(end, offset + length)
+        requests += 1 + runs
+    return requests, tiles
+
+
 def requests_per_path(records: list[RequestRecord]) -> Counter[str]:
     """How many requests each path received (which files were read how often)."""
     return Counter(r.target.split("?", 1)[0] for r in records)

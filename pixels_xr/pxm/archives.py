@@ -6,6 +6,15 @@ tileset is then written from the store (several tilesets share the same tiles) u
 renamed into place, so an output is either complete or absent. Each output records the render's
 fingerprint, so a re-run with the same manifest and options is a no-op.
 
+**Object storage** (``s3://bucket/prefix``, any fsspec URL): the scratch store stays on local disk (a re-run
+resumes from it, see ``renderer``). MBTiles and PMTiles are built locally, then uploaded as one object (a
+single PUT, or a multipart upload that is completed only once every part is in, and aborted on failure):
+the object appears once, complete, carrying the fingerprint in its metadata (``x-amz-meta-pixels-xr-
+fingerprint``), so the no-op check is one HEAD. An XYZ tileset is many objects, each one PUT (complete or
+absent); ``metadata.json`` goes last and marks the tileset complete. While tiles go up, a marker object
+``.pxm-upload.json`` holds the fingerprint: an interrupted upload of the same render resumes, skipping
+tiles already there with the right size; a marker or tileset of another render is removed first.
+
 Declared tile format: the one format of all tiles, or ``png`` for ``auto`` mixes of JPEG and PNG (image
 decoders sniff the bytes; choose ``--tile-format png`` or ``webp`` for a single format). XYZ folders hold
 ``{z}/{x}/{y}.{ext}`` (XYZ rows, north first) and a TileJSON ``metadata.json``.
@@ -13,6 +22,7 @@ decoders sniff the bytes; choose ``--tile-format png`` or ``webp`` for a single 
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -28,6 +38,7 @@ from pmtiles.tile import Compression, TileType, zxy_to_tileid
 from pmtiles.writer import Writer
 
 from pixels_xr.errors import OutputError
+from pixels_xr.io.storage import filesystem
 
 __all__ = [
     "OUTPUT_FORMATS",
@@ -36,12 +47,19 @@ __all__ = [
     "TilesetMeta",
     "output_fingerprint",
     "output_path",
+    "remote_exists",
+    "remote_fingerprint",
+    "remote_partial",
     "write_output",
+    "write_remote",
 ]
 
 OutputFormat = Literal["mbtiles", "pmtiles", "xyz"]
 OUTPUT_FORMATS: tuple[str, ...] = ("mbtiles", "pmtiles", "xyz")
 FINGERPRINT_KEY = "pixels_xr_fingerprint"
+OBJECT_FINGERPRINT = "pixels-xr-fingerprint"  # user metadata of uploaded archives (S3 lowercases keys)
+UPLOAD_MARKER = ".pxm-upload.json"
+_UPLOAD_BATCH = 256  # XYZ tiles per concurrent fsspec ``pipe`` call
 _EXT = {"jpeg": "jpg", "png": "png", "webp": "webp"}
 _PM_TYPE = {"jpeg": TileType.JPEG, "png": TileType.PNG, "webp": TileType.WEBP}
 
@@ -156,9 +174,14 @@ class TilesetMeta:
 
 def output_path(out: Path, tileset: str, fmt: OutputFormat) -> Path:
     """Where a tileset goes: ``out/<id>.mbtiles``, ``out/<id>.pmtiles`` or the folder ``out/<id>``."""
+    return out / output_name(tileset, fmt)
+
+
+def output_name(tileset: str, fmt: OutputFormat) -> str:
+    """A tileset's file, folder or key name: ``<id>.mbtiles``, ``<id>.pmtiles`` or ``<id>``."""
     if not tileset or "/" in tileset or "\\" in tileset or tileset.startswith(".") or ".." in tileset:
         raise OutputError(f"unsafe tileset id {tileset!r} for a file name", where="info.tilesets")
-    return out / (tileset if fmt == "xyz" else f"{tileset}.{fmt}")
+    return tileset if fmt == "xyz" else f"{tileset}.{fmt}"
 
 
 def output_fingerprint(path: Path, fmt: OutputFormat) -> str | None:
@@ -262,6 +285,118 @@ def _write_xyz(store: TileStore, tmp: Path, meta: TilesetMeta) -> None:
             made.add((z, x))
         (folder / f"{y}.{ext}").write_bytes(data)
     tmp.mkdir(exist_ok=True)
+    (tmp / "metadata.json").write_bytes(_xyz_metadata(meta))
+
+
+def _xyz_metadata(meta: TilesetMeta) -> bytes:
+    """The TileJSON ``metadata.json`` of an XYZ tileset."""
+    ext = _EXT[meta.format]
     doc = _tilejson(meta)
     doc.update(tilejson="3.0.0", scheme="xyz", tiles=[f"{{z}}/{{x}}/{{y}}.{ext}"])
-    (tmp / "metadata.json").write_text(json.dumps(doc, indent=1))
+    return json.dumps(doc, indent=1).encode()
+
+
+# ------------------------------------------------------------------------------------------- object storage
+
+
+def _remote_error(url: str, err: Exception) -> OutputError:
+    return OutputError(f"object storage: {getattr(err, 'strerror', None) or err}", where=url)
+
+
+def remote_exists(url: str, fmt: OutputFormat) -> bool:
+    """Whether anything is stored for this tileset (an archive object, or any object under an XYZ prefix)."""
+    fs, path = filesystem(url)
+    try:
+        fs.invalidate_cache(path)
+        return bool(fs.exists(path))
+    except OSError as err:
+        raise _remote_error(url, err) from None
+
+
+def remote_fingerprint(url: str, fmt: OutputFormat) -> str | None:
+    """The fingerprint of a complete tileset on object storage, None when absent or incomplete."""
+    fs, path = filesystem(url)
+    try:
+        if fmt == "xyz":
+            meta = f"{path}/metadata.json"
+            if not fs.exists(meta):
+                return None
+            return json.loads(fs.cat_file(meta)).get(FINGERPRINT_KEY)
+        if not fs.exists(path):
+            return None
+        return fs.metadata(path).get(OBJECT_FINGERPRINT)
+    except FileNotFoundError:
+        return None
+    except (ValueError, KeyError, AttributeError):
+        return None
+    except OSError as err:
+        raise _remote_error(url, err) from None
+
+
+def remote_partial(url: str, fmt: OutputFormat) -> str | None:
+    """The fingerprint of an interrupted XYZ upload there (its marker), None when there is none."""
+    if fmt != "xyz":
+        return None
+    fs, path = filesystem(url)
+    try:
+        return json.loads(fs.cat_file(f"{path}/{UPLOAD_MARKER}")).get(FINGERPRINT_KEY)
+    except FileNotFoundError:
+        return None
+    except (ValueError, AttributeError):
+        return None
+    except OSError as err:
+        raise _remote_error(url, err) from None
+
+
+def write_remote(store: TileStore, url: str, fmt: OutputFormat, meta: TilesetMeta, work: Path) -> None:
+    """Write one tileset from the store to object storage (module docstring: atomic, resumable)."""
+    fs, path = filesystem(url)
+    try:
+        if fmt == "xyz":
+            _upload_xyz(store, fs, path, meta)
+            return
+        local = work / f"upload.{fmt}"
+        try:
+            {"mbtiles": _write_mbtiles, "pmtiles": _write_pmtiles}[fmt](store, local, meta)
+            fs.put_file(str(local), path, Metadata={OBJECT_FINGERPRINT: meta.fingerprint},
+                        ContentType="application/octet-stream")
+        finally:
+            local.unlink(missing_ok=True)
+        fs.invalidate_cache(path)
+    except OSError as err:
+        raise _remote_error(url, err) from None
+
+
+def _put_batch(fs: Any, batch: dict[str, bytes]) -> None:
+    """PUT a batch of tiles concurrently (one object each)."""
+    fs.pipe(batch)
+
+
+def _upload_xyz(store: TileStore, fs: Any, root: str, meta: TilesetMeta) -> None:
+    marker = f"{root}/{UPLOAD_MARKER}"
+    fs.invalidate_cache(root)
+    resuming = False
+    if fs.exists(marker):
+        with contextlib.suppress(ValueError):
+            resuming = json.loads(fs.cat_file(marker)).get(FINGERPRINT_KEY) == meta.fingerprint
+    present: dict[str, int] = {}
+    if resuming:
+        present = {p: int(info.get("size", -1)) for p, info in fs.find(root, detail=True).items()}
+    else:
+        if fs.exists(root):  # another render's tiles (complete or not): none may survive into this one
+            fs.rm(root, recursive=True)
+        fs.pipe_file(marker, json.dumps({FINGERPRINT_KEY: meta.fingerprint}).encode())
+    ext = _EXT[meta.format]
+    batch: dict[str, bytes] = {}
+    for z, x, y, _, data in store.tiles():
+        key = f"{root}/{z}/{x}/{y}.{ext}"
+        if present.get(key) != len(data):
+            batch[key] = data
+        if len(batch) >= _UPLOAD_BATCH:
+            _put_batch(fs, batch)
+            batch = {}
+    if batch:
+        _put_batch(fs, batch)
+    fs.pipe_file(f"{root}/metadata.json", _xyz_metadata(meta))
+    fs.rm_file(marker)
+    fs.invalidate_cache(root)

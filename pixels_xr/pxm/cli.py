@@ -73,7 +73,7 @@ def validate(
 @pxm_app.command("render")
 def render_cmd(
     manifest: Annotated[Path, typer.Argument(help="PXM manifest JSON file.")],
-    out: Annotated[str, typer.Option("--out", help="Output folder: one tileset per info.tilesets id.")],
+    out: Annotated[str, typer.Option("--out", help="Output folder or s3://bucket/prefix: one tileset per info.tilesets id.")],
     fmt: Annotated[str, typer.Option("--format", help="mbtiles, pmtiles or xyz.")] = "mbtiles",
     tile_format: Annotated[str, typer.Option("--tile-format", help="auto, png, jpeg or webp.")] = "auto",
     tile_size: Annotated[int, typer.Option("--tile-size", help="256 or 512 px.")] = 256,

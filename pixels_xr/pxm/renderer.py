@@ -32,6 +32,7 @@ import logging
 import math
 import re
 import shutil
+import tempfile
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -43,6 +44,7 @@ import numpy as np
 from rasterio.enums import Resampling
 
 from pixels_xr.errors import OutputError, PixelsError, SourceError
+from pixels_xr.io.storage import check_url
 from pixels_xr.pxm.archives import (
     OUTPUT_FORMATS,
     OutputFormat,
@@ -50,8 +52,13 @@ from pixels_xr.pxm.archives import (
     TileStore,
     TilesetMeta,
     output_fingerprint,
+    output_name,
     output_path,
+    remote_exists,
+    remote_fingerprint,
+    remote_partial,
     write_output,
+    write_remote,
 )
 from pixels_xr.pxm.color import format_formula
 from pixels_xr.pxm.encode import TILE_FORMATS, TileFormat, encode_tile
@@ -74,7 +81,7 @@ TaskOut = tuple[list[TileRow], tuple[int, int, int, bytes] | None, Failures]
 class RenderReport:
     """What a render did: outputs per tileset id, zooms, tiles written (per zoom/format), bytes, time."""
 
-    outputs: dict[str, Path]
+    outputs: dict[str, Path | str]  # local paths, or URLs on object storage
     format: str
     tile_format: str
     tile_size: int
@@ -354,7 +361,9 @@ def render(
     """Render a PXM manifest's sources to one tileset per ``info.tilesets`` id under the folder ``out``.
 
     ``format``: ``mbtiles`` (``out/<id>.mbtiles``), ``pmtiles`` (``out/<id>.pmtiles``) or ``xyz``
-    (``out/<id>/{z}/{x}/{y}.<ext>``). Zooms default to the rules in :mod:`pixels_xr.pxm.tiles`. ``cluster``
+    (``out/<id>/{z}/{x}/{y}.<ext>``). ``out`` may be an object-storage URL (``s3://bucket/prefix``): each
+    tileset is uploaded when complete (atomic per archive object; XYZ: ``metadata.json`` last), the
+    scratch store then lives in the temporary folder (see :mod:`pixels_xr.pxm.archives`). Zooms default to the rules in :mod:`pixels_xr.pxm.tiles`. ``cluster``
     and ``cluster_options`` go to :func:`pixels_xr.cluster.open_client` unless a ``client`` is given.
     An output already made from the same manifest and options is kept (no-op); one made differently is an
     error unless ``overwrite``. An interrupted render resumes from ``out/.pxm-render-*`` (removed on success).
@@ -365,12 +374,11 @@ def render(
     if not isinstance(manifest, Manifest):
         manifest = validate_manifest(manifest)
     rs = _check_options(format, tile_format, tile_size, resampling)
-    if re.match(r"[A-Za-z][A-Za-z0-9+.-]+:/", str(out)):  # s3://…, gs://… (or a Path that collapsed the //)
-        raise OutputError("renders go to a local folder (copy the tilesets to object storage afterwards)",
-                          where=str(out))
-    out = Path(out)
-    if out.exists() and not out.is_dir():
-        raise OutputError("exists and is not a folder", where=str(out))
+    remote = _remote_url(out)
+    if remote is None:
+        out = Path(out)
+        if out.exists() and not out.is_dir():
+            raise OutputError("exists and is not a folder", where=str(out))
     described, failed = [], {}
     for uri in manifest.sources:  # open them all: one run names every source that cannot be opened
         try:
@@ -383,11 +391,20 @@ def render(
     low, top = _zooms(specs, tile_size, minzoom, maxzoom)
     fp = _fingerprint(manifest, specs, {"tile_format": tile_format, "tile_size": tile_size, "minzoom": low,
                                         "maxzoom": top, "resampling": rs.name})
-    paths = {ts: output_path(out, ts, format) for ts in manifest.info.tilesets}
+    paths: dict[str, Path | str]
+    if remote is None:
+        paths = {ts: output_path(out, ts, format) for ts in manifest.info.tilesets}
+    else:
+        paths = {ts: f"{remote}/{output_name(ts, format)}" for ts in manifest.info.tilesets}
     todo = {}
     for ts, path in paths.items():
-        found = output_fingerprint(path, format)
-        if found != fp and path.exists() and not overwrite:
+        if isinstance(path, Path):
+            found, there = output_fingerprint(path, format), path.exists()
+        else:
+            found = remote_fingerprint(path, format)
+            # an interrupted upload of this very render is not in the way: it resumes
+            there = found is not None or (remote_partial(path, format) != fp and remote_exists(path, format))
+        if found != fp and there and not overwrite:
             raise OutputError("exists from another manifest or other options (pass overwrite to replace it)",
                               where=str(path))
         if found != fp:
@@ -396,7 +413,7 @@ def render(
                   maxzoom=top)
     if not todo:
         return RenderReport(**common, tiles=0, seconds=time.perf_counter() - t0, skipped=True)
-    work = out / f".pxm-render-{fp[:16]}"
+    work = _work_folder(out if remote is None else remote, fp)
     try:
         work.mkdir(parents=True, exist_ok=True)
     except OSError as err:
@@ -420,12 +437,39 @@ def render(
             meta = TilesetMeta(name=ts, format=declared, bounds=_lonlat(_union(specs)), minzoom=min(by_zoom),
                                maxzoom=max(by_zoom), attribution=info.license, description=info.notes,
                                product=info.product, date=info.date, tile_size=tile_size, fingerprint=fp)
-            write_output(store, path, format, meta)
+            if isinstance(path, Path):
+                write_output(store, path, format, meta)
+            else:
+                write_remote(store, path, format, meta, work)
     finally:
         store.close()
     shutil.rmtree(work, ignore_errors=True)
     return RenderReport(**common, tiles=sum(by_zoom.values()), tiles_by_zoom=by_zoom, tiles_by_format=by_fmt,
                         bytes=size, tasks=tasks, resumed_tasks=resumed, seconds=time.perf_counter() - t0)
+
+
+def _remote_url(out: str | Path) -> str | None:
+    """``out`` as an object-storage URL without a trailing slash (``s3://b/p``), None for a local folder."""
+    text = str(out)
+    if not re.match(r"[A-Za-z][A-Za-z0-9+.-]+:/", text):
+        return None
+    if isinstance(out, Path) or "://" not in text:  # a Path collapsed the // of s3://…
+        raise OutputError("give an object-storage URL as a string, not a path", where=text)
+    if text.startswith("file://"):
+        raise OutputError("give a local folder as a plain path", where=text)
+    url = check_url(text).rstrip("/")
+    if not url.split("://", 1)[1]:
+        raise OutputError("names no bucket", where=text)
+    return url
+
+
+def _work_folder(out: Path | str, fp: str) -> Path:
+    """The scratch folder of a render: beside a local output, in the temporary folder for a remote one
+    (named by the URL and the fingerprint, so a re-run finds it and resumes)."""
+    if isinstance(out, Path):
+        return out / f".pxm-render-{fp[:16]}"
+    where = hashlib.sha256(out.encode()).hexdigest()[:12]
+    return Path(tempfile.gettempdir()) / "pixels-xr-pxm" / f"{where}-{fp[:16]}"
 
 
 def _pyramid(client: Any, store: TileStore, specs: tuple[SourceSpec, ...], low: int, top: int,

@@ -315,10 +315,10 @@ def test_bad_sources_and_manifests_are_one_line_errors(s3, tmp_path: Path) -> No
     result = CliRunner().invoke(pxm_app, ["render", str(missing), "--out", str(tmp_path / "o")])
     assert result.exit_code == 1 and len(result.output.strip().splitlines()) == 1
     assert result.output.startswith("error: s3://pxm-render/render/nothing_here.tif: cannot open")
-    remote = CliRunner().invoke(pxm_app, ["render", str(missing), "--out", "s3://pxm-render/tiles"])
+    remote = CliRunner().invoke(pxm_app, ["render", str(missing), "--out", "s3://pxm-render/a/../tiles"])
     assert remote.exit_code == 1
-    assert remote.output.strip() == ("error: s3://pxm-render/tiles: renders go to a local folder (copy the"
-                                     " tilesets to object storage afterwards)")
+    assert remote.output.strip() == ("error: s3://pxm-render/a/../tiles: an object-store URL must not contain"
+                                     " '.' or '..' segments")
     bad = tmp_path / "bad.json"
     bad.write_text('{"sources": [], "info": {}}')
     result = CliRunner().invoke(pxm_app, ["render", str(bad), "--out", str(tmp_path / "o")])

@@ -8,8 +8,10 @@ track of keys shared by computations in flight at the same time.) A new feature'
 by the first task of its job, on a worker, and recorded when the job completes: the client's time per
 feature is what limits scaling when the client shares the machine. Each unit is written completely and only
 then recorded in the run's ledger (``ledger``; a feature's consecutive pending bins are written by one
-job and recorded when it completes); a re-run skips recorded units and does nothing when everything is
-done. Dask retries transient task failures
+job and recorded when it completes). A re-run is incremental: every feature is searched again and each unit
+classified against the fingerprint recorded with it (``units``: done, stale, retry, new, gone); only stale,
+retry and new units are computed, and a Zarr feature's time axis grows at the end for new bins (bins now
+outside the range are kept). When everything is done it writes nothing. Dask retries transient task failures
 (``retries``) and reschedules work of lost workers; a unit that still fails marks its feature failed in
 the report (feature id, stage, error) while the other features complete.
 
@@ -21,6 +23,7 @@ from __future__ import annotations
 
 import concurrent.futures
 import contextlib
+import dataclasses
 import json
 import os
 import time
@@ -41,21 +44,22 @@ from pixels_xr.features import Feature, check_id
 from pixels_xr.io import storage
 from pixels_xr.io.cog import CogLayer, write_cogs
 from pixels_xr.io.layout import (
+    COG_LAYERS,
     MANIFEST_DIR,
     SOURCE_TIME_NODATA,
     SOURCE_TIME_UNITS,
     CogUnit,
     days_since_epoch,
-    safe_label,
 )
 from pixels_xr.io.lock import ReadOnlyOutput, locked
 from pixels_xr.io.stac_out import write_output_catalog, zarr_item
-from pixels_xr.io.zarr_store import aligned, region_write
+from pixels_xr.io.zarr_store import aligned, open_feature, region_write, write_time_axis
 from pixels_xr.items import AssetProblem, ParsedItem
 from pixels_xr.ledger import RunManifest
 from pixels_xr.read_problems import cluster_problems, mark
 from pixels_xr.run_cache import run_cache
 from pixels_xr.signing import redact
+from pixels_xr.units import UnitPlan, classify, start_of, unit_sources
 
 OutputFormat = Literal["zarr", "cog"]
 #: Bytes of one row of chunks computed at once when writing a feature's COGs (its bins are grouped to fit).
@@ -67,7 +71,7 @@ class FeatureResult:
     """What happened to one feature in a run."""
 
     id: str
-    status: Literal["done", "skipped", "failed", "degraded"] = "done"
+    status: Literal["done", "skipped", "failed", "degraded", "planned"] = "done"
     units_written: int = 0
     units_skipped: int = 0
     stage: str | None = None
@@ -82,6 +86,8 @@ class FeatureResult:
     asset_problems: list[AssetProblem] = field(default_factory=list)
     #: reads that failed after the check (read as nodata): the units are *degraded*, not recorded done
     read_problems: list[dict[str, Any]] = field(default_factory=list)
+    #: every unit that is not done, with its state (new, stale, retry: computed; gone: kept) and why
+    units: list[dict[str, str]] = field(default_factory=list)
 
 
 @dataclass
@@ -112,6 +118,14 @@ class RunReport:
     def units_skipped(self) -> int:
         return sum(f.units_skipped for f in self.features)
 
+    def unit_states(self) -> dict[str, int]:
+        """How many units of the run are new, stale, retried (computed) and gone (kept)."""
+        counts: dict[str, int] = {}
+        for f in self.features:
+            for u in f.units:
+                counts[u["state"]] = counts.get(u["state"], 0) + 1
+        return counts
+
     @property
     def failed(self) -> list[FeatureResult]:
         return [f for f in self.features if f.status == "failed"]
@@ -131,11 +145,13 @@ class RunReport:
                 reasons[reason] = reasons.get(reason, 0) + n
         filtered = ", ".join(f"{reason} {n}" for reason, n in sorted(reasons.items()))
         degraded = sum(f.status == "degraded" for f in self.features)
+        states = self.unit_states()
         return (f"{len(self.features)} features: {done} written, {skipped} already complete, "
                 f"{len(self.failed)} failed" + (f", {degraded} degraded by read errors" if degraded else "")
                 + (f", {empty} without observations" if empty else "")
                 + (f", {self.skipped_assets} unreadable assets skipped" if self.skipped_assets else "")
                 + f"; {self.units_written} units written, {self.units_skipped} skipped"
+                + (f" ({', '.join(f'{n} {s}' for s, n in sorted(states.items()))})" if states else "")
                 + (f"; items left out by filters: {filtered}" if filtered else "")
                 + f" in {self.seconds:.1f} s → {self.out}")
 
@@ -145,8 +161,20 @@ class _Planned:
     feature: Feature
     result: FeatureResult
     ds: xr.Dataset | None = None
+    #: the output's time axis after this run (the ledger's template)
     labels: list[str] = field(default_factory=list)
+    #: the labels of ``ds``'s time steps, and the steps to compute (indices into ``ds``)
+    unit_labels: list[str] = field(default_factory=list)
     pending: list[int] = field(default_factory=list)
+    #: where each pending step goes on the output's time axis
+    at: list[int] = field(default_factory=list)
+    #: every unit's classification (``units.classify``), and whether the feature is rewritten from scratch
+    units: list[UnitPlan] = field(default_factory=list)
+    rebuild: bool = False
+    #: a grown partial bin's new label → the label it was written under
+    replaces: dict[str, str] = field(default_factory=dict)
+    #: items left out by the asset check (a unit made without them is retried next run)
+    skipped: set[str] = field(default_factory=set)
     #: Zarr format of a template still to write (by the feature's first job; recorded once it completes)
     template: int | None = None
     sources: dict[str, str] = field(default_factory=dict)
@@ -162,8 +190,11 @@ def run_batch(config: PixelsConfig, features: Sequence[Feature], out: str, *, cl
               cluster_options: ClusterOptions | dict | None = None, client: Client | None = None,
               output_format: OutputFormat = "zarr", zarr_format: int = 3, overwrite: bool = False,
               window: int | None = None, retries: int = 2, progress: bool = True,
-              on_unit: Callable[[str, str], None] | None = None) -> RunReport:
-    """Collect and write every feature into ``out``; resumable, see the module docstring.
+              on_unit: Callable[[str, str], None] | None = None, plan_only: bool = False) -> RunReport:
+    """Collect and write every feature into ``out``; resumable and incremental, see the module docstring.
+
+    ``plan_only`` searches and classifies every unit (``FeatureResult.units``: new, stale, retry, gone and
+    why) and writes nothing: no cluster, no lock, no ledger change.
 
     ``client`` reuses a connected client (``cluster`` is then ignored); a new feature is submitted while
     fewer than ``window`` units are in flight (default: 4 × the cluster's threads, at least 16: a feature's
@@ -185,6 +216,8 @@ def run_batch(config: PixelsConfig, features: Sequence[Feature], out: str, *, cl
     manifest.check_location()  # before a cluster starts: a refused output costs nothing
     started = time.perf_counter()
     report = RunReport(out, output_format)
+    if plan_only:
+        return _plan_run(config, features, manifest, report, output_format, zarr_format, overwrite, started)
     with contextlib.ExitStack() as stack:
         try:
             stack.enter_context(locked(out, MANIFEST_DIR))  # one writer per output (stale-lock rule: io.lock)
@@ -245,13 +278,28 @@ def run_batch(config: PixelsConfig, features: Sequence[Feature], out: str, *, cl
     return report
 
 
+def _plan_run(config: PixelsConfig, features: Sequence[Feature], manifest: RunManifest, report: RunReport,
+              output_format: str, zarr_format: int, overwrite: bool, started: float) -> RunReport:
+    """``run_batch(plan_only=True)``: what a run would compute, from searches and the ledger alone."""
+    if not overwrite and storage.exists(storage.join(manifest.root, "run.json")):
+        manifest.open(overwrite=False, read_only=True)  # refuses another config's output, as a run would
+    mode = "fresh" if overwrite else "plan"  # --overwrite: the ledger is ignored, every unit is new
+    with run_cache(), _pool(2, "pixels-xr-plan") as pool:
+        for plan in _plans(pool, features, config, manifest, output_format, zarr_format, lookahead=8,
+                           plan_only=mode):
+            report.features.append(plan.result)
+    report.seconds = time.perf_counter() - started
+    return report
+
+
 def _plans(pool: concurrent.futures.Executor, features: Sequence[Feature], config: PixelsConfig,
-           manifest: RunManifest, output_format: str, zarr_format: int, lookahead: int) -> Iterator[_Planned]:
+           manifest: RunManifest, output_format: str, zarr_format: int, lookahead: int,
+           plan_only: Literal["", "plan", "fresh"] = "") -> Iterator[_Planned]:
     """Planned features in order, planning up to ``lookahead`` ahead in background threads."""
     jobs: list[concurrent.futures.Future] = []
     it = iter(features)
     for f in it:
-        jobs.append(pool.submit(_plan, f, config, manifest, output_format, zarr_format))
+        jobs.append(pool.submit(_plan, f, config, manifest, output_format, zarr_format, plan_only))
         if len(jobs) > lookahead:
             yield jobs.pop(0).result()
     for job in jobs:
@@ -259,49 +307,117 @@ def _plans(pool: concurrent.futures.Executor, features: Sequence[Feature], confi
 
 
 def _plan(feature: Feature, config: PixelsConfig, manifest: RunManifest, output_format: str,
-          zarr_format: int) -> _Planned:
+          zarr_format: int, plan_only: Literal["", "plan", "fresh"] = "") -> _Planned:
+    """Search, classify every unit against the ledger (``units``), and build what the stale and new ones
+    need; ``plan_only`` stops after the classification (nothing read but the catalog, nothing written),
+    against the ledger (``plan``) or as for a fresh output (``fresh``)."""
     plan = _Planned(feature, FeatureResult(feature.id))
-    stage = "plan"
+    stage = "search"
     try:
-        expected = [b.label for b in config.bins(feature)]
-        if expected and manifest.template(feature.id) == expected and not (
-                set(map(safe_label, expected)) - manifest.done(feature.id)):
-            plan.labels, plan.result.status, plan.result.units_skipped = expected, "skipped", len(expected)
-            return plan  # binned modes know their units without searching: nothing to do
-        stage = "search"
         items = search(config, feature)
         plan.result.items = len(items)
+        plan.result.items_filtered = dict(items.filtered)
+        current = unit_sources(items, config, feature)
+        fresh = plan_only == "fresh"
+        known = [] if fresh else manifest.template(feature.id) or []
+        units = classify(current, {} if fresh else manifest.unit_records(feature.id), known, manifest.hash)
+        axis = _axis(known, [u.label for u in units if u.state != "gone"], output_format)
+        if axis is None:  # the output's time axis cannot grow into the new one in place: rewrite the feature
+            gone = [u.label for u in units if u.state == "gone"]
+            units = [dataclasses.replace(u, state="new", reason="time axis rebuilt" + (
+                f" (dropped {len(gone)} bins now outside the range)" if gone else "")) for u in units
+                     if u.state != "gone"]
+            plan.rebuild, axis = True, [u.label for u in units]
+        plan.units = units
+        plan.result.units = [u.to_dict() for u in units if u.state != "done"]
+        plan.result.units_skipped = sum(u.state == "done" for u in units)
+        todo = {u.label for u in units if u.computes}
+        if plan_only or (not todo and units):  # no unit at all (mode all, no acquisition): built for the why
+            plan.result.status = "skipped" if not todo else "planned"
+            plan.labels = axis
+            return plan
         stage = "build"
         obs = observations(config, feature, items=items)
         ds = aligned(composite(obs, config, feature), config.chunksize)
         plan.result.empty_reason = ds.attrs.get("empty_reason")
-        plan.result.items_filtered = dict(items.filtered)
         plan.result.asset_problems = list(obs.problems)
         plan.unit_items = unit_item_ids(obs.cube, config, feature)
         plan.hrefs = {s.href for i in items for s in i.sources.values()}
-        plan.labels = unit_labels(ds)
-        if not plan.labels:  # mode all without any acquisition: nothing to write, the report says why
+        plan.skipped = {p["item"] for p in obs.problems}
+        labels = plan.unit_labels = unit_labels(ds)
+        if not labels:  # mode all without any acquisition: nothing to write, the report says why
             return plan
-        if manifest.template(feature.id) not in (None, plan.labels) and not manifest.read_only:
-            manifest.forget(feature.id)  # the time axis changed since the last run: rewrite the feature
+        if manifest.read_only:
+            plan.labels, plan.pending = axis, [axis.index(u) for u in labels if u in todo]
+            return plan
+        if plan.rebuild or not known:
+            manifest.forget(feature.id)
+            known = []
         plan.sources = _source_hrefs(items)
-        if output_format == "zarr" and manifest.template(feature.id) is None:
+        plan.labels = axis
+        position = {label: k for k, label in enumerate(labels)}
+        plan.pending = [position[label] for label in labels if label in todo]
+        plan.at = [axis.index(labels[i]) for i in plan.pending]
+        if output_format == "zarr" and not known:
             # the template is written on the cluster by the feature's job, which then writes every bin
             # (a template write empties the group), and recorded when that job completes
-            plan.template, done = zarr_format, set()
+            plan.template = zarr_format
         else:
-            if not manifest.read_only:
-                manifest.record_template(feature.id, plan.labels, plan.sources)
-            done = manifest.done(feature.id)
-        plan.pending = [i for i, label in enumerate(plan.labels) if safe_label(label) not in done]
-        plan.result.units_skipped = len(plan.labels) - len(plan.pending)
-        if not plan.pending:
-            plan.result.status = "skipped"
-            return plan
+            if output_format == "zarr":  # the axis may grow; flags (empty …) and provenance follow the units
+                write_time_axis(manifest.out, feature.id, _axis_coords(manifest, feature.id, axis, ds),
+                                _merged_attrs(manifest.out, feature.id, ds))
+            manifest.record_template(feature.id, axis, {**manifest.sources(feature.id), **plan.sources})
+        for u in units:  # a relabelled (grown) partial bin: its old record (and COGs) go once it is rewritten
+            old = next((k for k in known if start_of(k) == start_of(u.label) and k != u.label), None)
+            if old is not None and u.computes:
+                plan.replaces[u.label] = old
         plan.ds = ds
     except Exception as exc:  # one feature's failure is recorded and must not stop the run
         _fail(plan.result, stage, exc)
     return plan
+
+
+def _axis(known: list[str], current: list[str], output_format: str) -> list[str] | None:
+    """The output's time axis after this run: the known labels (a grown partial bin relabelled in place)
+    with the new ones appended; None when a new unit would land before a known one in a Zarr store (its
+    time axis can only grow at the end)."""
+    if not known:
+        return list(current)
+    by_start = {start_of(label): label for label in current}
+    axis = [by_start.pop(start_of(label), label) for label in known]
+    new = sorted(by_start.values(), key=start_of)
+    if output_format == "zarr" and new and start_of(new[0]) <= start_of(axis[-1]):
+        return None
+    return sorted(axis + new, key=start_of) if output_format != "zarr" else axis + new
+
+
+def _merged_attrs(store: str, feature_id: str, ds: xr.Dataset) -> dict[str, Any]:
+    """The feature group's attributes after this run: this run's, with the item ids of the bins it does not
+    cover (kept from the store)."""
+    import zarr
+
+    old = dict(zarr.open_group(store, path=feature_id, mode="r").attrs)
+    attrs = dict(ds.attrs)
+    with contextlib.suppress(KeyError, TypeError, ValueError):
+        attrs["item_ids"] = json.dumps({**json.loads(old["item_ids"]), **json.loads(ds.attrs["item_ids"])})
+    return attrs
+
+
+def _axis_coords(manifest: RunManifest, feature_id: str, axis: list[str], ds: xr.Dataset) -> xr.Dataset:
+    """The time coordinates of the whole axis: this run's for its units, the store's for the others."""
+    existing = open_feature(manifest.out, feature_id)
+    old = {start_of(label): k for k, label in enumerate(manifest.template(feature_id) or [])}
+    now = {start_of(label): k for k, label in enumerate(unit_labels(ds))}
+    names = [n for n, c in ds.coords.items() if c.dims == ("time",)]
+    columns = {}
+    for name in names:
+        values = []
+        for label in axis:
+            key = start_of(label)
+            source, k = (ds, now[key]) if key in now else (existing, old[key])
+            values.append(source[name].values[k])
+        columns[name] = ("time", np.array(values, dtype=ds[name].dtype))
+    return xr.Dataset(coords=columns)
 
 
 def _source_hrefs(items: list[ParsedItem]) -> dict[str, str]:
@@ -324,13 +440,14 @@ def _submit_regions(client: Client, plan: _Planned, out: str,
     concurrent future with its bins per run."""
     assert plan.ds is not None
     runs: list[list[int]] = []
+    where = dict(zip(plan.pending, plan.at))  # a step's place on the output's time axis
     for i in plan.pending:
-        if runs and runs[-1][-1] == i - 1:
+        if runs and runs[-1][-1] == i - 1 and where[runs[-1][-1]] == where[i] - 1:
             runs[-1].append(i)
         else:
             runs.append([i])
     # a template still to write means a fresh feature: every bin pending, one run, one job
-    writes = [region_write(plan.ds, out, plan.feature.id, slice(run[0], run[-1] + 1),
+    writes = [region_write(plan.ds, out, plan.feature.id, slice(run[0], run[-1] + 1), at=where[run[0]],
                            template_format=plan.template) for run in runs]
     started = time.perf_counter()
     return [(_bridge(f, started), run) for f, run in zip(client.compute(writes, retries=retries), runs)]
@@ -359,8 +476,8 @@ def _write_feature_cogs(client: Client, plan: _Planned, config: PixelsConfig, ou
     per_group = max(1, COG_ROW_BYTES // max(_row_bytes(plan.ds.isel(time=0)), 1))
     for k in range(0, len(plan.pending), per_group):
         layers = [layer for i in plan.pending[k:k + per_group] for layer in
-                  unit_cog_layers(plan.ds.isel(time=i), out, plan.feature.id, plan.labels[i], config,
-                                  plan.unit_items.get(plan.labels[i], []))]
+                  unit_cog_layers(plan.ds.isel(time=i), out, plan.feature.id, plan.unit_labels[i], config,
+                                  plan.unit_items.get(plan.unit_labels[i], []))]
         write_cogs(layers, scheduler=client)
     return {"seconds": round(time.perf_counter() - started, 3)}
 
@@ -404,7 +521,7 @@ def _drain(in_flight: dict, remaining: dict[str, int], manifest: RunManifest, ba
             info = job.result()
         except Exception as exc:  # recorded per feature; the run goes on
             if plan.result.status != "failed":
-                _fail(plan.result, "write", exc, unit=plan.labels[units[0]] if len(units) == 1 else None)
+                _fail(plan.result, "write", exc, unit=plan.unit_labels[units[0]] if len(units) == 1 else None)
         else:
             if plan.template is not None:
                 manifest.record_template(fid, plan.labels, plan.sources)
@@ -422,12 +539,23 @@ def _drain(in_flight: dict, remaining: dict[str, int], manifest: RunManifest, ba
                                                                       "reads": 0})
                     entry["reads"] += 1
                 plan.result.read_problems = list(seen.values())
+            by_label = {u.label: u for u in plan.units}
             for i in units:
                 if plan.result.status not in {"failed", "degraded"}:
-                    manifest.record_unit(fid, plan.labels[i], **info)
+                    label = plan.unit_labels[i]
+                    unit = by_label.get(label)
+                    items_used = unit.items if unit is not None else {}
+                    manifest.record_unit(fid, label, **info, fingerprint=unit.fingerprint if unit else "",
+                                         items=items_used, skipped=sorted(plan.skipped & set(items_used)))
+                    if label in plan.replaces:  # the unit's old name, now rewritten under the new one
+                        old = plan.replaces.pop(label)
+                        manifest.forget_unit(fid, old)
+                        if manifest.output_format.startswith("cog"):
+                            for layer in COG_LAYERS:
+                                storage.remove_tree(CogUnit(manifest.out, fid, old).path(layer))
                     plan.result.units_written += 1
                     if on_unit is not None:
-                        on_unit(fid, plan.labels[i])
+                        on_unit(fid, label)
         remaining[fid] -= len(units)
         if remaining[fid] == 0:
             if items is not None and plan.result.status == "done" and plan.ds is not None:

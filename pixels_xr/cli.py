@@ -188,8 +188,12 @@ def collect(
     overwrite: Annotated[bool, typer.Option(help="Redo every unit (and accept a changed config).")] = False,
     window: Annotated[int | None, typer.Option(help="Units in flight (default: 4 × cluster threads, at least 16).")] = None,
     quiet: Annotated[bool, typer.Option(help="No progress bar or dashboard link.")] = False,
+    plan: Annotated[bool, typer.Option(
+        "--plan", help="Print what a run would compute per feature and why (new, stale, retry; gone bins are "
+                       "kept); write nothing.")] = False,
 ) -> None:
-    """Search, build and write every feature into OUT on a Dask cluster; resumable (re-runs skip done units)."""
+    """Search, build and write every feature into OUT on a Dask cluster; resumable and incremental (a re-run
+    computes only units that are new or whose items changed)."""
     from pixels_xr.batch import run_batch
     from pixels_xr.cluster import check_options, check_workers
     from pixels_xr.config import load_config
@@ -202,6 +206,17 @@ def collect(
     cfg = load_config(config)
     options = cfg.cluster.model_copy(update={"workers": workers}) if workers is not None else cfg.cluster
     check_options(options, local=cluster.strip() == "local")  # before the output is touched or a cluster starts
+    if plan:
+        report = run_batch(cfg, _features(cfg, features), out, output_format=fmt,  # type: ignore[arg-type]
+                           zarr_format=zarr_format, overwrite=overwrite, plan_only=True)
+        for result in report.features:
+            typer.echo(_plan_line(result))
+        states = report.unit_states()
+        computed = sum(n for s, n in states.items() if s != "gone")
+        typer.echo(f"plan: {len(report.features)} features, {computed} units to compute"
+                   + (f" ({', '.join(f'{n} {s}' for s, n in sorted(states.items()))})" if states else "")
+                   + f", {report.units_skipped} done; nothing written → {out}")
+        raise typer.Exit(1 if report.failed else 0)
     try:
         report = run_batch(cfg, _features(cfg, features), out, cluster=cluster, cluster_options=options,
                            output_format=fmt, zarr_format=zarr_format, overwrite=overwrite,  # type: ignore[arg-type]
@@ -224,6 +239,17 @@ def collect(
         raise typer.Exit(1)
     if report.skipped_assets:
         raise typer.Exit(3)  # complete, but without some items: a nightly job should notice
+
+
+def _plan_line(result: Any) -> str:
+    """One feature of ``collect --plan``: its units to compute and why, and the bins kept outside the range."""
+    if result.status == "failed":
+        return f"{result.id}: failed at {result.stage}: {result.error}"
+    todo = [u for u in result.units if u["state"] != "gone"]
+    gone = [u["unit"] for u in result.units if u["state"] == "gone"]
+    parts = [f"{u['unit']} {u['state']} ({u['reason']})" for u in todo]
+    text = f"{result.id}: " + (f"{len(todo)} to compute: " + "; ".join(parts) if todo else "up to date")
+    return text + (f"; {len(gone)} kept outside the range: {', '.join(gone)}" if gone else "")
 
 
 @app.command()

@@ -7,8 +7,8 @@ import difflib
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_serializer, field_validator, \
-    model_validator
+from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError, field_serializer, \
+    field_validator, model_validator
 
 from pixels_xr import jsontext
 from pixels_xr.errors import ConfigError
@@ -24,7 +24,8 @@ from pixels_xr.platforms import (
     platform_family,
     resolve_platform,
 )
-from pixels_xr.timeslices import Interval, TimeBin, dynamic_range, time_bins
+from pixels_xr.timeslices import Interval, TimeBin, dynamic_range, on_interval_grid, resolve_rolling, \
+    rolling_spelling, run_date, time_bins
 
 Mode = Literal["all", "latest_pixel", "cloud_sorted_pixel", "composite"]
 CompositeMethod = Literal["median", "first_clear", "quality", "qa_pixel"]  # = methods.COMPOSITE_METHODS
@@ -111,8 +112,8 @@ class ClusterOptions(_Strict):
 class PixelsConfig(_Strict):
     """A validated pixels configuration (see README for every field)."""
 
-    start: dt.date | None = None
-    end: dt.date | None = None
+    start: dt.date | str | None = None  #: a date, or a rolling date (``timeslices``): ``"-12 months"``
+    end: dt.date | str | None = None  #: a date, or a rolling date: ``"today"``
     dynamic_dates_interval: Interval | None = None
     dynamic_dates_step: int | None = Field(None, ge=1, le=MAX_STEP)
     mode: Mode = "latest_pixel"
@@ -175,6 +176,20 @@ class PixelsConfig(_Strict):
                                                                        else [b]) if part != ""]
         return data
 
+    @field_validator("start", "end", mode="before")
+    @classmethod
+    def _dates(cls, v: Any) -> Any:
+        if isinstance(v, str):
+            rolling = rolling_spelling(v)
+            if rolling is not None:
+                return rolling  # kept as spelled (canonically): the output's identity does not roll
+            try:
+                return _DATE.validate_python(v)  # pydantic's own date parsing, as for a plain date field
+            except ValidationError:
+                raise ValueError(f"must be a date YYYY-MM-DD or a rolling date such as 'today' or "
+                                 "'-12 months'") from None
+        return v
+
     @field_validator("platforms", mode="before")
     @classmethod
     def _platforms(cls, v: Any) -> Any:
@@ -222,8 +237,10 @@ class PixelsConfig(_Strict):
             if self.start is None or self.end is None:
                 raise ConfigError("start and end are both required for a fixed range",
                                   "start" if self.start is None else "end")
-            if self.end < self.start:
-                raise ConfigError(f"end {self.end} is before start {self.start}", "end")
+            start, end = self.fixed_range()
+            if end < start:
+                raise ConfigError(f"end {end} is before start {start}" + (
+                    f" on the run date {run_date()}" if self.rolling else ""), "end")
         elif self.dynamic_dates_interval is None or self.dynamic_dates_step is None:
             raise ConfigError("dynamic dates need both dynamic_dates_interval and dynamic_dates_step",
                               "dynamic_dates_step" if self.dynamic_dates_step is None
@@ -357,10 +374,28 @@ class PixelsConfig(_Strict):
             return collection_for("earth-search", self.platform, self.resolved_level)
         return None
 
+    @property
+    def rolling(self) -> bool:
+        """Whether the fixed range is spelled relative to the run date."""
+        return isinstance(self.start, str) or isinstance(self.end, str)
+
+    def fixed_range(self) -> tuple[dt.date, dt.date]:
+        """The fixed [start, end] resolved on the run date; a rolling start of a binned mode snapped onto
+        the interval's calendar grid (``timeslices``)."""
+        assert self.start is not None and self.end is not None
+        end = resolve_rolling(self.end) if isinstance(self.end, str) else self.end
+        if isinstance(self.start, str):
+            start = resolve_rolling(self.start)
+            if self.mode != "all" and self.interval is not None:
+                start = on_interval_grid(start, self.interval, self.resolved_interval_step)
+        else:
+            start = self.start
+        return start, end
+
     def date_range(self, feature: Feature) -> tuple[dt.date, dt.date]:
-        """Inclusive [start, end] for a feature (fixed, or dynamic from the feature's date)."""
+        """Inclusive [start, end] for a feature (fixed or rolling, or dynamic from the feature's date)."""
         if self.start is not None and self.end is not None:
-            return self.start, self.end
+            return self.fixed_range()
         if feature.date is None:
             raise ConfigError("feature has no date but the config uses dynamic dates; add properties.date",
                               f"feature {feature.id!r}")
@@ -392,6 +427,9 @@ class PixelsConfig(_Strict):
         except (OverflowError, ValueError):
             raise ConfigError(f"bins of {step} {self.interval} from {start} run outside the calendar",
                               "interval_step") from None
+
+
+_DATE = TypeAdapter(dt.date)
 
 
 def _suggest(key: str, allowed: list[str]) -> str:

@@ -4,7 +4,8 @@ Everything lives under ``OUT/.pixels_xr/`` (a name no feature id can take):
 
 - ``run.json``: the config (and its hash), output format and software that own this output;
 - ``units/<feature>/<bin label>.json``: one small object per finished unit, written only after the unit's
-  data is fully written — a unit without a marker is never trusted and is redone by the next run;
+  data is fully written — a unit without a marker is never trusted and is redone by the next run; it
+  holds the unit's fingerprint and the versions of its items (``units``), so a re-run knows what changed;
 - ``units/<feature>/_template.json``: the feature's template (time labels) exists and may be filled;
 - ``report.json``: the last run's report (per feature: status, stage, error).
 
@@ -142,6 +143,33 @@ class RunManifest:
     def forget(self, feature_id: str) -> None:
         """Drop every record of a feature (its template changed: it is rewritten from scratch)."""
         storage.remove_tree(storage.join(self.root, "units", feature_id))
+
+    def unit_records(self, feature_id: str) -> dict[str, dict[str, Any]]:
+        """The records of a feature's finished units by label (fingerprint, item versions, skipped items:
+        ``units``), read a few at a time; an unreadable record counts as not finished."""
+        import concurrent.futures
+
+        names = [n for n in storage.list_names(storage.join(self.root, "units", feature_id))
+                 if n.endswith(".json") and not n.startswith(TEMPLATE)]
+
+        def read(name: str) -> dict[str, Any] | None:
+            data = storage.read_bytes(storage.join(self.root, "units", feature_id, name))
+            try:
+                record = json.loads(data) if data is not None else None
+            except json.JSONDecodeError:
+                return None
+            return record if isinstance(record, dict) else None
+
+        if len(names) > 4 and storage.is_remote(self.out):
+            with concurrent.futures.ThreadPoolExecutor(8) as pool:
+                records = list(pool.map(read, names))
+        else:
+            records = [read(n) for n in names]
+        return {str(r.get("bin") or label_of(n[:-5])): r for n, r in zip(names, records) if r is not None}
+
+    def forget_unit(self, feature_id: str, label: str) -> None:
+        """Drop one unit's record (it is rewritten, possibly under a new label)."""
+        storage.remove_tree(self._unit(feature_id, label))
 
     def record_unit(self, feature_id: str, label: str, **info: Any) -> None:
         record = {"feature": feature_id, "bin": label, "config_hash": self.hash, "finished": _now(), **info}

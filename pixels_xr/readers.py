@@ -26,6 +26,8 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
+import stackstac  # noqa: F401  (imported once here: first imports from planner threads raced on stackstac.prepare)
+import stackstac.prepare  # noqa: F401
 from odc.loader._rio import RioDriver, RioReader, rio_read
 from rasterio import windows
 from rasterio._vsiopener import MultiByteRangeResource, MultiByteRangeResourceContainer

@@ -465,8 +465,10 @@ def start_stac_api(
     items: list[Mapping[str, Any]],
     collections: list[Mapping[str, Any]] | None = None,
     timeout: float = 60.0,
+    port: int | None = None,
 ) -> Server:
-    """Serve ``items`` with ``rustac serve`` on 127.0.0.1:PORT; ``server.url`` is the API root URL.
+    """Serve ``items`` with ``rustac serve`` on 127.0.0.1:PORT (``port``: a given one, e.g. to restart a
+    catalog with more items at the same URL); ``server.url`` is the API root URL.
 
     Items and collections are written to a temp dir (removed on stop) as one ItemCollection and one
     file per collection. Without ``collections``, a minimal collection is generated for each distinct
@@ -490,7 +492,7 @@ def start_stac_api(
         items_file = tmp / "items.json"
         items_file.write_text(json.dumps({"type": "FeatureCollection", "features": items}))
         hrefs.append(str(items_file))
-        port = free_port()
+        port = port or free_port()
         url = f"http://{HOST}:{port}"
         srv = Server("rustac", [venv_exe("rustac"), "serve", "--addr", f"{HOST}:{port}", *hrefs], url=url,
                      log_dir=tmp)

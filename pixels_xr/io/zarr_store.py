@@ -84,11 +84,12 @@ def _check_format(zarr_format: int) -> None:
         raise OutputError(f"zarr_format must be 2 or 3, got {zarr_format}", "zarr_format")
 
 
-def region_write(ds: xr.Dataset, store: str, group: str, index: int | slice, *,
+def region_write(ds: xr.Dataset, store: str, group: str, index: int | slice, *, at: int | None = None,
                  template_format: int | None = None) -> Delayed:
-    """The delayed write of time step(s) ``index`` of ``ds`` into its template (``write_template``);
-    ``template_format`` (2 or 3) writes the template first, as a task of the same graph (on a worker: the
-    client plans the next features meanwhile).
+    """The delayed write of time step(s) ``index`` of ``ds`` into its template (``write_template``), at
+    the same steps of the store's time axis or from step ``at`` (a store whose axis holds more bins than
+    ``ds``: bins outside today's range, kept); ``template_format`` (2 or 3) writes the template first, as a
+    task of the same graph (on a worker: the client plans the next features meanwhile).
 
     One task per block writes that block of every variable and runs, inside itself, the work only that
     block needs (``fused.block_graph``): one task instead of about 25 per block, which on a cluster was most
@@ -105,7 +106,8 @@ def region_write(ds: xr.Dataset, store: str, group: str, index: int | slice, *,
     if any(part[n].dims != first.dims or part[n].chunks != first.chunks for n in names):
         raise OutputError("variables of a region write must share dims and chunks", group)
     target = _BlockTarget(store, group, first.dims, first.chunks,
-                          tuple((region.start or 0) if d == "time" else 0 for d in first.dims),
+                          tuple(((region.start or 0) if at is None else at) if d == "time" else 0
+                                for d in first.dims),
                           tuple((n, dict(part[n].encoding)) for n in names))
     args: tuple = (target,)
     template = {}
@@ -160,6 +162,46 @@ def _write_block(block: tuple[int, ...], values: list[np.ndarray], target: _Bloc
         encoded = xr.conventions.encode_cf_variable(xr.Variable(target.dims, data, encoding=dict(encoding)),
                                                     name=name)
         group[name][where] = np.asarray(encoded.data)
+
+
+def write_time_axis(store: str, group: str, axis: xr.Dataset, attrs: dict[str, Any] | None = None) -> None:
+    """Give a feature's group the time axis of ``axis`` (its coordinates along ``time``, every step) and,
+    with ``attrs``, these group attributes: arrays along time grow to its length (never shrink: bins outside
+    the range stay) and the time coordinates are rewritten (``empty`` of a bin that now has items…),
+    encoded as the template encoded them. New steps read as fill until their region writes land.
+
+    Arrays are resized one by one (Zarr has no multi-array transaction): a reader opening the group in the
+    milliseconds between the first and the last resize finds arrays of two lengths and cannot open it (it
+    never reads wrong values: a reopen after the resize sees the new axis, new steps as fill until
+    written); the run's lock keeps other writers out."""
+    import zarr
+
+    n = axis.sizes["time"]
+    root = zarr.open_group(store, path=group, mode="r+")
+    arrays = dict(root.arrays())
+    for name, arr in arrays.items():
+        if name not in axis.coords and _dims(arr)[:1] == ("time",) and arr.shape[0] < n:
+            arr.resize((n, *arr.shape[1:]))
+    for name, coord in axis.coords.items():
+        arr = arrays.get(str(name))
+        if arr is None or coord.dims != ("time",):
+            continue
+        encoding = {k: arr.attrs[k] for k in ("units", "calendar") if k in arr.attrs}
+        encoded = xr.conventions.encode_cf_variable(
+            xr.Variable(("time",), coord.values, encoding={**encoding, "dtype": arr.dtype}), name=str(name))
+        values = np.asarray(encoded.data).astype(arr.dtype)
+        if arr.shape[0] == n and np.array_equal(arr[:], values):
+            continue  # unchanged: not rewritten (chunks keep their bytes and times)
+        if arr.shape[0] < n:
+            arr.resize((n,))
+        arr[:] = values
+    if attrs is not None:
+        root.attrs.put(_json_attrs(xr.Dataset(attrs=attrs)).attrs)
+
+
+def _dims(arr: Any) -> tuple[str, ...]:
+    names = getattr(getattr(arr, "metadata", None), "dimension_names", None)
+    return tuple(names or arr.attrs.get("_ARRAY_DIMENSIONS") or ())
 
 
 def open_feature(store: str, feature_id: str, **kwargs: Any) -> xr.Dataset:

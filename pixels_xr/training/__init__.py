@@ -12,7 +12,7 @@ from __future__ import annotations
 from pixels_xr.training.build import build_samples, label_features
 from pixels_xr.training.labels import Labels, load_labels
 from pixels_xr.training.loaders import SampleStore, augment_chips, open_samples
-from pixels_xr.training.sampling import SampleSpec, Samples, draw_samples, load_spec
+from pixels_xr.training.sampling import Samples, SampleSpec, draw_samples, load_spec
 from pixels_xr.training.split import SPLITS, block_split, kept_by_buffer
 from pixels_xr.training.store import read_manifest, sidecar_from, write_sidecar
 

@@ -186,7 +186,7 @@ def _pydataset_class() -> type:
             self.idx = np.random.default_rng([self.seed, self.epoch]).permutation(idx) if self.shuffle else idx
 
         def __len__(self) -> int:
-            return -(-len(self.idx) // self.batch_size)
+            return (len(self.idx) + self.batch_size - 1) // self.batch_size
 
         def __getitem__(self, i: int) -> tuple[np.ndarray, ...]:
             x, y, w = self.store._batch(self.idx[i * self.batch_size:(i + 1) * self.batch_size])

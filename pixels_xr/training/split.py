@@ -64,7 +64,7 @@ def kept_by_buffer(x: np.ndarray, y: np.ndarray, split: np.ndarray, *, epsg: int
     if buffer <= 0 or len(x) == 0:
         return keep
     reach = buffer + 2 * half  # grown block: its samples' footprints + this one's
-    rings = int(math.ceil(reach / block_size))
+    rings = math.ceil(reach / block_size)
     ix, iy = block_index(x, block_size), block_index(y, block_size)
     for dx in range(-rings, rings + 1):
         for dy in range(-rings, rings + 1):

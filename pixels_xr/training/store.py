@@ -30,7 +30,7 @@ from pixels_xr.errors import ModelError, OutputError
 from pixels_xr.inference.sidecar import load_spec as load_sidecar
 from pixels_xr.inference.sidecar import sidecar_path
 from pixels_xr.io import storage
-from pixels_xr.training.sampling import SampleSpec, Samples
+from pixels_xr.training.sampling import Samples, SampleSpec
 from pixels_xr.training.split import SPLITS
 
 MANIFEST = "manifest.json"

@@ -223,29 +223,51 @@ def test_real_s2_scene_labels_from_its_scl_in_lon_lat(shared_data: Path, tmp_pat
     assert m["bands"] == ["red", "scl"] and m["epsg"] == [32629]
 
 
+def _halves() -> list[Feature]:
+    x0, y1 = ORIGIN
+    return [Feature(name, shapely.box(x0 + k * 2560, y1 - 5120, x0 + (k + 1) * 2560, y1), f"EPSG:{EPSG}")
+            for k, name in enumerate(("west", "east"))]
+
+
+HALVES_SPEC = {"kind": "chips", "size": 3, "time": 0, "block_size": 400, "buffer": 0}
+
+
+def _same_samples(a: Path, b: Path) -> None:
+    """The same samples in each split (in place order: stores list their features in their own orders)."""
+    x, y = open_samples(a), open_samples(b)
+    for split in ("train", "validation", "test"):
+        ox = np.lexsort((x.column("y", split), x.column("x", split)))
+        oy = np.lexsort((y.column("y", split), y.column("x", split)))
+        for u, v in zip(x.arrays(split), y.arrays(split)):
+            np.testing.assert_array_equal(u[ox], v[oy])
+
+
 def test_a_cluster_draws_the_same_samples(ml_scene: MlScene, dask_scheduler, tmp_path: Path) -> None:
-    """Features sampled on a real scheduler with two worker processes = sampled in this process = sampled
-    from the run_batch output of the same features."""
+    """Features sampled on a real scheduler with two worker processes = sampled in this process."""
     from distributed import Client
 
-    labels = load_labels(ml_scene.labels)
-    cfg = load_config(ml_scene.config())
-    x0, y1 = ORIGIN
-    halves = [Feature(name, shapely.box(x0 + k * 2560, y1 - 5120, x0 + (k + 1) * 2560, y1), f"EPSG:{EPSG}")
-              for k, name in enumerate(("west", "east"))]
-    spec = {"kind": "chips", "size": 3, "time": 0, "block_size": 400, "buffer": 0}
-    here = build_samples(labels, tmp_path / "here", config=cfg, features=halves, spec=spec)
+    labels, cfg = load_labels(ml_scene.labels), load_config(ml_scene.config())
+    here = build_samples(labels, tmp_path / "here", config=cfg, features=_halves(), spec=HALVES_SPEC)
     with Client(dask_scheduler.address) as client:
-        there = build_samples(labels, tmp_path / "there", config=cfg, features=halves, spec=spec, client=client)
-        # the same cubes written by run_batch, then sampled from the store (its groups are the features)
-        from pixels_xr import run_batch
-
-        report = run_batch(cfg, halves, str(tmp_path / "run.zarr"), client=client, progress=False)
-        assert report.ok, report.summary()
-    stored = build_samples(labels, tmp_path / "stored", source=str(tmp_path / "run.zarr"), spec=spec)
-    assert [f["id"] for f in stored["features"]] == ["east", "west"] and stored["counts"] == here["counts"]
+        there = build_samples(labels, tmp_path / "there", config=cfg, features=_halves(), spec=HALVES_SPEC,
+                              client=client)
     assert here["counts"] == there["counts"] and sum(sum(c.values()) for c in here["counts"].values()) > 10
-    a, b = open_samples(tmp_path / "here"), open_samples(tmp_path / "there")
-    for split in ("train", "validation", "test"):
-        for u, v in zip(a.arrays(split), b.arrays(split)):
-            np.testing.assert_array_equal(u, v)
+    _same_samples(tmp_path / "here", tmp_path / "there")
+
+
+@pytest.mark.slow
+def test_samples_from_a_run_batch_store_equal_samples_collected_on_the_fly(ml_scene: MlScene, dask_scheduler,
+                                                                           tmp_path: Path) -> None:
+    """The same cubes written by run_batch, then sampled from the store (its groups are the features)."""
+    from distributed import Client
+
+    from pixels_xr import run_batch
+
+    labels, cfg = load_labels(ml_scene.labels), load_config(ml_scene.config())
+    here = build_samples(labels, tmp_path / "here", config=cfg, features=_halves(), spec=HALVES_SPEC)
+    with Client(dask_scheduler.address) as client:
+        report = run_batch(cfg, _halves(), str(tmp_path / "run.zarr"), client=client, progress=False)
+    assert report.ok, report.summary()
+    stored = build_samples(labels, tmp_path / "stored", source=str(tmp_path / "run.zarr"), spec=HALVES_SPEC)
+    assert [f["id"] for f in stored["features"]] == ["east", "west"] and stored["counts"] == here["counts"]
+    _same_samples(tmp_path / "here", tmp_path / "stored")

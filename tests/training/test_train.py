@@ -17,18 +17,18 @@ import shapely
 os.environ.setdefault("PIXELS_XR_TF_THREADS", "1")  # two cores: one TF thread per process
 pytest.importorskip("tensorflow", reason="TensorFlow is not installed: pip install -e '.[tf]' (CI has it)")
 
-from pixels_xr import collect, load_config  # noqa: E402
-from pixels_xr.features import Feature  # noqa: E402
-from pixels_xr.inference import _tensorflow, predict  # noqa: E402
-from pixels_xr.training import augment_chips, build_samples, load_labels, open_samples, write_sidecar  # noqa: E402
+from pixels_xr import collect, load_config
+from pixels_xr.features import Feature
+from pixels_xr.inference import _tensorflow, predict
+from pixels_xr.training import augment_chips, build_samples, load_labels, open_samples, write_sidecar
 
-from .conftest import EPSG, ORIGIN, RES, MlScene  # noqa: E402
+from .conftest import EPSG, ORIGIN, RES, MlScene
 
 pytestmark = [pytest.mark.tf, pytest.mark.filterwarnings(
     "ignore:__array__ implementation doesn't accept a copy keyword:DeprecationWarning")]
 
 _tensorflow()
-import keras  # noqa: E402
+import keras
 
 SCENE = Feature("scene", shapely.box(ORIGIN[0], ORIGIN[1] - 512 * RES, ORIGIN[0] + 512 * RES, ORIGIN[1]),
                 f"EPSG:{EPSG}")

@@ -273,14 +273,15 @@ def _open_aligned(href: str, state: dict, header: CogHeader | None = None) -> _A
         return None
     plain = np.dtype(ds.dtypes[0]) == np.dtype(state["dtype"]) and \
         ds.mask_flag_enums[0] in ([MaskFlags.nodata], [MaskFlags.all_valid])
+    shape, nodata = (ds.height, ds.width), ds.nodata
     if remote is not None:  # the tiles of all the grid needs from this file: one request per run of them
         remote.plan(ds, offset, state["spec"].shape)
-        dataset: Any = _PerThread(env, remote.open, ds)
+        ds.close()
+        dataset: Any = _OpenPerRead(env, remote)
     else:
         dataset = (ThreadLocalRioDataset if ds.driver in MULTITHREADED_DRIVER_ALLOWLIST else
                    SingleThreadedRioDataset)(env, ds)
-    return _AlignedReader(dataset, offset, (ds.height, ds.width), state["dtype"], state["fill_value"],
-                          ds.nodata, plain, remote)
+    return _AlignedReader(dataset, offset, shape, state["dtype"], state["fill_value"], nodata, plain, remote)
 
 
 class _AlignedReader:
@@ -668,31 +669,21 @@ class _RemoteSource:
                 self.header.spans[offset] = data
 
 
-class _PerThread:
-    """One dataset per reading thread (GDAL datasets are not thread-safe), each opened by ``open``: for a
-    remote raster from its header in memory, so a thread's first read costs no header request."""
+class _OpenPerRead:
+    """A remote raster opened from its header in memory for each read and closed by the same thread: no
+    request (the header and the planned tiles are held by its ``_RemoteSource``), and no dataset outlives
+    the thread that opened it (rasterio's opener registry is per thread context, so a dataset closed by
+    another thread, or by the garbage collector, cannot reach its opener)."""
 
-    def __init__(self, env: Any, open: Any, first: Any) -> None:
-        self._env, self._open = env, open
-        self._local = threading.local()
-        self._local.ds = first
-        self._all = [first]
-        self._lock = threading.Lock()
+    def __init__(self, env: Any, remote: _RemoteSource) -> None:
+        self._env, self._remote = env, remote
 
     def read(self, window: windows.Window, **kwargs: Any) -> np.ndarray:
-        ds = getattr(self._local, "ds", None)
-        if ds is None:
-            with self._env.open:
-                ds = self._local.ds = self._open()
-            with self._lock:
-                self._all.append(ds)
-        return ds.read(window=window, **kwargs)
+        with self._env.open, self._remote.open() as ds:
+            return ds.read(window=window, **kwargs)
 
     def close(self) -> None:
-        with self._lock:
-            for ds in self._all:
-                ds.close()
-            self._all.clear()
+        pass
 
 
 _GHOST = 8  # bytes around a tile that GDAL may read with it (COG tile leader and trailer)

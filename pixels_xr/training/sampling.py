@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 from typing import Literal
 
 import numpy as np
-import rasterio.features
+import rasterio
 import shapely
 import xarray as xr
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
@@ -236,23 +236,33 @@ def _label_pixels(geoms: list[tuple[int, shapely.Geometry]], transform: rasterio
         c, r = ~transform * (xy[:, 0], xy[:, 1]) if len(xy) else (np.empty(0), np.empty(0))
         rows, cols = [np.floor(r).astype(np.int64)], [np.floor(c).astype(np.int64)]
         areas = [p for p in parts if not isinstance(p, shapely.Point)]
-        if areas:  # rasterised in the polygon's own window of the grid, not the whole grid
+        if areas:  # tested on the polygon's own window of the grid, not the whole grid
             c0, r0, c1, r1 = _window(shapely.bounds(shapely.GeometryCollection(areas)), transform, height, width)
             if r1 > r0 and c1 > c0:
-                sub = transform * rasterio.Affine.translation(c0, r0)
-                for touched in (False, True):
-                    mask = rasterio.features.rasterize(areas, out_shape=(r1 - r0, c1 - c0), transform=sub,
-                                                       all_touched=touched, dtype=np.uint8)
-                    if mask.any():
-                        rr, cc = np.nonzero(mask)
-                        rows.append(rr + r0)
-                        cols.append(cc + c0)
-                        break
+                rr, cc = _area_pixels(shapely.union_all(areas), transform, r0, r1, c0, c1)
+                rows.append(rr)
+                cols.append(cc)
         pix = np.stack([np.concatenate(rows), np.concatenate(cols)], 1)
         pix = np.unique(pix[(pix[:, 0] >= 0) & (pix[:, 0] < height) & (pix[:, 1] >= 0) & (pix[:, 1] < width)], axis=0)
         if len(pix):
             out.append((k, pix[:, 0], pix[:, 1]))
     return sorted(out, key=lambda t: t[0])
+
+
+def _area_pixels(area: shapely.Geometry, transform: rasterio.Affine, r0: int, r1: int, c0: int,
+                 c1: int) -> tuple[np.ndarray, np.ndarray]:
+    """Pixels of rows r0…r1, columns c0…c1 whose centre is in ``area``; none: those whose cell it touches.
+
+    Shapely, not GDAL's rasterize: labels are drawn in several threads at once, and rasterio's rasterize
+    there sometimes loses the transform of its in-memory dataset (NotGeoreferencedWarning, nothing burnt)."""
+    rr, cc = np.mgrid[r0:r1, c0:c1]
+    x, y = transform * (cc + 0.5, rr + 0.5)
+    inside = shapely.contains_xy(area, x, y) | shapely.intersects_xy(shapely.boundary(area), x, y)
+    if not inside.any():
+        a, e = transform.a / 2, transform.e / 2
+        cells = shapely.box(x - a, y - e, x + a, y + e)
+        inside = shapely.intersects(cells, area)
+    return rr[inside], cc[inside]
 
 
 def _window(bounds: np.ndarray, transform: rasterio.Affine, height: int, width: int) -> tuple[int, int, int, int]:

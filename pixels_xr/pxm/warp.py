@@ -37,15 +37,17 @@ from pyproj import Transformer
 from rasterio.crs import CRS
 from rasterio.enums import Resampling
 from rasterio.errors import NotGeoreferencedWarning
+from rasterio.io import MemoryFile
 from rasterio.session import DummySession
 from rasterio.transform import from_bounds
-from rasterio.io import MemoryFile
 from rasterio.vrt import WarpedVRT
 from rasterio.warp import calculate_default_transform, transform_bounds
-from rasterio.windows import Window, from_bounds as window_from_bounds
+from rasterio.windows import Window
+from rasterio.windows import from_bounds as window_from_bounds
 
 from pixels_xr.errors import SourceError
-from pixels_xr.pxm.color import FormulaError, Op, apply as apply_color
+from pixels_xr.pxm.color import FormulaError, Op
+from pixels_xr.pxm.color import apply as apply_color
 from pixels_xr.pxm.sources import GDAL_ERRORS, MAX_PIXELS, MaskKind, SourceHandle, gdal_message, open_source
 from pixels_xr.pxm.tiles import Bounds, tile_bounds
 

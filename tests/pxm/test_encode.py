@@ -14,8 +14,8 @@ from render_helpers import AERIAL, decode
 
 from pixels_xr.pxm.encode import encode_png, encode_tile
 from pixels_xr.pxm.pyramid import split_tiles
-from pixels_xr.pxm.warp import describe_source, render_block
 from pixels_xr.pxm.tiles import tile_range
+from pixels_xr.pxm.warp import describe_source, render_block
 
 
 def previous_png(rgba: np.ndarray) -> bytes:

@@ -271,7 +271,8 @@ def run_batch(config: PixelsConfig, features: Sequence[Feature], out: str, *, cl
     try:
         write_output_catalog(out, f"pixels_xr {config.mode} output", output_format, [f.id for f in done + [
             f for f in report.features if f.status == "skipped"]], items, sources=manifest.sources,
-                             done=manifest.done_labels)
+                             done=manifest.done_labels,
+                             keep={f.id for f in report.features if f.status == "skipped"})
     except PixelsError as exc:
         report.features.append(FeatureResult("(stac catalog)", "failed", stage="stac", error=str(exc)))
     report.report_url = manifest.write_report(report.to_dict())
@@ -558,7 +559,9 @@ def _drain(in_flight: dict, remaining: dict[str, int], manifest: RunManifest, ba
                         on_unit(fid, label)
         remaining[fid] -= len(units)
         if remaining[fid] == 0:
-            if items is not None and plan.result.status == "done" and plan.ds is not None:
+            # the item from the Dataset written, when it is the whole store's axis (else read back at the end)
+            if items is not None and plan.result.status == "done" and plan.ds is not None and \
+                    plan.labels == plan.unit_labels:
                 with contextlib.suppress(Exception):  # then the catalog reads the group back instead
                     items[fid] = zarr_item(fid, plan.ds, plan.sources)
             plan.ds = None  # the feature's graph is no longer needed

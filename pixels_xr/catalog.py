@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import copy
 import datetime as dt
+import functools
 import json
 import logging
 import math
@@ -107,10 +108,10 @@ def search(config: PixelsConfig, feature: Feature) -> SearchResult:
     What the collection, cloud and platform filters removed is counted in ``.filtered`` (and logged)."""
     start, end = config.date_range(feature)
     geometry = feature.lonlat_geometry()
-    raw = _search_raw(config, geometry, start, end)
+    raw, located = _search_raw(config, geometry, start, end)
     kept, filtered = [], {}
     for item in raw:
-        reason = _rejection(item, config, geometry, start, end)
+        reason = _rejection(item, config, geometry, start, end, located)
         if reason is None:
             kept.append(item)
         elif reason:  # "" is outside the search itself (area, dates): not a filter's doing
@@ -119,19 +120,61 @@ def search(config: PixelsConfig, feature: Feature) -> SearchResult:
     if unusual:
         log.warning("feature %s: %s", feature.id, ", ".join(f"{n} items left out by {r}"
                                                            for r, n in sorted(unusual.items())))
-    items = deduplicate([parse_item(i, config) for i in kept])
+    parse_key = _parse_key(config)
+    items = deduplicate([memo("parsed-item", (parse_key, _identity(i)), lambda i=i: parse_item(i, config))
+                         for i in kept])  # a run parses each item once, however many features share it
     items.sort(key=lambda i: (i.datetime, i.id))
     if config.limit is not None:
         items = items[: config.limit]
     return SearchResult(items, filtered)
 
 
-def _search_raw(config: PixelsConfig, geometry: shapely.Geometry, start: dt.date, end: dt.date) -> list[dict]:
+def _search_raw(config: PixelsConfig, geometry: shapely.Geometry, start: dt.date,
+                end: dt.date) -> tuple[list[dict], bool]:
+    """The catalog's items for the area and dates, and whether they are known to intersect the area."""
     catalog = config.catalog
     if is_remote(catalog):
         url = PROVIDERS.get(catalog, catalog)
-        return search_api(url, config.collection_id, geometry, start, end, config.maxcloud, config.limit)
-    return memo("local-catalog", str(Path(catalog).resolve()), lambda: list(read_local(catalog)))
+        return search_api(url, config.collection_id, geometry, start, end, config.maxcloud, config.limit), False
+    index = memo("local-catalog", str(Path(catalog).resolve()), lambda: _LocalIndex(list(read_local(catalog))))
+    return index.intersecting(geometry), True
+
+
+class _LocalIndex:
+    """A local catalog's items with a spatial index of their footprints (geometry, else bbox), parsed once
+    per run: a feature's search visits only the items whose footprint intersects it."""
+
+    def __init__(self, items: list[dict]) -> None:
+        self.items = items
+        self.footprints = [_footprint(i) for i in items]
+        located = [k for k, f in enumerate(self.footprints) if f is not None]
+        self.unlocated = [items[k] for k, f in enumerate(self.footprints) if f is None]
+        self.located = located
+        self.tree = shapely.STRtree([self.footprints[k] for k in located])
+
+    def intersecting(self, geometry: shapely.Geometry) -> list[dict]:
+        hits = sorted(self.located[k] for k in self.tree.query(geometry, predicate="intersects"))
+        return [self.items[k] for k in hits] + self.unlocated  # order of the catalog, as a full scan gives
+
+
+def _footprint(item: Mapping[str, Any]) -> shapely.Geometry | None:
+    geom = item.get("geometry")
+    if geom:
+        return shape(geom)
+    bbox = item.get("bbox")
+    return shapely.box(*(bbox[:2] + bbox[3:5] if len(bbox) == 6 else bbox)) if bbox else None
+
+
+def _parse_key(config: PixelsConfig) -> tuple:
+    """What of a configuration decides how an item parses (bands, mask asset, platforms, level)."""
+    spec = config.mask_spec
+    return (tuple(config.band_names), spec.asset if spec is not None else None, config.platform_names,
+            config.resolved_level, config.catalog)
+
+
+def _identity(item: Mapping[str, Any]) -> tuple:
+    props = item.get("properties") or {}
+    return (item.get("id"), item.get("collection"), props.get("datetime"), processing_version(props))
 
 
 def _datetime_range(start: dt.date, end: dt.date) -> str:
@@ -315,16 +358,15 @@ def _absolute_hrefs(item: dict, base: Path) -> dict:
 
 # ----------------------------------------------------------------------------------------------- filters
 def _rejection(item: dict, config: PixelsConfig, geometry: shapely.Geometry, start: dt.date,
-               end: dt.date) -> str | None:
+               end: dt.date, located: bool = False) -> str | None:
     """Why an item is left out: None (kept), "" (outside the feature's area or dates: not part of the
-    search at all) or the filter that removes it (counted by ``search``)."""
+    search at all) or the filter that removes it (counted by ``search``); ``located``: the item is known to
+    intersect ``geometry`` (a local catalog's spatial index found it)."""
     props = item.get("properties", {})
     day = item_datetime(item).date()
     if not start <= day <= end:
         return ""
-    geom = item.get("geometry")
-    footprint = shape(geom) if geom else (shapely.box(*item["bbox"]) if item.get("bbox") else None)
-    if footprint is not None and not footprint.intersects(geometry):
+    if not located and (footprint := _footprint(item)) is not None and not footprint.intersects(geometry):
         return ""
     collection = config.collection_id
     if collection and item.get("collection") not in (None, collection):
@@ -351,10 +393,8 @@ def item_epsg(item: dict, asset: dict | None = None) -> int:
         if src.get("proj:epsg") is not None:
             return int(src["proj:epsg"])
         code = src.get("proj:code")
-        if code:
-            epsg = CRS.from_user_input(code).to_epsg()
-            if epsg:
-                return int(epsg)
+        if code and (epsg := _epsg_of_code(str(code))):
+            return epsg
         for key in ("proj:wkt2", "proj:projjson"):
             if src.get(key):
                 value = src[key]
@@ -363,6 +403,15 @@ def item_epsg(item: dict, asset: dict | None = None) -> int:
                     return int(epsg)
     raise CatalogError("item has no usable projection (proj:epsg, proj:code, proj:wkt2 or proj:projjson)",
                        f"item {item.get('id')!r}")
+
+
+@functools.lru_cache(maxsize=4096)
+def _epsg_of_code(code: str) -> int | None:
+    """EPSG of a ``proj:code`` (``EPSG:32629``, …): pyproj's parse costs ~100 µs, and every asset has one."""
+    if code.upper().startswith("EPSG:") and code[5:].isdigit():
+        return int(code[5:])
+    epsg = CRS.from_user_input(code).to_epsg()
+    return int(epsg) if epsg else None
 
 
 def _band_meta(asset: dict) -> dict:

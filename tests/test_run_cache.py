@@ -54,10 +54,10 @@ def test_local_catalog_read_once_per_run(tmp_path: Path) -> None:
                           "platforms": "SENTINEL_2", "bands": ["red"], "mode": "all"})
     args = (config, shapely.box(0, 0, 1, 1), config.start, config.end)
     with run_cache():
-        assert len(_search_raw(*args)) == 2
+        assert len(_search_raw(*args)[0]) == 2
         write(3)
-        assert len(_search_raw(*args)) == 2  # parsed once for the whole run
-    assert len(_search_raw(*args)) == 3  # outside a run the file is read as it is now
+        assert len(_search_raw(*args)[0]) == 2  # parsed once for the whole run
+    assert len(_search_raw(*args)[0]) == 3  # outside a run the file is read as it is now
 
 
 def test_a_key_is_computed_once_while_others_wait_and_failures_are_not_kept() -> None:

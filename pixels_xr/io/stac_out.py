@@ -30,50 +30,68 @@ from pixels_xr.signing import redact
 def write_output_catalog(out: str, title: str, output_format: str, feature_ids: list[str],
                          items: dict[str, pystac.Item] | None = None, *,
                          sources: Callable[[str], dict[str, str]] = lambda fid: {},
-                         done: Callable[[str], list[str]] = lambda fid: []) -> str:
+                         done: Callable[[str], list[str]] = lambda fid: [],
+                         keep: frozenset[str] | set[str] = frozenset()) -> str:
     """Write ``OUT/stac/catalog.json`` (titled ``title``) describing ``feature_ids``; returns its URL.
 
     ``items``: Zarr items already made (``zarr_item``) by the run that wrote those features, so their groups
-    are not opened again; the other features' groups are read back from the store. ``sources(fid)`` gives a
-    feature's source item ids → hrefs (``derived_from``), ``done(fid)`` the bin labels of its finished COG
-    units (the run's ledger knows both).
+    are not opened again; ``keep``: features this run left unchanged, whose item files are kept as written
+    (a no-op re-run of many features rewrites only the catalog); the other features' groups are read back
+    from the store. ``sources(fid)`` gives a feature's source item ids → hrefs (``derived_from``),
+    ``done(fid)`` the bin labels of its finished COG units (the run's ledger knows both).
+
+    Items are serialised one by one, outside a pystac catalog tree (relative links set here): resolving
+    every link through the tree made pystac's save quadratic-looking in the number of items.
     """
     from pixels_xr.io.zarr_store import open_feature
 
-    catalog = pystac.Catalog("pixels-xr-output", title, catalog_type=pystac.CatalogType.SELF_CONTAINED)
+    root = storage.join(out, "stac")
     items = items or {}
+    ids: list[str] = []
     for fid in feature_ids:
         if fid in items:
-            catalog.add_item(items[fid].clone())
+            ids.append(_write_item(root, items[fid].clone()))
             continue
-        try:
-            ds = open_feature(out, fid) if output_format == "zarr" else None
-        except OutputError:
+        if output_format == "zarr":
+            if fid in keep and storage.exists(storage.join(root, fid, f"{fid}.json")):
+                ids.append(fid)
+                continue
+            try:
+                ds = open_feature(out, fid)
+            except OutputError:
+                continue
+            ids.append(_write_item(root, zarr_item(fid, ds, sources(fid))))
             continue
-        used = sources(fid)
-        if ds is not None:
-            catalog.add_item(zarr_item(fid, ds, used))
-        else:
-            for label in done(fid):
-                catalog.add_item(_cog_item(CogUnit(out, fid, label), used))
-    root = storage.join(out, "stac")
-    catalog.normalize_hrefs(root)
-    for item in catalog.get_items(recursive=True):
-        for asset in item.assets.values():  # hrefs were given relative to OUT: make them item-relative
-            asset.href = "../../" + asset.href
-    _save(catalog, root)
-    return storage.join(root, "catalog.json")
+        used = None
+        for label in done(fid):
+            unit = CogUnit(out, fid, label)
+            item_id = f"{fid}_{unit.name}"
+            if fid in keep and storage.exists(storage.join(root, item_id, f"{item_id}.json")):
+                ids.append(item_id)
+                continue
+            used = sources(fid) if used is None else used
+            ids.append(_write_item(root, _cog_item(unit, used)))
+    catalog = pystac.Catalog("pixels-xr-output", title, catalog_type=pystac.CatalogType.SELF_CONTAINED)
+    record = catalog.to_dict(include_self_link=False, transform_hrefs=False)
+    record["links"] = [{"rel": "root", "href": "./catalog.json", "type": pystac.MediaType.JSON},
+                       *({"rel": "item", "href": f"./{i}/{i}.json", "type": pystac.MediaType.GEOJSON}
+                         for i in ids)]
+    url = storage.join(root, "catalog.json")
+    storage.write_bytes(url, json.dumps(record, indent=1, allow_nan=False).encode())
+    return url
 
 
-def _save(catalog: pystac.Catalog, root: str) -> None:
-    """Serialise every object through ``storage`` so object stores and local paths behave the same."""
-    for obj in [catalog, *catalog.get_items(recursive=True)]:
-        href = obj.get_self_href()
-        assert href is not None
-        relative = href[len(root):].lstrip("/")
-        storage.write_bytes(storage.join(root, *relative.split("/")),
-                            json.dumps(obj.to_dict(include_self_link=False, transform_hrefs=True),
-                                       indent=1, allow_nan=False).encode())
+def _write_item(root: str, item: pystac.Item) -> str:
+    """Write one item at ``root/<id>/<id>.json`` with links to the catalog and asset hrefs relative to it
+    (they were given relative to OUT); returns its id."""
+    for asset in item.assets.values():
+        asset.href = "../../" + asset.href
+    for rel in ("root", "parent"):
+        item.add_link(pystac.Link(rel, "../catalog.json", pystac.MediaType.JSON))
+    storage.write_bytes(storage.join(root, item.id, f"{item.id}.json"),
+                        json.dumps(item.to_dict(include_self_link=False, transform_hrefs=False), indent=1,
+                                   allow_nan=False).encode())
+    return item.id
 
 
 def _grid_properties(crs: Any, transform: Any, height: int, width: int) -> tuple[dict, list[float]]:

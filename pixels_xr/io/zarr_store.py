@@ -16,6 +16,7 @@ pixels) before writing; a misaligned chunking raises instead of silently corrupt
 
 from __future__ import annotations
 
+import uuid
 from dataclasses import dataclass
 from typing import Any
 
@@ -33,9 +34,12 @@ ZARR_FORMATS = (2, 3)
 def aligned(ds: xr.Dataset, chunksize: int) -> xr.Dataset:
     """``ds`` rechunked to one time step × ``chunksize`` pixels, with matching Zarr chunk encodings."""
     cy, cx = min(chunksize, ds.sizes["y"]) or 1, min(chunksize, ds.sizes["x"]) or 1
-    ds = _json_attrs(ds.chunk({"time": 1, "y": cy, "x": cx}))
-    # coordinates stay numpy so the template writes them (region writes carry data variables only)
-    ds = ds.assign_coords({k: c.compute() for k, c in ds.coords.items() if c.chunks is not None})
+    in_memory = {k: c.variable for k, c in ds.coords.items() if c.chunks is None and k not in ds.indexes}
+    ds = _json_attrs(ds.chunk({"time": 1, "y": cy, "x": cx}).assign_coords(in_memory))
+    # coordinates stay numpy so the template writes them (region writes carry data variables only); those
+    # that were lazy are computed here, in this thread: through a cluster's client each costs a round trip
+    ds = ds.assign_coords({k: c.compute(scheduler="synchronous") for k, c in ds.coords.items()
+                           if c.chunks is not None})
     for var in ds.data_vars.values():
         var.encoding = {"chunks": (1, cy, cx)}
         if var.dtype.kind == "f":
@@ -142,11 +146,11 @@ def _skeleton(ds: xr.Dataset) -> xr.Dataset:
     """``ds`` with every dask variable on an empty graph: what a template write needs, small to ship."""
     import dask.array as da
 
-    out = ds.copy()
-    for name, var in ds.data_vars.items():
-        if var.chunks is not None:
-            out[name] = var.copy(data=da.empty(var.shape, chunks=var.chunks, dtype=var.dtype))
-    return out
+    # one assign (a setitem per variable aligns the Dataset each time); random names: hashing the
+    # arguments of da.empty cost more than the rest of this function
+    return ds.assign({name: var.copy(data=da.empty(var.shape, chunks=var.chunks, dtype=var.dtype,
+                                                   name=f"pixels-skeleton-{uuid.uuid4().hex}"))
+                      for name, var in ds.data_vars.items() if var.chunks is not None})
 
 
 def _write_block(block: tuple[int, ...], values: list[np.ndarray], target: _BlockTarget,

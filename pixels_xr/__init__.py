@@ -14,32 +14,32 @@ from pixels_xr.errors import (  # noqa: E402
     SourceError,
 )
 
-from pixels_xr.catalog import search  # noqa: E402
-from pixels_xr.compose import collect  # noqa: E402
-from pixels_xr.config import PixelsConfig, load_config  # noqa: E402
-from pixels_xr.cube import build_cube  # noqa: E402
-from pixels_xr.features import Feature, load_features  # noqa: E402
-from pixels_xr.io.zarr_store import open_feature  # noqa: E402
+#: Public names → the module that defines them, imported on first use (PEP 562): ``import pixels_xr`` (and
+#: every PXM worker process, which imports ``pixels_xr.pxm``) costs the errors module, not xarray, dask,
+#: distributed or TensorFlow.
+_LAZY = {
+    "search": "pixels_xr.catalog", "collect": "pixels_xr.compose", "PixelsConfig": "pixels_xr.config",
+    "load_config": "pixels_xr.config", "build_cube": "pixels_xr.cube", "Feature": "pixels_xr.features",
+    "load_features": "pixels_xr.features", "open_feature": "pixels_xr.io.zarr_store",
+    "run_batch": "pixels_xr.batch", "RunReport": "pixels_xr.batch", "open_client": "pixels_xr.cluster",
+    "predict": "pixels_xr.inference", "build_samples": "pixels_xr.training", "load_labels": "pixels_xr.training",
+    "open_samples": "pixels_xr.training", "write_sidecar": "pixels_xr.training",
+}
 
 
-def __getattr__(name: str):  # distributed is imported only when a batch or cluster is asked for
-    if name in {"run_batch", "RunReport"}:
-        from pixels_xr import batch
+def __getattr__(name: str) -> object:
+    module = _LAZY.get(name)
+    if module is None:
+        raise AttributeError(f"module 'pixels_xr' has no attribute {name!r}")
+    import importlib
 
-        return getattr(batch, name)
-    if name == "open_client":
-        from pixels_xr.cluster import open_client
+    value = getattr(importlib.import_module(module), name)
+    globals()[name] = value  # looked up once
+    return value
 
-        return open_client
-    if name == "predict":  # TensorFlow is imported only when a model runs
-        from pixels_xr.inference import predict
 
-        return predict
-    if name in {"build_samples", "load_labels", "open_samples", "write_sidecar"}:  # training data
-        from pixels_xr import training
-
-        return getattr(training, name)
-    raise AttributeError(f"module 'pixels_xr' has no attribute {name!r}")
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_LAZY))
 
 
 __all__ = [

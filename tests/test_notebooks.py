@@ -57,7 +57,7 @@ def stdout(nb: nbformat.NotebookNode) -> str:
 def test_notebooks_are_stored_without_outputs() -> None:
     """Committed notebooks carry no outputs or execution counts (small diffs; CI produces the outputs)."""
     names = sorted(p.name for p in NOTEBOOKS.glob("*.ipynb"))
-    assert names == ["distributed.ipynb", "quickstart.ipynb", "training.ipynb"]
+    assert names == ["distributed.ipynb", "map.ipynb", "quickstart.ipynb", "training.ipynb"]
     for name in names:
         nb = nbformat.read(NOTEBOOKS / name, as_version=4)
         nbformat.validate(nb)
@@ -85,6 +85,17 @@ def test_distributed_runs_on_a_local_cluster_through_its_scheduler_address(kerne
     assert len(outputs(nb, "image/png")) >= 2
     pngs = sorted(p.name for p in (kernel_env / "quicklooks").iterdir())
     assert "field-2_rgb.png" in pngs and "field-2_source_time.png" in pngs
+
+
+def test_map_shows_the_run_inline_from_a_live_loopback_server(kernel_env: Path) -> None:
+    """The quick start's run on a MapLibre map in an IFrame served by ``pixels-xr serve`` on 127.0.0.1."""
+    import re
+
+    nb = execute("map.ipynb")
+    html = "".join(o["data"]["text/html"] for o in outputs(nb, "text/html"))
+    found = re.search(r'src="(http://127\.0\.0\.1:\d+/[^"]*)"', html)
+    assert "<iframe" in html and found, html
+    assert "units written" in stdout(nb)
 
 
 @pytest.mark.tf

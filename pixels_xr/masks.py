@@ -57,9 +57,10 @@ def cleanup_not_clear(not_clear: np.ndarray, opening: int, dilation: int) -> np.
 
 
 def clear_mask(cube: xr.DataArray, spec: MaskSpec | None, opening: int = 0, dilation: int = 0) -> xr.DataArray:
-    """Lazy ``(time, y, x)`` bool: data present in all reflectance bands and clear under ``spec``."""
+    """Lazy ``(time, y, x)`` bool: data present in all reflectance bands (in every band when none is
+    reflectance, e.g. a class band alone) and clear under ``spec``."""
     nodata = cube.attrs.get("nodata")
-    refl = reflectance_bands(cube)
+    refl = reflectance_bands(cube) if np.asarray(cube.reflectance.values, dtype=bool).any() else cube
     if nodata is None or (isinstance(nodata, float) and np.isnan(nodata)):
         valid = refl.notnull().all("band")
     else:

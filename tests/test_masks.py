@@ -49,3 +49,19 @@ def test_cleanup_chunked_equals_whole_image() -> None:
     chunked = _cleanup(arr, 2, 3).values
     np.testing.assert_array_equal(chunked, whole)
     assert whole.mean() != not_clear.mean()  # the cleanup did something
+
+
+def test_a_class_band_alone_without_a_mask_collects(tmp_path) -> None:
+    """Mode all, mask none, only the SCL band (no reflectance band): every pixel with data counts clear."""
+    from shapely.geometry import box
+
+    from pixels_xr import collect, load_config
+    from pixels_xr.features import Feature
+    from pixels_xr.testing.sample import make_sample
+
+    sample = make_sample(tmp_path / "s", n_dates=3, width=32, height=32, tiles=1)
+    cfg = load_config({"start": "2021-11-01", "end": "2021-12-31", "mode": "all", "mask": "none",
+                       "platforms": "SENTINEL_2", "bands": ["scl"], "catalog": str(sample.catalog)})
+    ds = collect(cfg, Feature("a", box(*sample.bounds), crs=sample.crs)).compute()
+    assert list(ds.data_vars) == ["scl", "clear_count"] and ds.sizes["time"] == 3
+    assert ((ds.scl != 0) == (ds.clear_count == 1)).all()

@@ -186,7 +186,7 @@ class PixelsConfig(_Strict):
             try:
                 return _DATE.validate_python(v)  # pydantic's own date parsing, as for a plain date field
             except ValidationError:
-                raise ValueError(f"must be a date YYYY-MM-DD or a rolling date such as 'today' or "
+                raise ValueError("must be a date YYYY-MM-DD or a rolling date such as 'today' or "
                                  "'-12 months'") from None
         return v
 

@@ -34,7 +34,7 @@ import json
 import logging
 import math
 import os
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -71,8 +71,8 @@ from pixels_xr.signing import (
 
 __all__ = ["ALLOWED_HREFS", "SIGNERS", "ParsedItem", "RasterSource", "SearchResult", "allow_hrefs", "as_items",
            "deduplicate", "find_asset", "href_policy", "is_remote", "item_datetime", "normalize_item", "parse_item",
-           "read_local", "register_signer", "registered_signer", "search", "search_api", "signer_for",
-           "tile_key"]
+           "read_local", "register_signer", "registered_signer", "search", "search_api", "search_many",
+           "signer_for", "tile_key"]
 
 log = logging.getLogger(__name__)
 
@@ -109,6 +109,32 @@ def search(config: PixelsConfig, feature: Feature) -> SearchResult:
     start, end = config.date_range(feature)
     geometry = feature.lonlat_geometry()
     raw, located = _search_raw(config, geometry, start, end)
+    return _select(config, feature, raw, located, geometry, start, end)
+
+
+def search_many(config: PixelsConfig, features: Sequence[Feature]) -> list[SearchResult]:
+    """``search`` of every feature (sharing one date range), from one catalog query over their bounds: a
+    STAC API is asked once per group of nearby features (``groups``), not once per feature. Each feature
+    then keeps the items whose footprint meets its own geometry, filtered as ``search`` filters them. With
+    ``limit`` on a STAC API the features are searched one by one (the API's first N over a larger area are
+    not each feature's first N)."""
+    if len(features) < 2 or (config.limit is not None and is_remote(config.catalog)):
+        return [search(config, f) for f in features]
+    start, end = config.date_range(features[0])
+    if any(config.date_range(f) != (start, end) for f in features[1:]):
+        raise ValueError("search_many: the features do not share one date range")
+    geometries = [f.lonlat_geometry() for f in features]
+    if not is_remote(config.catalog):  # the local index answers each feature from memory
+        return [_select(config, f, *_search_raw(config, g, start, end), g, start, end)
+                for f, g in zip(features, geometries)]
+    raw, _ = _search_raw(config, shapely.box(*shapely.total_bounds(geometries)), start, end)
+    index = _LocalIndex(raw)
+    return [_select(config, f, index.intersecting(g), True, g, start, end) for f, g in zip(features, geometries)]
+
+
+def _select(config: PixelsConfig, feature: Feature, raw: list[dict], located: bool, geometry: shapely.Geometry,
+            start: dt.date, end: dt.date) -> SearchResult:
+    """A feature's search result from the catalog's raw items for its area and dates."""
     kept, filtered = [], {}
     for item in raw:
         reason = _rejection(item, config, geometry, start, end, located)

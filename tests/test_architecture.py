@@ -20,7 +20,7 @@ STAGES: list[set[str]] = [
     {"methods", "timeslices", "platforms", "items"},
     {"signing", "features"},
     {"config"},
-    {"grid", "plan", "units"},
+    {"grid", "groups", "plan", "units"},
     {"catalog"},
     {"read_problems", "readers"},
     {"cube"},

@@ -13,6 +13,8 @@ from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError,
 from pixels_xr import jsontext
 from pixels_xr.errors import ConfigError
 from pixels_xr.features import Feature
+from pixels_xr.indices import SpectralIndex
+from pixels_xr.indices import resolve as resolve_indices
 from pixels_xr.methods import ORIGINAL_NAMES, Method, method_for
 from pixels_xr.platforms import (
     PROVIDERS,
@@ -123,6 +125,9 @@ class PixelsConfig(_Strict):
     platforms: tuple[str, ...]
     level: str | None = None
     bands: list[str] = Field(min_length=1)
+    #: spectral indices by Awesome Spectral Indices name (``pixels_xr.indices``); read by ``stats``. None
+    #: (not an empty list) by default, so that a configuration without them keeps its output identity.
+    indices: list[str] | None = None
     scale: float | None = Field(None, gt=0, le=MAX_SCALE)
     maxcloud: float = Field(100.0, ge=0, le=100)
     clip: bool = False
@@ -303,6 +308,8 @@ class PixelsConfig(_Strict):
                                   "mask")
         if self.catalog in PROVIDERS and self.collection is None:  # local catalogs accept any collection
             collection_for(self.catalog, platform, level)
+        if self.indices:
+            self.spectral_indices  # noqa: B018 - resolved once here so that a bad name fails at load
         return self
 
     # ----- derived values (no defaults elsewhere) -----
@@ -344,6 +351,13 @@ class PixelsConfig(_Strict):
     def band_names(self) -> list[str]:
         """Requested bands in their common names (``B04`` → ``red``), in the order given."""
         return [canonical_band(self.platform, self.resolved_level, b).name for b in self.bands]
+
+    @property
+    def spectral_indices(self) -> list[SpectralIndex]:
+        """The configured spectral indices resolved on the platform's bands (``indices.resolve``)."""
+        if not self.indices:
+            return []
+        return resolve_indices(self.indices, self.platform, self.resolved_level, self.band_names)
 
     @property
     def resolved_scale(self) -> float:

@@ -17,7 +17,7 @@ PACKAGE = Path(__file__).resolve().parents[1] / "pixels_xr"
 #: Stages in data-flow order; modules within one stage may import each other.
 STAGES: list[set[str]] = [
     {"errors", "_version", "run_cache", "jsontext", "graph"},
-    {"methods", "timeslices", "platforms", "items"},
+    {"methods", "timeslices", "platforms", "items", "indices"},
     {"signing", "features"},
     {"config"},
     {"grid", "groups", "plan", "units"},
@@ -32,7 +32,7 @@ STAGES: list[set[str]] = [
     {"batch", "inference", "inference.blocks", "inference.model", "inference.pipeline", "inference.sidecar",
      "plot", "testing", "testing.sample", "testing.latency_proxy", "testing.range_server",
      "training", "training.build", "training.labels", "training.loaders", "training.sampling", "training.split",
-     "training.store"},
+     "training.store", "stats"},
     {"pxm", "pxm.archives", "pxm.checks", "pxm.color", "pxm.encode", "pxm.interrupts", "pxm.manifest", "pxm.pyramid",
      "pxm.renderer", "pxm.sources", "pxm.tiles", "pxm.warp", "pxm.cli"},
     {"serve", "serve.app", "serve.run", "serve.tilesets"},  # the map: reads run outputs and PXM tilesets

@@ -23,7 +23,7 @@ _LAZY = {
     "load_features": "pixels_xr.features", "open_feature": "pixels_xr.io.zarr_store",
     "run_batch": "pixels_xr.batch", "RunReport": "pixels_xr.batch", "open_client": "pixels_xr.cluster",
     "predict": "pixels_xr.inference", "build_samples": "pixels_xr.training", "load_labels": "pixels_xr.training",
-    "open_samples": "pixels_xr.training", "write_sidecar": "pixels_xr.training",
+    "open_samples": "pixels_xr.training", "write_sidecar": "pixels_xr.training", "stats": "pixels_xr.stats",
 }
 
 
@@ -58,6 +58,7 @@ __all__ = [
     "run_batch",
     "RunReport",
     "search",
+    "stats",
     "write_sidecar",
     "__version__",
     "AssetReadError",

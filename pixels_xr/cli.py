@@ -241,6 +241,36 @@ def collect(
         raise typer.Exit(3)  # complete, but without some items: a nightly job should notice
 
 
+@app.command("stats")
+@one_line_errors
+def stats_command(
+    config: Annotated[Path, typer.Argument(help="Pixels configuration JSON file (its `indices` are reduced too).")],
+    out: Annotated[str, typer.Option("--out", "-o", help="Output table: .parquet (GeoParquet) or .csv (path or URL).")],
+    features: Annotated[Path | None, typer.Option(
+        "--features", "-f", help="GeoJSON FeatureCollection of the fields (default: the config's geojson).")] = None,
+    percentiles: Annotated[str, typer.Option(help="Percentiles besides the median, comma-separated (e.g. 10,90).")]
+    = "",
+    centre: Annotated[bool, typer.Option("--centre", help="Pixel-centre rule instead of exact coverage fractions.")]
+    = False,
+    cluster: Annotated[str, typer.Option(help="'local', a scheduler address (tcp://…) or 'gateway'.")] = "local",
+    quiet: Annotated[bool, typer.Option(help="No dashboard link.")] = False,
+) -> None:
+    """Zonal statistics of every field × time bin (count, clear fraction, mean, std, min, max, median,
+    percentiles of each band and index) into one table; resumable (a re-run skips the groups done)."""
+    from pixels_xr.config import load_config
+    from pixels_xr.errors import ConfigError
+    from pixels_xr.stats import stats
+
+    try:
+        qs = [float(q) for q in percentiles.split(",") if q.strip()]
+    except ValueError:
+        raise ConfigError(f"not a comma-separated list of numbers: {percentiles!r}", "--percentiles") from None
+    cfg = load_config(config)
+    table = stats(cfg, _features(cfg, features), out, percentiles=qs, coverage="centre" if centre else "exact",
+                  cluster=cluster, progress=not quiet)
+    typer.echo(f"{len(table)} rows ({table['id'].nunique() if len(table) else 0} features) → {out}")
+
+
 def _plan_line(result: Any) -> str:
     """One feature of ``collect --plan``: its units to compute and why, and the bins kept outside the range."""
     if result.status == "failed":

@@ -51,7 +51,7 @@ class SpectralIndex:
         params: dict[str, Any] = {sym: reflectance[band] for sym, band in self.bands}
         params.update(self.constants)
         with np.errstate(all="ignore"):
-            out = eval(_compiled(self.formula), {}, params)  # noqa: S307 - spyndex's own catalogue formula
+            out = eval(_compiled(self.formula), {}, params)  # spyndex's own catalogue formula, as computeIndex
         return np.asarray(out, dtype=np.float32)
 
 
@@ -101,13 +101,13 @@ def resolve(names: Sequence[str], platform: Platform, level: str, bands: Sequenc
     import spyndex
 
     known = catalogue()
-    lower = {k.lower(): k for k in known.keys()}
+    lower = {k.lower(): k for k in known}
     out: list[SpectralIndex] = []
     for i, raw in enumerate(names):
         where = f"{field}[{i}]"
         key = lower.get(str(raw).strip().lower())
         if key is None:
-            close = difflib.get_close_matches(str(raw), list(known.keys()), n=1, cutoff=0.6)
+            close = difflib.get_close_matches(str(raw), list(known), n=1, cutoff=0.6)
             hint = f"; did you mean {close[0]!r}?" if close else ""
             raise ConfigError(f"unknown spectral index {raw!r} (Awesome Spectral Indices names, e.g. NDVI, EVI, "
                               f"NDWI, NBR){hint}", where)

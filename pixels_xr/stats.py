@@ -113,12 +113,15 @@ def coverage_weights(geometries: Sequence[Any], grid: Grid, rule: Coverage = "ex
 
 # ----------------------------------------------------------------------------------- the reductions
 def zonal(values: np.ndarray, members: np.ndarray, weights: np.ndarray, n: int,
-          quantiles: Sequence[float] = ()) -> dict[str, np.ndarray]:
+          quantiles: Sequence[float] = (), *, merge_ties: bool = True) -> dict[str, np.ndarray]:
     """Weighted statistics of ``values`` (one per cell of every member, NaN invalid) per member ``0..n-1``,
     with exactextract's definitions: ``count`` Σw, ``mean`` Σwx/Σw, ``std`` √(Σw(x−mean)²/Σw), ``min`` and
     ``max`` unweighted, ``median`` and each quantile ``q`` (0..1, keys ``q0``, ``q1`` …) its weighted
-    quantile: with the member's cells sorted by value, ``s_i = i·w_i + (n−1)·Σ_{j<i} w_j``, the value at
-    ``q·(n−1)·Σw`` interpolated linearly in ``s`` (equal weights: numpy's default linear quantile)."""
+    quantile. That quantile runs over the member's distinct values, each weighing the sum of its cells'
+    weights (exactextract builds it from its value-frequency table; ``merge_ties``): sorted by value,
+    ``s_i = i·w_i + (m−1)·Σ_{j<i} w_j`` over the m distinct values, and the result is the value at
+    ``q·(m−1)·Σw`` interpolated linearly in ``s``. Without ``merge_ties`` and with equal weights (the
+    pixel-centre rule) it is numpy's default linear quantile of the cells."""
     ok = np.isfinite(values) & (weights > 0)
     x, lab, w = values[ok].astype(np.float64), members[ok], weights[ok]
     sw = np.bincount(lab, w, n)
@@ -127,8 +130,16 @@ def zonal(values: np.ndarray, members: np.ndarray, weights: np.ndarray, n: int,
         mean = np.where(sw > 0, np.bincount(lab, w * x, n) / np.where(sw > 0, sw, 1), nan)
         var = np.bincount(lab, w * (x - mean[lab]) ** 2, n) / np.where(sw > 0, sw, 1)
     out = {"count": sw, "mean": mean, "std": np.where(sw > 0, np.sqrt(var), nan)}
+    keys = ["median", *(f"q{k}" for k in range(len(quantiles)))]
+    if x.size == 0:
+        return {**out, "min": nan, "max": nan, **{k: nan.copy() for k in keys}}
     order = np.lexsort((x, lab))
     x, lab, w = x[order], lab[order], w[order]
+    if merge_ties:
+        first = np.ones(x.size, bool)
+        first[1:] = (lab[1:] != lab[:-1]) | (x[1:] != x[:-1])
+        at = np.flatnonzero(first)
+        x, lab, w = x[at], lab[at], np.add.reduceat(w, at)
     size = np.bincount(lab, minlength=n)
     start = np.concatenate(([0], np.cumsum(size)[:-1])).astype(np.int64)
     has = size > 0
@@ -138,22 +149,18 @@ def zonal(values: np.ndarray, members: np.ndarray, weights: np.ndarray, n: int,
     cum = np.cumsum(w)
     base = np.where(start > 0, cum[np.maximum(start - 1, 0)], 0.0)
     prev = cum - w - base[lab]  # Σ_{j<i} w_j within the member
-    pos = np.arange(x.size) - start[lab]
-    s = pos * w + (size[lab] - 1) * prev
+    s = (np.arange(x.size) - start[lab]) * w + (size[lab] - 1) * prev
     sn = sw * (size - 1)
-    for key, q in [("median", 0.5), *((f"q{k}", float(v)) for k, v in enumerate(quantiles))]:
+    last = x.size - 1
+    for key, q in zip(keys, (0.5, *(float(v) for v in quantiles))):
         target = q * sn
         below = np.bincount(lab, s <= target[lab], n).astype(np.int64)  # s is non-decreasing per member
-        left = start + np.maximum(below, 1) - 1
-        right = np.minimum(start + below, max(x.size - 1, 0))
-        if x.size:
-            xl, xr, sl, sr = x[left], x[right], s[left], s[right]
-            with np.errstate(invalid="ignore", divide="ignore"):
-                mid = xl + (target - sl) * (xr - xl) / (sr - sl)
-            value = np.where(below >= size, xl, mid)
-        else:
-            value = nan
-        out[key] = np.where(has, value, nan)
+        left = np.minimum(start + np.maximum(below, 1) - 1, last)
+        right = np.minimum(start + below, last)
+        xl, xr, sl, sr = x[left], x[right], s[left], s[right]
+        with np.errstate(invalid="ignore", divide="ignore"):
+            mid = xl + (target - sl) * (xr - xl) / (sr - sl)
+        out[key] = np.where(has, np.where(below >= size, xl, mid), nan)
     return out
 
 
@@ -194,7 +201,7 @@ def _median_indices(data: list, clear: Any, *, scale: np.ndarray, offset: np.nda
 
 def _step_table(weights: tuple[np.ndarray, np.ndarray, np.ndarray], n: int, bands: dict[str, Any],
                 picked_indices: list, median_indices: list[np.ndarray] | None, index_names: list[str],
-                band_nodata: dict[str, Any], quantiles: Sequence[float]) -> dict[str, np.ndarray]:
+                band_nodata: dict[str, Any], quantiles: Sequence[float], merge_ties: bool) -> dict[str, np.ndarray]:
     """Every member's statistics of one time step (bands as 2-D blocks of the group's grid)."""
     members, cells, w = weights
     arrays = {}
@@ -216,7 +223,7 @@ def _step_table(weights: tuple[np.ndarray, np.ndarray, np.ndarray], n: int, band
         out = {"pixels": area, "clear_fraction": np.bincount(members, w * valid, n) / area}
     for name, v in flat.items():
         v = np.where(np.isfinite(v), v, np.nan)
-        for key, col in zonal(v, members, w, n, [q / 100 for q in quantiles]).items():
+        for key, col in zonal(v, members, w, n, [q / 100 for q in quantiles], merge_ties=merge_ties).items():
             label = key if not key.startswith("q") else _pname(quantiles[int(key[1:])])
             out[f"{name}_{label}"] = col
     return out
@@ -350,7 +357,7 @@ def group_job(config: PixelsConfig, group: Any, results: list, *, percentiles: S
             med = per_step_cube(t)
         steps.append(delayed(_step_table, pure=True)(
             weights, len(members), bands, [] if median else indices, med, [s.name for s in indices], nodata,
-            tuple(percentiles)))
+            tuple(percentiles), coverage == "exact"))
     steps += [None] * (len(labels) - len(steps))  # mode all: the NaT row of members without acquisitions
     return delayed(_group_table, pure=True)(weights, ids, steps, labels, counts, columns, keep)
 
@@ -421,19 +428,19 @@ def _to_parquet_bytes(df: pd.DataFrame) -> bytes:
 def stats(config: PixelsConfig, features: Sequence[Feature], out: str | None = None, *,
           percentiles: Sequence[float] = (), coverage: Coverage = "exact", cluster: str | None = "local",
           cluster_options: ClusterOptions | dict | None = None, client: Client | None = None,
-          progress: bool = False) -> pd.DataFrame:
+          progress: bool = False, cell: int | None = None) -> pd.DataFrame:
     """Zonal statistics of every feature × time bin (module docstring) as a GeoDataFrame (geometry in
     lon/lat), also written to ``out`` (``.parquet``: GeoParquet; ``.csv``: geometry as WKT) when given.
 
     ``client`` reuses a connected client; otherwise ``cluster`` ("local", a scheduler address, "gateway")
     is opened for the run, or None computes in this process (dask's threads). With ``out`` the run is
-    resumable: groups whose part is in ``OUT.parts/`` are not computed again."""
+    resumable: groups whose part is in ``OUT.parts/`` are not computed again. ``cell`` overrides the
+    grouping cell (``groups.GROUP_CELL`` output pixels)."""
     import contextlib
 
     import geopandas as gpd
     import pandas as pd
 
-    from pixels_xr.catalog import search_many
     from pixels_xr.groups import group_features
     from pixels_xr.io import storage
 
@@ -450,7 +457,7 @@ def stats(config: PixelsConfig, features: Sequence[Feature], out: str | None = N
     identity = json.dumps({"v": _PARTS_VERSION, "config": config.output_identity, "percentiles": qs,
                            "coverage": coverage})
     parts = storage.check_url(f"{out}.parts") if out is not None else None
-    groups = group_features(config, features)
+    groups = group_features(config, features) if cell is None else group_features(config, features, cell=cell)
     names = [_part_name(identity, g) for g in groups]
     done = set(storage.list_names(parts)) if parts is not None and storage.exists(parts) else set()
     tables: dict[int, pd.DataFrame] = {}
@@ -480,7 +487,9 @@ def stats(config: PixelsConfig, features: Sequence[Feature], out: str | None = N
     gdf = gpd.GeoDataFrame(frame, geometry=[geometry[i] for i in frame["id"]], crs="EPSG:4326")
     if out is not None:
         if str(out).endswith(".csv"):
-            text = pd.DataFrame(gdf.assign(geometry=gdf.geometry.to_wkt())).to_csv(index=False)
+            plain = pd.DataFrame(gdf.drop(columns="geometry"))
+            plain["geometry"] = gdf.geometry.to_wkt()
+            text = plain.to_csv(index=False)
             storage.write_bytes(out, text.encode())
         else:
             buf = io.BytesIO()

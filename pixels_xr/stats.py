@@ -443,6 +443,7 @@ def stats(config: PixelsConfig, features: Sequence[Feature], out: str | None = N
 
     from pixels_xr.groups import group_features
     from pixels_xr.io import storage
+    from pixels_xr.run_cache import run_cache
 
     qs = tuple(float(q) for q in percentiles)
     if any(not (0 <= q <= 100) for q in qs):
@@ -469,6 +470,7 @@ def stats(config: PixelsConfig, features: Sequence[Feature], out: str | None = N
     todo = [k for k in range(len(groups)) if k not in tables]
     if todo:
         with contextlib.ExitStack() as stack:
+            stack.enter_context(run_cache())  # local catalog parsed and asset headers checked once per run
             if client is None and cluster is not None:
                 from pixels_xr.cluster import open_client
 

@@ -236,7 +236,7 @@ def test_resume_skips_done_groups_and_files_read_back(series: dict[str, Any], tm
     import duckdb
     import geopandas as gpd
 
-    cfg = _series_config(series["catalog"], mode="latest_pixel", composite_method=None, interval_step=6)
+    cfg = _series_config(series["catalog"], interval_step=6)
     _, bottom, right, _ = series["bounds"]
     parcels = _parcels(series["bounds"])
     # a second group: a parcel far enough from the others to fall in another grouping cell
@@ -247,7 +247,7 @@ def test_resume_skips_done_groups_and_files_read_back(series: dict[str, Any], tm
     groups = group_features(cfg, features, cell=40)  # small grouping cells: several groups
     assert len(groups) >= 2 and any(len(g.features) > 1 for g in groups)
     out = tmp_path / "fields.parquet"
-    first = stats(cfg, features, str(out), cluster=dask_scheduler.address, cell=40)
+    first = stats(cfg, features, str(out), cluster=None, cell=40)
     parts = sorted(p for p in Path(f"{out}.parts").iterdir() if p.suffix == ".parquet")
     assert len(parts) == len(groups) and json.loads(Path(f"{out}.parts/manifest.json").read_text())["rows"] == len(first)
     stamps = {p.name: p.stat().st_mtime_ns for p in parts}
@@ -264,9 +264,22 @@ def test_resume_skips_done_groups_and_files_read_back(series: dict[str, Any], tm
     con = duckdb.connect()
     n, ids = con.execute(f"select count(*), count(distinct id) from '{out}'").fetchone()
     assert (n, ids) == (len(first), 5)
-    csv = stats(cfg, features, str(tmp_path / "fields.csv"), cluster=None)
+    # the command line, on the scheduler, into CSV (geometry as WKT)
+    from typer.testing import CliRunner
+
+    from pixels_xr.cli import app
+
+    (tmp_path / "cfg.json").write_text(cfg.model_dump_json(exclude_none=True))
+    (tmp_path / "fields.geojson").write_text(json.dumps({"type": "FeatureCollection", "features": [
+        {"type": "Feature", "id": f.id, "properties": {"crs": "EPSG:32613"}, "geometry": mapping(f.geometry)}
+        for f in features]}))
+    result = CliRunner().invoke(app, ["stats", str(tmp_path / "cfg.json"), "--features",
+                                      str(tmp_path / "fields.geojson"), "--out", str(tmp_path / "fields.csv"),
+                                      "--cluster", dask_scheduler.address, "--quiet"])
+    assert result.exit_code == 0, result.output
+    assert f"{len(first)} rows (5 features)" in result.output
     text = (tmp_path / "fields.csv").read_text().splitlines()
-    assert len(text) == len(csv) + 1 and "POLYGON" in text[1]
+    assert len(text) == len(first) + 1 and "POLYGON" in text[1]
     with pytest.raises(ConfigError, match="out: the output must end in .parquet"):
         stats(cfg, parcels, str(tmp_path / "x.txt"), cluster=None)
     assert shapely.equals(read.geometry.iloc[0], parcels[0].lonlat_geometry())

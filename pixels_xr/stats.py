@@ -41,6 +41,8 @@ import hashlib
 import io
 import json
 import logging
+import sys
+import types
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any, Literal
 
@@ -573,3 +575,15 @@ def _compute(config: PixelsConfig, groups: list, keys: list[int], client: Client
         future = next(ready)
         k = futures.pop(future)
         yield k, future.result()
+
+
+class _CallableModule(types.ModuleType):
+    """``pixels_xr.stats`` names both this module and the public function: once the module is imported,
+    Python sets the package's attribute ``stats`` to the module (after the package's lazy ``__getattr__``
+    may have bound the function), so calling the module calls the function."""
+
+    def __call__(self, *args: Any, **kwargs: Any) -> pd.DataFrame:
+        return stats(*args, **kwargs)
+
+
+sys.modules[__name__].__class__ = _CallableModule

@@ -120,7 +120,9 @@ def test_exact_statistics_equal_exactextract_on_the_landsat_series(series: dict[
     cfg = _series_config(series["catalog"])
     parcels = _parcels(series["bounds"])
     far = Feature("nowhere", box(100000, 4000000, 100300, 4000300), crs="EPSG:32613")
-    table = stats(cfg, [*parcels, far], percentiles=[10, 90], cluster=None)
+    import pixels_xr
+
+    table = pixels_xr.stats(cfg, [*parcels, far], percentiles=[10, 90], cluster=None)  # module imported first
     whole = collect(cfg, Feature("all", box(*series["bounds"]), crs="EPSG:32613")).compute()
     bins = time_bins(dt.date(2009, 1, 1), dt.date(2009, 12, 31), "months", 3)
     assert len(table) == 5 * len(bins)

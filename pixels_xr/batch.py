@@ -26,6 +26,7 @@ import contextlib
 import dataclasses
 import json
 import os
+import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field
@@ -33,14 +34,20 @@ from typing import Any, Literal
 
 import numpy as np
 import xarray as xr
+from affine import Affine
+from dask.base import tokenize
 from distributed import Client
 
-from pixels_xr.catalog import search
+from pixels_xr.catalog import SearchResult, search, search_many
 from pixels_xr.cluster import ClusterOptions, open_client
 from pixels_xr.compose import composite, observations, unit_item_ids
+from pixels_xr.cube import output_grid
 from pixels_xr.config import PixelsConfig
 from pixels_xr.errors import ConfigError, OutputError, PixelsError
 from pixels_xr.features import Feature, check_id
+from pixels_xr.graph import List, Task, TaskRef, culled, materialized
+from pixels_xr.grid import Grid
+from pixels_xr.groups import FeatureGroup, group_features, window
 from pixels_xr.io import storage
 from pixels_xr.io.cog import CogLayer, write_cogs
 from pixels_xr.io.layout import (
@@ -52,16 +59,19 @@ from pixels_xr.io.layout import (
     days_since_epoch,
 )
 from pixels_xr.io.lock import ReadOnlyOutput, locked
-from pixels_xr.io.stac_out import write_output_catalog, zarr_item
-from pixels_xr.io.zarr_store import aligned, open_feature, region_write, write_time_axis
+from pixels_xr.io.stac_out import write_output_catalog, zarr_grid_item, zarr_item
+from pixels_xr.io.zarr_store import aligned, open_feature, region_write, write_feature, write_steps, write_time_axis
 from pixels_xr.items import AssetProblem, ParsedItem
 from pixels_xr.ledger import RunManifest
-from pixels_xr.read_problems import cluster_problems, mark
+from pixels_xr.read_problems import cluster_problems, mark, read_events
 from pixels_xr.run_cache import run_cache
 from pixels_xr.signing import redact
 from pixels_xr.units import UnitPlan, classify, start_of, unit_sources
 
 OutputFormat = Literal["zarr", "cog"]
+#: Chunk side (pixels) of a group's cube and reduction: blocks no member touches are neither read nor
+#: reduced, so sparse groups read little more than their members' pixels.
+GROUP_CHUNK = 256
 #: Bytes of one row of chunks computed at once when writing a feature's COGs (its bins are grouped to fit).
 COG_ROW_BYTES = 256 * 2**20
 
@@ -184,6 +194,64 @@ class _Planned:
     #: received after it on those hrefs make it degraded)
     hrefs: set[str] = field(default_factory=set)
     submitted: float = 0.0
+    #: a group's member: its write task, and the group's reduction it reads from
+    member: _MemberWrite | None = None
+    group: _GroupGraph | None = None
+    grid: Grid | None = None
+
+
+@dataclass(frozen=True)
+class _MemberWrite:
+    """What the task writing a group's member needs: where, which variables, its window of the group's
+    grid, the group's steps to write and their positions on the member's time axis, and, when the
+    member's store is new (``template``: its Zarr format), everything to write it whole (coordinates,
+    attributes, CRS, transform). Plain values only: it is pickled once per member."""
+
+    store: str
+    group: str
+    names: tuple[str, ...]
+    where: tuple[slice, slice]
+    steps: tuple[int, ...]
+    at: tuple[int, ...]
+    template: int | None
+    time_coords: dict[str, tuple[tuple[str, ...], np.ndarray]]
+    space_coords: dict[str, np.ndarray]
+    attrs: dict[str, Any]
+    var_attrs: dict[str, dict[str, Any]]
+    crs: str
+    transform: tuple[float, ...]
+    #: the geometry to clip to, in the grid's CRS (None: not clipped)
+    clip: Any
+    chunksize: int
+
+
+class _GroupGraph:
+    """A group's reduction as one plain graph (``graph.materialized``), made once when its first member is
+    submitted; the members' write tasks read its blocks."""
+
+    def __init__(self, arrays: list[Any]) -> None:
+        self.arrays = arrays
+        chunks = arrays[0].chunks
+        self.y_edges, self.x_edges = np.cumsum((0,) + chunks[1]), np.cumsum((0,) + chunks[2])
+        self._graph: dict | None = None
+        self._lock = threading.Lock()
+
+    @property
+    def graph(self) -> dict:
+        with self._lock:
+            if self._graph is None:
+                self._graph = materialized(self.arrays)
+            return self._graph
+
+    def blocks(self, where: tuple[slice, slice]) -> tuple[range, range, int, int]:
+        """The block rows and columns a window covers, and the window's offset in the first block."""
+        rows, cols = where
+        by0 = int(np.searchsorted(self.y_edges, rows.start, side="right")) - 1
+        by1 = int(np.searchsorted(self.y_edges, rows.stop, side="left"))
+        bx0 = int(np.searchsorted(self.x_edges, cols.start, side="right")) - 1
+        bx1 = int(np.searchsorted(self.x_edges, cols.stop, side="left"))
+        return (range(by0, by1), range(bx0, bx1), rows.start - int(self.y_edges[by0]),
+                cols.start - int(self.x_edges[bx0]))
 
 
 def run_batch(config: PixelsConfig, features: Sequence[Feature], out: str, *, cluster: str | None = "local",
@@ -239,28 +307,45 @@ def run_batch(config: PixelsConfig, features: Sequence[Feature], out: str, *, cl
         remaining: dict[str, int] = {}
         # STAC items of the Zarr features written, made while the workers are busy (not re-read at the end)
         items: dict[str, Any] | None = {} if output_format == "zarr" else None
-        for plan in plans:
-            report.features.append(plan.result)
-            remaining[plan.feature.id] = len(plan.pending)
-            if not plan.pending:
-                bar(plan.result)
+        for planned in plans:
+            todo = []
+            for plan in planned:
+                report.features.append(plan.result)
+                remaining[plan.feature.id] = len(plan.pending)
+                if not plan.pending:
+                    bar(plan.result)
+                elif read_only:
+                    _fail(plan.result, "write", OutputError(f"{len(plan.pending)} units are missing and the "
+                                                            "output's storage is read-only", out))
+                    bar(plan.result)
+                else:
+                    todo.append(plan)
+            if not todo:
                 continue
-            if read_only:
-                _fail(plan.result, "write", OutputError(f"{len(plan.pending)} units are missing and the output's "
-                                                        "storage is read-only", out))
-                bar(plan.result)
-                continue
-            while sum(len(units) for _, units in in_flight.values()) >= window:
+            # a group larger than the window is admitted once what is in flight is down to half of it, so
+            # the workers do not idle between groups while the next one is submitted
+            limit = max(window, sum(len(plan.pending) for plan in todo) // 2)
+            while in_flight and sum(len(units) for _, units in in_flight.values()) >= limit:
                 _drain(in_flight, remaining, manifest, bar, on_unit, items, block=True, client=client)
-            # A feature's pending bins go in one submission: bins share tasks (clip mask, reader tables), and
-            # two computations with common keys in flight at once can hang distributed's scheduler.
-            plan.submitted = mark(client)
-            if output_format == "zarr":
-                for job, units in _submit_regions(client, plan, out, retries):
-                    in_flight[job] = (plan, units)
-            else:
-                job = writers.submit(_write_feature_cogs, client, plan, config, out)
-                in_flight[job] = (plan, list(plan.pending))
+            submitted = mark(client)
+            members = [plan for plan in todo if plan.member is not None]
+            if members:  # a group's members: one submission over the group's reduction
+                for plan in members:
+                    plan.submitted = submitted
+                for job, plan in _submit_group(client, members, retries):
+                    in_flight[job] = (plan, list(plan.pending))
+            for plan in todo:
+                if plan.member is not None:
+                    continue
+                # A feature's pending bins go in one submission: bins share tasks (clip mask, reader tables),
+                # and two computations with common keys in flight at once can hang distributed's scheduler.
+                plan.submitted = submitted
+                if output_format == "zarr":
+                    for job, units in _submit_regions(client, plan, out, retries):
+                        in_flight[job] = (plan, units)
+                else:
+                    job = writers.submit(_write_feature_cogs, client, plan, config, out)
+                    in_flight[job] = (plan, list(plan.pending))
             _drain(in_flight, remaining, manifest, bar, on_unit, items, block=False, client=client)
         while in_flight:
             _drain(in_flight, remaining, manifest, bar, on_unit, items, block=True, client=client)
@@ -286,96 +371,238 @@ def _plan_run(config: PixelsConfig, features: Sequence[Feature], manifest: RunMa
         manifest.open(overwrite=False, read_only=True)  # refuses another config's output, as a run would
     mode = "fresh" if overwrite else "plan"  # --overwrite: the ledger is ignored, every unit is new
     with run_cache(), _pool(2, "pixels-xr-plan") as pool:
-        for plan in _plans(pool, features, config, manifest, output_format, zarr_format, lookahead=8,
-                           plan_only=mode):
-            report.features.append(plan.result)
+        for planned in _plans(pool, features, config, manifest, output_format, zarr_format, lookahead=8,
+                              plan_only=mode):
+            report.features.extend(plan.result for plan in planned)
     report.seconds = time.perf_counter() - started
     return report
 
 
 def _plans(pool: concurrent.futures.Executor, features: Sequence[Feature], config: PixelsConfig,
            manifest: RunManifest, output_format: str, zarr_format: int, lookahead: int,
-           plan_only: Literal["", "plan", "fresh"] = "") -> Iterator[_Planned]:
-    """Planned features in order, planning up to ``lookahead`` ahead in background threads."""
+           plan_only: Literal["", "plan", "fresh"] = "") -> Iterator[list[_Planned]]:
+    """The planned features of each group (``groups``) in order, planning up to ``lookahead`` groups ahead
+    in background threads."""
     jobs: list[concurrent.futures.Future] = []
-    it = iter(features)
-    for f in it:
-        jobs.append(pool.submit(_plan, f, config, manifest, output_format, zarr_format, plan_only))
+    for group in group_features(config, features):
+        jobs.append(pool.submit(_plan_group, group, config, manifest, output_format, zarr_format, plan_only))
         if len(jobs) > lookahead:
             yield jobs.pop(0).result()
     for job in jobs:
         yield job.result()
 
 
+def _plan_group(group: FeatureGroup, config: PixelsConfig, manifest: RunManifest, output_format: str,
+                zarr_format: int, plan_only: Literal["", "plan", "fresh"] = "") -> list[_Planned]:
+    """A group's members planned together: one search for all (``search_many``), every member's units
+    classified, and one cube and reduction for the members with units to compute (``_build_group``).
+    A single feature, or a group whose search fails, is planned feature by feature (each then reports
+    its own error)."""
+    if group.single:
+        return [_plan(group.features[0], config, manifest, output_format, zarr_format, plan_only)]
+    try:
+        found = search_many(config, group.features)
+    except Exception:  # noqa: BLE001 - every member searches again alone and records its own failure
+        return [_plan(f, config, manifest, output_format, zarr_format, plan_only) for f in group.features]
+    plans: list[_Planned] = []
+    members: list[tuple[_Planned, SearchResult, _State]] = []
+    for feature, items in zip(group.features, found):
+        plan = _Planned(feature, FeatureResult(feature.id))
+        plans.append(plan)
+        try:
+            state = _classify(plan, items, config, manifest, output_format, plan_only)
+            if state is None:
+                continue
+            if not items or output_format != "zarr":  # empty features and COG units: the feature's own path
+                _build_alone(plan, items, state, config, manifest, output_format, zarr_format)
+            else:
+                members.append((plan, items, state))
+        except Exception as exc:  # noqa: BLE001 - recorded for this member only
+            _fail(plan.result, "build" if plan.units else "search", exc)
+    if members:
+        _build_group(group, members, config, manifest, output_format, zarr_format)
+    return plans
+
+
+def _build_group(group: FeatureGroup, members: list[tuple[_Planned, SearchResult, _State]],
+                 config: PixelsConfig, manifest: RunManifest, output_format: str, zarr_format: int) -> None:
+    """One cube and one reduction over the group's grid from the union of its members' items; each member
+    a window of it (``groups.window``), written by one task of its own (``_write_member``). A member whose
+    grid is not a window of the group's (another lattice phase), or every member when the group's build
+    fails, is built alone."""
+    union = {i.id: i for _, items, _ in members for i in items}
+    gfeature = group.as_feature()
+    # the group's grid is checked by its members' (max_pixels applies to each feature, not to the group)
+    gconfig = config.model_copy(update={"clip": False, "force": True,
+                                        "chunksize": min(config.chunksize, GROUP_CHUNK)})
+    try:
+        obs = observations(gconfig, gfeature, items=sorted(union.values(), key=lambda i: (i.datetime, i.id)))
+        gds = composite(obs, config, gfeature)  # the config as given: the attrs record it
+        ggrid = output_grid(obs.items, gfeature, gconfig)
+    except Exception:  # noqa: BLE001 - each member alone meets (and reports) the error or succeeds
+        obs = None
+    names = [] if obs is None else [n for n, v in gds.data_vars.items() if v.dims == ("time", "y", "x")]
+    shared = None if obs is None else _GroupGraph([gds[n].data for n in names])
+    glabels = [] if obs is None else unit_labels(gds)
+    gtime = {} if obs is None else {str(n): c.values for n, c in gds.coords.items() if c.dims == ("time",)}
+    problems = {} if obs is None else {p["item"]: p for p in obs.problems}
+    for plan, items, state in members:
+        try:
+            mgrid = output_grid(items, plan.feature, config) if obs is not None else None
+            where = window(ggrid, mgrid) if mgrid is not None else None
+            if where is None:
+                _build_alone(plan, items, state, config, manifest, output_format, zarr_format)
+                continue
+            _member_plan(plan, items, state, gds, gtime, glabels, names, where, mgrid, problems, config,
+                         manifest, output_format, zarr_format, shared)
+        except Exception as exc:  # noqa: BLE001 - recorded for this member only
+            _fail(plan.result, "build", exc)
+
+
+def _member_plan(plan: _Planned, items: SearchResult, state: _State, gds: xr.Dataset,
+                 gtime: dict[str, np.ndarray], glabels: list[str],
+                 names: list[str], where: tuple[slice, slice], grid: Grid, problems: dict[str, AssetProblem],
+                 config: PixelsConfig, manifest: RunManifest, output_format: str, zarr_format: int,
+                 shared: _GroupGraph) -> None:
+    """A member's units from the group's reduction: its steps, its own flags and provenance (its items),
+    and the write task's description (``_MemberWrite``)."""
+    feature = plan.feature
+    ids = {i.id for i in items}
+    plan.unit_items = unit_item_ids(list(items), config, feature)
+    own = [p for item_id, p in problems.items() if item_id in ids]
+    plan.result.asset_problems = own
+    if config.mode == "all":
+        steps = [glabels.index(label) for label in plan.unit_items]  # the member's acquisition days
+    else:
+        steps = list(range(len(glabels)))
+    coords = {n: ("time", values[steps]) for n, values in gtime.items()}
+    if "empty" in coords:
+        coords["empty"] = ("time", np.array([not plan.unit_items.get(glabels[k]) for k in steps]))
+    attrs = {**gds.attrs, "feature": feature.id, "item_ids": json.dumps(plan.unit_items),
+             "asset_problems": json.dumps(own), "items_filtered": json.dumps(items.filtered)}
+    attrs.pop("empty_reason", None)
+    if not _prepare(plan, [glabels[k] for k in steps], lambda: xr.Dataset(coords=coords, attrs=attrs), items,
+                    {p["item"] for p in own}, state, manifest, output_format, zarr_format):
+        return
+    template = plan.template
+    write = steps if template is not None else [steps[i] for i in plan.pending]  # a new group: every step
+    plan.member = _MemberWrite(
+        manifest.out, feature.id, tuple(names), where, tuple(write),
+        tuple(range(len(steps))) if template is not None else tuple(plan.at), template,
+        {n: (("time",), values) for n, (_, values) in coords.items()}, {
+            "y": np.array(grid.ys()), "x": np.array(grid.xs())}, attrs,
+        {n: dict(gds[n].attrs) for n in names}, f"EPSG:{grid.epsg}", tuple(grid.transform)[:6],
+        feature.geometry_in(grid.crs) if config.clip else None, config.chunksize)
+    plan.group, plan.grid = shared, grid
+
+
 def _plan(feature: Feature, config: PixelsConfig, manifest: RunManifest, output_format: str,
-          zarr_format: int, plan_only: Literal["", "plan", "fresh"] = "") -> _Planned:
-    """Search, classify every unit against the ledger (``units``), and build what the stale and new ones
-    need; ``plan_only`` stops after the classification (nothing read but the catalog, nothing written),
-    against the ledger (``plan``) or as for a fresh output (``fresh``)."""
+          zarr_format: int, plan_only: Literal["", "plan", "fresh"] = "",
+          items: SearchResult | None = None) -> _Planned:
+    """Search (unless ``items``), classify every unit against the ledger (``units``), and build what the
+    stale and new ones need; ``plan_only`` stops after the classification (nothing read but the catalog,
+    nothing written), against the ledger (``plan``) or as for a fresh output (``fresh``)."""
     plan = _Planned(feature, FeatureResult(feature.id))
     stage = "search"
     try:
-        items = search(config, feature)
-        plan.result.items = len(items)
-        plan.result.items_filtered = dict(items.filtered)
-        current = unit_sources(items, config, feature)
-        fresh = plan_only == "fresh"
-        known = [] if fresh else manifest.template(feature.id) or []
-        units = classify(current, {} if fresh else manifest.unit_records(feature.id), known, manifest.hash)
-        axis = _axis(known, [u.label for u in units if u.state != "gone"], output_format)
-        if axis is None:  # the output's time axis cannot grow into the new one in place: rewrite the feature
-            gone = [u.label for u in units if u.state == "gone"]
-            units = [dataclasses.replace(u, state="new", reason="time axis rebuilt" + (
-                f" (dropped {len(gone)} bins now outside the range)" if gone else "")) for u in units
-                     if u.state != "gone"]
-            plan.rebuild, axis = True, [u.label for u in units]
-        plan.units = units
-        plan.result.units = [u.to_dict() for u in units if u.state != "done"]
-        plan.result.units_skipped = sum(u.state == "done" for u in units)
-        todo = {u.label for u in units if u.computes}
-        if plan_only or (not todo and units):  # no unit at all (mode all, no acquisition): built for the why
-            plan.result.status = "skipped" if not todo else "planned"
-            plan.labels = axis
-            return plan
-        stage = "build"
-        obs = observations(config, feature, items=items)
-        ds = aligned(composite(obs, config, feature), config.chunksize)
-        plan.result.empty_reason = ds.attrs.get("empty_reason")
-        plan.result.asset_problems = list(obs.problems)
-        plan.unit_items = unit_item_ids(obs.cube, config, feature)
-        plan.hrefs = {s.href for i in items for s in i.sources.values()}
-        plan.skipped = {p["item"] for p in obs.problems}
-        labels = plan.unit_labels = unit_labels(ds)
-        if not labels:  # mode all without any acquisition: nothing to write, the report says why
-            return plan
-        if manifest.read_only:
-            plan.labels, plan.pending = axis, [axis.index(u) for u in labels if u in todo]
-            return plan
-        if plan.rebuild or not known:
-            manifest.forget(feature.id)
-            known = []
-        plan.sources = _source_hrefs(items)
-        plan.labels = axis
-        position = {label: k for k, label in enumerate(labels)}
-        plan.pending = [position[label] for label in labels if label in todo]
-        plan.at = [axis.index(labels[i]) for i in plan.pending]
-        if output_format == "zarr" and not known:
-            # the template is written on the cluster by the feature's job, which then writes every bin
-            # (a template write empties the group), and recorded when that job completes
-            plan.template = zarr_format
-        else:
-            if output_format == "zarr":  # the axis may grow; flags (empty …) and provenance follow the units
-                write_time_axis(manifest.out, feature.id, _axis_coords(manifest, feature.id, axis, ds),
-                                _merged_attrs(manifest.out, feature.id, ds))
-            manifest.record_template(feature.id, axis, {**manifest.sources(feature.id), **plan.sources})
-        for u in units:  # a relabelled (grown) partial bin: its old record (and COGs) go once it is rewritten
-            old = next((k for k in known if start_of(k) == start_of(u.label) and k != u.label), None)
-            if old is not None and u.computes:
-                plan.replaces[u.label] = old
-        plan.ds = ds
+        if items is None:
+            items = search(config, feature)
+        state = _classify(plan, items, config, manifest, output_format, plan_only)
+        if state is not None:
+            stage = "build"
+            _build_alone(plan, items, state, config, manifest, output_format, zarr_format)
     except Exception as exc:  # one feature's failure is recorded and must not stop the run
         _fail(plan.result, stage, exc)
     return plan
+
+
+#: What ``_classify`` leaves to build: the labels to compute, the output's time axis after this run, and
+#: the labels the output already has.
+_State = tuple[set[str], list[str], list[str]]
+
+
+def _classify(plan: _Planned, items: SearchResult, config: PixelsConfig, manifest: RunManifest,
+              output_format: str, plan_only: Literal["", "plan", "fresh"]) -> _State | None:
+    """Every unit of a feature classified against the ledger (``plan.units``, ``plan.result``); None when
+    nothing is left to build (all done, or ``plan_only``)."""
+    feature = plan.feature
+    plan.result.items = len(items)
+    plan.result.items_filtered = dict(items.filtered)
+    current = unit_sources(items, config, feature)
+    fresh = plan_only == "fresh"
+    known = [] if fresh else manifest.template(feature.id) or []
+    units = classify(current, {} if fresh else manifest.unit_records(feature.id), known, manifest.hash)
+    axis = _axis(known, [u.label for u in units if u.state != "gone"], output_format)
+    if axis is None:  # the output's time axis cannot grow into the new one in place: rewrite the feature
+        gone = [u.label for u in units if u.state == "gone"]
+        units = [dataclasses.replace(u, state="new", reason="time axis rebuilt" + (
+            f" (dropped {len(gone)} bins now outside the range)" if gone else "")) for u in units
+                 if u.state != "gone"]
+        plan.rebuild, axis = True, [u.label for u in units]
+    plan.units = units
+    plan.result.units = [u.to_dict() for u in units if u.state != "done"]
+    plan.result.units_skipped = sum(u.state == "done" for u in units)
+    todo = {u.label for u in units if u.computes}
+    if plan_only or (not todo and units):  # no unit at all (mode all, no acquisition): built for the why
+        plan.result.status = "skipped" if not todo else "planned"
+        plan.labels = axis
+        return None
+    return todo, axis, known
+
+
+def _build_alone(plan: _Planned, items: SearchResult, state: _State, config: PixelsConfig,
+                 manifest: RunManifest, output_format: str, zarr_format: int) -> None:
+    """A feature's own cube and reduction (the per-feature path: a feature not in a group)."""
+    feature = plan.feature
+    obs = observations(config, feature, items=items)
+    ds = aligned(composite(obs, config, feature), config.chunksize)
+    plan.result.empty_reason = ds.attrs.get("empty_reason")
+    plan.result.asset_problems = list(obs.problems)
+    plan.unit_items = unit_item_ids(obs.cube, config, feature)
+    if _prepare(plan, unit_labels(ds), lambda: ds, items, {p["item"] for p in obs.problems}, state, manifest,
+                output_format, zarr_format):
+        plan.ds = ds
+
+
+def _prepare(plan: _Planned, labels: list[str], timeline: Callable[[], xr.Dataset], items: list[ParsedItem],
+             skipped: set[str], state: _State, manifest: RunManifest, output_format: str,
+             zarr_format: int) -> bool:
+    """The pending steps of a built feature (its step ``labels``) and where they go; for a known feature
+    the output's time axis grown (from ``timeline()``: its Dataset, or a member's time coordinates and
+    attributes) and recorded. False when there is nothing to write."""
+    todo, axis, known = state
+    feature = plan.feature
+    plan.hrefs = {s.href for i in items for s in i.sources.values()}
+    plan.skipped = skipped
+    plan.unit_labels = labels
+    if not labels:  # mode all without any acquisition: nothing to write, the report says why
+        return False
+    if manifest.read_only:
+        plan.labels, plan.pending = axis, [axis.index(u) for u in labels if u in todo]
+        return False
+    if plan.rebuild or not known:
+        manifest.forget(feature.id)
+        known = []
+    plan.sources = _source_hrefs(items)
+    plan.labels = axis
+    position = {label: k for k, label in enumerate(labels)}
+    plan.pending = [position[label] for label in labels if label in todo]
+    plan.at = [axis.index(labels[i]) for i in plan.pending]
+    if output_format == "zarr" and not known:
+        # the template is written on the cluster by the feature's job, which then writes every bin
+        # (a template write empties the group), and recorded when that job completes
+        plan.template = zarr_format
+    else:
+        if output_format == "zarr":  # the axis may grow; flags (empty …) and provenance follow the units
+            ds = timeline()
+            write_time_axis(manifest.out, feature.id, _axis_coords(manifest, feature.id, axis, ds),
+                            _merged_attrs(manifest.out, feature.id, ds))
+        manifest.record_template(feature.id, axis, {**manifest.sources(feature.id), **plan.sources})
+    for u in plan.units:  # a relabelled (grown) partial bin: its old record (and COGs) go once it is rewritten
+        old = next((k for k in known if start_of(k) == start_of(u.label) and k != u.label), None)
+        if old is not None and u.computes:
+            plan.replaces[u.label] = old
+    return True
 
 
 def _axis(known: list[str], current: list[str], output_format: str) -> list[str] | None:
@@ -454,6 +681,74 @@ def _submit_regions(client: Client, plan: _Planned, out: str,
     return [(_bridge(f, started), run) for f, run in zip(client.compute(writes, retries=retries), runs)]
 
 
+def _submit_group(client: Client, plans: list[_Planned],
+                  retries: int) -> list[tuple[concurrent.futures.Future, _Planned]]:
+    """The write tasks of a group's members with pending units, in one submission over the group's
+    reduction (its blocks computed once, only those some member reads): one future per member, so a
+    member fails alone."""
+    shared = plans[0].group
+    assert shared is not None
+    graph = shared.graph
+    layer, needed = {}, []
+    for plan in plans:
+        job = plan.member
+        assert job is not None
+        rows, cols, dy, dx = shared.blocks(job.where)
+        values = []
+        for a in shared.arrays:
+            per_step = []
+            for t in job.steps:
+                grid = [[(a.name, t, iy, ix) for ix in cols] for iy in rows]
+                needed.extend(k for row in grid for k in row)
+                per_step.append(List(*(List(*(TaskRef(k) for k in row)) for row in grid)))
+            values.append(List(*per_step))
+        key = f"pixels-member-{tokenize(job.store, job.group, job.steps, job.at, shared.arrays[0].name)}"
+        layer[key] = Task(key, _write_member, List(*values), (dy, dx), job)
+    keys = list(layer)
+    dsk = {**culled(graph, set(needed)), **layer}
+    started = time.perf_counter()
+    futures = client.get(dsk, keys, sync=False, retries=retries)
+    return [(_bridge(f, started), plan) for f, plan in zip(futures, plans)]
+
+
+def _write_member(values: list, offset: tuple[int, int], job: _MemberWrite) -> int:
+    """Runs on a worker: a member's window cut from the group's blocks, clipped to its geometry, written
+    whole (a new store) or at its pending steps; returns the steps written."""
+    (rows, cols), (dy, dx) = job.where, offset
+    height, width = rows.stop - rows.start, cols.stop - cols.start
+    inside = None
+    if job.clip is not None:  # the clip rule of ``cube.inside_mask``: pixel centres inside
+        from rasterio.features import geometry_mask
+
+        inside = geometry_mask([job.clip], out_shape=(height, width), transform=Affine(*job.transform),
+                               invert=True, all_touched=False)
+    arrays = {}
+    for name, per_step in zip(job.names, values):
+        stack = np.concatenate([np.concatenate([np.concatenate(row, axis=2) for row in step], axis=1)
+                                [:, dy:dy + height, dx:dx + width] for step in per_step], axis=0)
+        if inside is not None:
+            stack = np.where(inside, stack, _clip_fill(stack.dtype, job.var_attrs.get(name, {})))
+        arrays[name] = stack
+    if job.template is None:
+        write_steps(job.store, job.group, arrays, list(job.at))
+        return len(job.steps)
+    ds = xr.Dataset({n: (("time", "y", "x"), a, job.var_attrs.get(n, {})) for n, a in arrays.items()},
+                    coords={**job.time_coords, **{k: (k, v) for k, v in job.space_coords.items()}},
+                    attrs=job.attrs)
+    ds = ds.rio.write_crs(job.crs).rio.write_transform(Affine(*job.transform))
+    write_feature(ds, job.store, job.group, chunksize=job.chunksize, zarr_format=job.template)
+    return len(job.steps)
+
+
+def _clip_fill(dtype: np.dtype, attrs: dict[str, Any]) -> Any:
+    """What a clipped-out pixel of a variable holds: NaN, NaT, else its nodata (0 for counts)."""
+    if dtype.kind == "f":
+        return np.nan
+    if dtype.kind == "M":
+        return np.datetime64("NaT")
+    return attrs.get("nodata", 0)
+
+
 def _bridge(future: Any, started: float) -> concurrent.futures.Future:
     """A ``concurrent.futures.Future`` settled when a distributed future finishes (its callback thread)."""
     bridged: concurrent.futures.Future = concurrent.futures.Future()
@@ -515,6 +810,7 @@ def _drain(in_flight: dict, remaining: dict[str, int], manifest: RunManifest, ba
         return
     finished, _ = concurrent.futures.wait(
         list(in_flight), timeout=None if block else 0, return_when=concurrent.futures.FIRST_COMPLETED)
+    events = None  # the scheduler's read errors, fetched once for every job finished together
     for job in finished:
         plan, units = in_flight.pop(job)
         fid = plan.feature.id
@@ -527,7 +823,9 @@ def _drain(in_flight: dict, remaining: dict[str, int], manifest: RunManifest, ba
             if plan.template is not None:
                 manifest.record_template(fid, plan.labels, plan.sources)
                 plan.template = None
-            problems = cluster_problems(client, plan.hrefs, plan.submitted) if plan.hrefs else []
+            if plan.hrefs and events is None:
+                events = read_events(client)
+            problems = cluster_problems(client, plan.hrefs, plan.submitted, events) if plan.hrefs else []
             if problems:  # written, but with reads that failed: reported, not recorded, redone next run
                 if plan.result.status != "failed":
                     plan.result.status = "degraded"
@@ -560,12 +858,22 @@ def _drain(in_flight: dict, remaining: dict[str, int], manifest: RunManifest, ba
         remaining[fid] -= len(units)
         if remaining[fid] == 0:
             # the item from the Dataset written, when it is the whole store's axis (else read back at the end)
-            if items is not None and plan.result.status == "done" and plan.ds is not None and \
-                    plan.labels == plan.unit_labels:
+            if items is not None and plan.result.status == "done" and plan.labels == plan.unit_labels:
                 with contextlib.suppress(Exception):  # then the catalog reads the group back instead
-                    items[fid] = zarr_item(fid, plan.ds, plan.sources)
-            plan.ds = None  # the feature's graph is no longer needed
+                    if plan.member is not None and plan.grid is not None:
+                        items[fid] = _member_item(plan.member, plan.grid, plan.sources)
+                    elif plan.ds is not None:
+                        items[fid] = zarr_item(fid, plan.ds, plan.sources)
+            plan.ds = plan.member = plan.group = None  # the feature's graph is no longer needed
             bar(plan.result)
+
+
+def _member_item(job: _MemberWrite, grid: Grid, sources: dict[str, str]) -> Any:
+    """The STAC item of a group's member, from its grid and write description."""
+    times = job.time_coords["time"][1]
+    ends = job.time_coords.get("time_end", (None, times))[1]
+    return zarr_grid_item(job.group, grid.crs, grid.transform, grid.shape, str(times[0])[:10],
+                          str(ends[-1])[:10], list(job.names), len(times), sources)
 
 
 def _fail(result: FeatureResult, stage: str, exc: BaseException, unit: str | None = None) -> None:

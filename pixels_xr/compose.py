@@ -339,27 +339,40 @@ def _in_step_order(cube: xr.DataArray, clear: xr.DataArray,
 
 def _bin_steps(cube: xr.DataArray, bins: list[TimeBin]) -> np.ndarray:
     """The bin index of each observation (-1: outside every bin)."""
-    days = [dt.date.fromisoformat(str(t)[:10]) for t in cube.time.values]
+    return _bin_steps_of(cube.time.values, bins)
+
+
+def _bin_steps_of(times: np.ndarray, bins: list[TimeBin]) -> np.ndarray:
+    days = [dt.date.fromisoformat(str(t)[:10]) for t in times]
     return np.array(assign_bins(days, bins), dtype=np.int64)
 
 
 def _day_steps(cube: xr.DataArray) -> tuple[np.ndarray, np.ndarray]:
     """The acquisition days of the observations (mode ``all``'s steps) and each observation's day index."""
-    days = np.array([np.datetime64(str(t)[:10], "ns") for t in cube.time.values], dtype="datetime64[ns]")
+    return _day_steps_of(cube.time.values)
+
+
+def _day_steps_of(times: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    days = np.array([np.datetime64(str(t)[:10], "ns") for t in times], dtype="datetime64[ns]")
     unique, steps = np.unique(days, return_inverse=True)
     return unique, steps.astype(np.int64)
 
 
-def unit_item_ids(cube: xr.DataArray, config: PixelsConfig, feature: Feature) -> dict[str, list[str]]:
+def unit_item_ids(cube: xr.DataArray | Sequence[ParsedItem], config: PixelsConfig,
+                  feature: Feature) -> dict[str, list[str]]:
     """Ids of the items behind each output time step, by unit label: the bin's ``start/end`` label, or the
-    acquisition day in mode ``all``."""
-    ids = cube.id.values
+    acquisition day in mode ``all``; from a cube (its items) or from parsed items (a group's member)."""
+    if isinstance(cube, xr.DataArray):
+        ids, times = cube.id.values, cube.time.values
+    else:
+        ids = np.array([i.id for i in cube], dtype=object)
+        times = np.array([i.datetime for i in cube], dtype=object)
     if config.mode == "all":
-        days, steps = _day_steps(cube)
+        days, steps = _day_steps_of(times)
         labels = [str(d)[:10] for d in days]
     else:
         bins = config.bins(feature)
-        steps, labels = _bin_steps(cube, bins), [b.label for b in bins]
+        steps, labels = _bin_steps_of(times, bins), [b.label for b in bins]
     return {label: [str(i) for i in ids[steps == k]] for k, label in enumerate(labels)}
 
 

@@ -176,7 +176,7 @@ def _build_cube(items: list[ParsedItem], feature: Feature, config: PixelsConfig,
             scale=(("time", "band"), scale.reshape(len(items), len(names))),
             offset=(("time", "band"), offset.reshape(len(items), len(names))))
         if config.clip:
-            cube = cube.where(_inside(feature, grid), fill)
+            cube = cube.where(inside_mask(feature, grid), fill)
     cube = cube.assign_coords(reflectance=("band", np.array(
         [not (spec is not None and n == spec.asset) and _is_reflectance(config, n) for n in names])))
     cube.attrs.update({"nodata": fill.item() if hasattr(fill, "item") else fill, "feature": feature.id,
@@ -196,7 +196,9 @@ def _is_reflectance(config: PixelsConfig, name: str) -> bool:
         return False
 
 
-def _inside(feature: Feature, grid: Grid) -> xr.DataArray:
+def inside_mask(feature: Feature, grid: Grid) -> xr.DataArray:
+    """Pixels of ``grid`` whose centre is inside the feature (the ``clip`` rule; a group's member is
+    clipped by the same rule on its worker, ``batch._write_member``)."""
     from rasterio.features import geometry_mask
 
     geom = feature.geometry_in(grid.crs)

@@ -22,7 +22,8 @@ from dask._task_spec import DataNode, GraphNode, List, Task, TaskRef
 from dask.base import collections_to_expr, tokenize
 from dask.highlevelgraph import HighLevelGraph
 
-__all__ = ["DataNode", "GraphNode", "HighLevelGraph", "List", "Task", "TaskRef", "block_graph"]
+__all__ = ["DataNode", "GraphNode", "HighLevelGraph", "List", "Task", "TaskRef", "block_graph", "culled",
+           "materialized"]
 
 Key = Hashable
 
@@ -35,9 +36,7 @@ def block_graph(arrays: Sequence[Any], blocks: Iterable[tuple[int, ...]], consum
     the consumer keys in block order; compute them with ``dask.delayed``/``Client.get`` on the graph.
     """
     blocks = [tuple(b) for b in blocks]
-    # optimised as dask.compute does (without .optimize() blockwise fusion may recompute shared inputs)
-    dsk: dict[Key, GraphNode] = dict(
-        collections_to_expr(list(arrays), optimize_graph=True).optimize().__dask_graph__())
+    dsk = materialized(arrays)
     prefix = f"{name}-{tokenize([a.name for a in arrays], blocks, consume, args)}"
     closures = {b: _closure(dsk, [(a.name, *b) for a in arrays]) for b in blocks}
     shared = {k for k, n in Counter(k for c in closures.values() for k in c).items() if n > 1}
@@ -50,6 +49,17 @@ def block_graph(arrays: Sequence[Any], blocks: Iterable[tuple[int, ...]], consum
         graph[key] = Task.fuse(*(dsk[k] for k in closures[b] if k not in shared), consumer, key=key)
         keys.append(key)
     return graph, keys
+
+
+def materialized(arrays: Sequence[Any]) -> dict[Key, GraphNode]:
+    """The optimised graph of dask arrays as a plain dict of tasks, their block keys unchanged (optimised
+    as ``dask.compute`` does: without ``.optimize()`` blockwise fusion may recompute shared inputs)."""
+    return dict(collections_to_expr(list(arrays), optimize_graph=True).optimize().__dask_graph__())
+
+
+def culled(dsk: dict[Key, GraphNode], keys: Iterable[Key]) -> dict[Key, GraphNode]:
+    """The part of ``dsk`` that ``keys`` need (blocks no consumer reads are neither sent nor computed)."""
+    return {k: dsk[k] for k in _closure(dsk, list(keys))}
 
 
 def _closure(dsk: dict[Key, Any], keys: list[Key]) -> set[Key]:

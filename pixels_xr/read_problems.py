@@ -47,13 +47,20 @@ def mark(client: Any) -> float:
     return float(client.run_on_scheduler(time.time))
 
 
-def cluster_problems(client: Any, hrefs: set[str], since: float) -> list[dict[str, Any]]:
+def cluster_problems(client: Any, hrefs: set[str], since: float,
+                     events: list[tuple[float, Any]] | None = None) -> list[dict[str, Any]]:
     """Problems the scheduler received at or after ``since`` (from ``mark``, its own clock) for any of
     ``hrefs`` (given unredacted or redacted). Attribution is by href and time: a feature whose job
     overlapped another's failing read of a shared href is reported degraded too (redone by a re-run: never
-    wrong data, at worst a second read)."""
+    wrong data, at worst a second read). ``events``: the topic as ``read_events`` fetched it (one round trip
+    for the many features whose jobs completed together)."""
     if client is None:
         return []
     wanted = {redact(h) for h in hrefs}
-    return [msg for stamp, msg in client.get_events(TOPIC)
+    return [msg for stamp, msg in (read_events(client) if events is None else events)
             if stamp >= since and isinstance(msg, dict) and msg.get("href") in wanted]
+
+
+def read_events(client: Any) -> list[tuple[float, Any]]:
+    """The read errors the scheduler holds (``(time, message)``), in one round trip."""
+    return [] if client is None else list(client.get_events(TOPIC))

@@ -10,6 +10,7 @@ so the output can be moved or synced as a whole.
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 from collections.abc import Callable
@@ -98,11 +99,17 @@ def _grid_properties(crs: Any, transform: Any, height: int, width: int) -> tuple
     left, top = transform.c, transform.f
     right, bottom = left + transform.a * width, top + transform.e * height
     proj_bbox = [min(left, right), min(top, bottom), max(left, right), max(top, bottom)]
-    to_lonlat = Transformer.from_crs(crs, "EPSG:4326", always_xy=True)
-    lonlat = list(to_lonlat.transform_bounds(*proj_bbox, densify_pts=21))
+    lonlat = list(_to_lonlat(crs.to_string()).transform_bounds(*proj_bbox, densify_pts=21))
     props = {"proj_code": crs.to_string(), "shape": [height, width], "transform": list(transform)[:6],
              "bbox": proj_bbox}
     return props, lonlat
+
+
+@functools.lru_cache(maxsize=64)
+def _to_lonlat(crs: str) -> Transformer:
+    """A transformer to lon/lat, made once per CRS (making one costs milliseconds: once per item was most
+    of a small feature's STAC item)."""
+    return Transformer.from_crs(crs, "EPSG:4326", always_xy=True)
 
 
 def _item(item_id: str, props: dict, lonlat: list[float], start: str, end: str, sources: dict[str, str],
@@ -121,11 +128,19 @@ def _item(item_id: str, props: dict, lonlat: list[float], start: str, end: str, 
 
 def zarr_item(fid: str, ds: Any, sources: dict[str, str]) -> pystac.Item:
     """The item of one feature's Zarr group, from its Dataset (as written, or the lazy one that was)."""
-    props, lonlat = _grid_properties(ds.rio.crs, ds.rio.transform(), ds.sizes["y"], ds.sizes["x"])
     times = ds["time"].values
     end = ds["time_end"].values[-1] if "time_end" in ds.coords else times[-1]
-    item = _item(fid, props, lonlat, str(times[0])[:10], str(end)[:10], sources,
-                 {"pixels_xr:variables": list(ds.data_vars), "pixels_xr:time_steps": int(ds.sizes["time"])})
+    return zarr_grid_item(fid, ds.rio.crs, ds.rio.transform(), (ds.sizes["y"], ds.sizes["x"]), str(times[0])[:10],
+                          str(end)[:10], list(ds.data_vars), int(ds.sizes["time"]), sources)
+
+
+def zarr_grid_item(fid: str, crs: Any, transform: Any, shape: tuple[int, int], start: str, end: str,
+                   variables: list[str], steps: int, sources: dict[str, str]) -> pystac.Item:
+    """The item of a feature's Zarr group from its grid and time range (no Dataset needed: a group's
+    members are written on workers)."""
+    props, lonlat = _grid_properties(crs, transform, *shape)
+    item = _item(fid, props, lonlat, start, end, sources,
+                 {"pixels_xr:variables": variables, "pixels_xr:time_steps": steps})
     item.add_asset("data", pystac.Asset(fid, media_type="application/vnd+zarr", roles=["data"],
                                         title=f"feature {fid} (Zarr group)"))
     return item

@@ -79,6 +79,42 @@ def write_bytes(url: str, data: bytes) -> None:
         raise OutputError(f"cannot write: {exc}", url) from None
 
 
+def write_tree(url: str, files: dict[str, bytes]) -> None:
+    """The files of a folder (relative names → bytes) in place of whatever ``url`` held. Locally they are
+    written into a hidden sibling folder, which is then renamed into place, so a reader finds the old tree
+    or the new one, each whole; on an object store the old objects are removed and the new ones PUT
+    concurrently (one fsspec ``pipe``)."""
+    try:
+        if is_remote(url):
+            fs, path = filesystem(url)
+            if fs.exists(path):
+                fs.rm(path, recursive=True)
+            fs.pipe({f"{path.rstrip('/')}/{name}": data for name, data in files.items()})
+            return
+        import shutil
+
+        target = Path(local_path(url))
+        target.parent.mkdir(parents=True, exist_ok=True)
+        stage = target.with_name(f".{target.name}.{uuid.uuid4().hex[:8]}.tmp")
+        old = target.with_name(f".{target.name}.{uuid.uuid4().hex[:8]}.old")
+        try:
+            # each folder made once, not once per file, in the order the files come (a small folder lists
+            # its entries in the order they were made: Zarr groups list their arrays so)
+            for folder in dict.fromkeys(os.path.dirname(name) for name in files):
+                os.makedirs(os.path.join(stage, folder), exist_ok=True)
+            for name, data in files.items():
+                with open(os.path.join(stage, name), "wb") as fh:
+                    fh.write(data)
+            if target.exists():
+                os.replace(target, old)
+            os.replace(stage, target)
+        finally:  # a full disk must not leave a partial folder behind
+            shutil.rmtree(stage, ignore_errors=True)
+            shutil.rmtree(old, ignore_errors=True)
+    except OSError as exc:
+        raise OutputError(f"cannot write: {exc}", url) from None
+
+
 def read_bytes(url: str) -> bytes | None:
     """The bytes at ``url``, or None when nothing is there."""
     try:

@@ -1,0 +1,81 @@
+"""Whole small features written at once (``write_feature``): the same store xarray's ``to_zarr`` gives,
+readable and writable by zarr afterwards, locally and on a real S3 endpoint."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import rioxarray  # noqa: F401  (registers the .rio accessor)
+import xarray as xr
+import zarr
+from affine import Affine
+
+from pixels_xr.io.zarr_store import _LAYOUTS, aligned, open_feature, write_feature, write_steps, write_time_axis
+
+TIMES = np.array([np.datetime64(f"2022-{m:02d}-01", "ns") for m in range(1, 7)])
+
+
+def feature(height: int, width: int, seed: int) -> xr.Dataset:
+    """A member-like Dataset: float bands with NaN, counts, pick times with NaT, time flags, CRS."""
+    rng = np.random.default_rng(seed)
+    red = rng.random((6, height, width)).astype("float32")
+    red[0, :2] = np.nan
+    picked = rng.integers(0, 10**6, (6, height, width)).astype("datetime64[s]").astype("datetime64[ns]")
+    picked[1, 0] = np.datetime64("NaT")
+    ds = xr.Dataset({"red": (("time", "y", "x"), red),
+                     "clear_count": (("time", "y", "x"), rng.integers(0, 5, (6, height, width)).astype("uint16"),
+                                     {"nodata": 0}),
+                     "source_time": (("time", "y", "x"), picked)},
+                    coords={"time": TIMES, "time_end": ("time", TIMES + np.timedelta64(27, "D")),
+                            "empty": ("time", rng.random(6) > 0.5), "y": 3369995.0 - 10 * np.arange(height),
+                            "x": 500005.0 + 10 * np.arange(width)},
+                    attrs={"feature": f"f{seed}", "item_ids": json.dumps({"2022-01-01": [f"i{seed}"]})})
+    return ds.rio.write_crs("EPSG:32629").rio.write_transform(Affine(10, 0, 500000 + seed, 0, -10, 3370000))
+
+
+@pytest.mark.parametrize("zarr_format", [3, 2])
+def test_written_at_once_equals_xarray_to_zarr(tmp_path, zarr_format) -> None:
+    _LAYOUTS.clear()
+    for k, (height, width) in enumerate([(20, 20), (13, 27), (70, 45), (20, 20), (9, 9)]):  # first: xarray's
+        ds = feature(height, width, k)
+        write_feature(ds, str(tmp_path / "fast.zarr"), f"f{k}", chunksize=32, zarr_format=zarr_format)
+        aligned(ds, 32).to_zarr(tmp_path / "ref.zarr", group=f"f{k}", mode="w", zarr_format=zarr_format,
+                                consolidated=False)
+        got, ref = open_feature(str(tmp_path / "fast.zarr"), f"f{k}"), open_feature(str(tmp_path / "ref.zarr"), f"f{k}")
+        xr.testing.assert_identical(got.load(), ref.load())
+        assert got.rio.transform() == ref.rio.transform() and got.rio.crs == ref.rio.crs
+        for name in got.data_vars:
+            assert got[name].encoding["chunks"] == ref[name].encoding["chunks"] == (1, min(32, height),
+                                                                                    min(32, width))
+    assert len(_LAYOUTS) == 1 and (next(iter(_LAYOUTS.values())) is not None) == (zarr_format == 3)
+
+
+def test_written_at_once_then_grown_and_rewritten_by_steps(tmp_path) -> None:
+    store = str(tmp_path / "out.zarr")
+    for k in range(2):  # the second is written from the kept metadata
+        write_feature(feature(11, 14, 100 + k), store, f"f{k}", chunksize=8)
+    longer = xr.Dataset(coords={"time": np.append(TIMES, np.datetime64("2022-07-01", "ns")),
+                                "time_end": ("time", np.append(TIMES, np.datetime64("2022-07-01", "ns"))),
+                                "empty": ("time", np.zeros(7, bool))})
+    write_time_axis(store, "f1", longer)
+    new = np.full((1, 11, 14), 0.5, "float32")
+    write_steps(store, "f1", {"red": new}, [6])
+    ds = open_feature(store, "f1").load()
+    assert ds.sizes["time"] == 7 and zarr.open_group(store, path="f1")["red"].shape == (7, 11, 14)
+    np.testing.assert_array_equal(ds.red.values[6], new[0])
+    np.testing.assert_array_equal(ds.red.values[:6], feature(11, 14, 101).red.values)
+
+
+def test_written_at_once_on_s3(s3_server) -> None:
+    bucket = s3_server.make_bucket("pixels-feature")
+    store = f"s3://{bucket}/run.zarr"
+    for k in range(2):
+        write_feature(feature(10, 12, k), store, f"f{k}", chunksize=16)
+    got, want = open_feature(store, "f1").load(), feature(10, 12, 1)
+    for name in ("red", "clear_count", "source_time", "empty", "time_end", "x", "y"):
+        np.testing.assert_array_equal(got[name].values, want[name].values, err_msg=name)
+    assert json.loads(got.attrs["item_ids"]) == {"2022-01-01": ["i1"]} and got.rio.crs == want.rio.crs
+    write_feature(feature(10, 12, 5), store, "f1", chunksize=16)  # replaced whole
+    np.testing.assert_array_equal(open_feature(store, "f1").clear_count.values, feature(10, 12, 5).clear_count.values)

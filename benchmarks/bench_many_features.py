@@ -2,7 +2,8 @@
 
     .venv/bin/python benchmarks/bench_many_features.py [--counts 100,1000] [--no-write] [--profile OUT.txt]
 
-The synthetic sample (``make_sample`` defaults: 36 dates, two 256² tiles) with a monthly median over a year
+The synthetic sample (``make_sample``: 36 dates, one tile of 256² px or as large as the largest square
+needs) with a monthly median over a year
 (12 bins), Zarr, ``run_batch`` on one ``open_client("local")`` cluster shared by every run of this script.
 The baseline is one feature covering a square of ``side`` × ``side`` pixels (side = 20 · √N); the same
 square cut into N features of 20 × 20 px is run after it, into a fresh store, and the outputs are compared
@@ -66,7 +67,9 @@ def main() -> None:
     from pixels_xr.testing.sample import make_sample
 
     WORK.mkdir(parents=True, exist_ok=True)
-    sample = make_sample(WORK / "sample")
+    # the sample must hold the largest square (and its 8 px margin): one tile of side ≥ 256 px
+    need = max(256, PX * int(round(max(counts) ** 0.5)) + 16)
+    sample = make_sample(WORK / f"sample-{need}", width=need, height=need, tiles=1)
     config = px.load_config({"start": "2021-11-01", "end": "2022-10-31", "mode": "composite",
                              "composite_method": "median", "interval": "months", "platforms": "SENTINEL_2",
                              "bands": ["red", "green", "blue", "nir"], "catalog": str(sample.catalog)})
@@ -76,7 +79,7 @@ def main() -> None:
     before = machine_state()
     with open_client("local", quiet=True) as client:
         px.run_batch(config, [Feature("warm", box(*squares(origin, 1, PX)[0]), crs=sample.crs)],
-                     str(WORK / "warm.zarr"), client=client, progress=False)  # imports, numba, GDAL
+                     str(WORK / "warm.zarr"), client=client, progress=False, overwrite=True)  # imports, numba, GDAL
         for n in counts:
             side = int(round(n ** 0.5))
             assert side * side == n, f"{n} is not a perfect square"
@@ -111,8 +114,8 @@ def main() -> None:
     lines = [
         "## Many small features: N × 20 × 20 px vs one feature of the same pixels",
         "",
-        f"`.venv/bin/python benchmarks/bench_many_features.py --counts {args.counts}` — the default sample "
-        "(36 dates, two tiles), monthly median over a year (12 bins), 4 bands, Zarr, `run_batch` on one "
+        f"`.venv/bin/python benchmarks/bench_many_features.py --counts {args.counts}` — the sample "
+        f"(36 dates, one {need}² px tile), monthly median over a year (12 bins), 4 bands, Zarr, `run_batch` on one "
         "`open_client(\"local\")` cluster for every run. Client CPU: this process's CPU time during the run.",
         f"Machine before: {before}; after: {after}.",
         "",

@@ -24,6 +24,7 @@ from __future__ import annotations
 import concurrent.futures
 import contextlib
 import dataclasses
+import functools
 import json
 import os
 import threading
@@ -60,7 +61,15 @@ from pixels_xr.io.layout import (
 )
 from pixels_xr.io.lock import ReadOnlyOutput, locked
 from pixels_xr.io.stac_out import write_output_catalog, zarr_grid_item, zarr_item
-from pixels_xr.io.zarr_store import aligned, open_feature, region_write, write_feature, write_steps, write_time_axis
+from pixels_xr.io.zarr_store import (
+    aligned,
+    open_feature,
+    region_write,
+    time_chunk,
+    write_feature,
+    write_steps,
+    write_time_axis,
+)
 from pixels_xr.items import AssetProblem, ParsedItem
 from pixels_xr.ledger import RunManifest
 from pixels_xr.read_problems import cluster_problems, mark, read_events
@@ -72,6 +81,8 @@ OutputFormat = Literal["zarr", "cog"]
 #: Chunk side (pixels) of a group's cube and reduction: blocks no member touches are neither read nor
 #: reduced, so sparse groups read little more than their members' pixels.
 GROUP_CHUNK = 256
+#: Members written by one task: the scheduler's and the client's time is per task.
+MEMBERS_PER_TASK = 16
 #: Bytes of one row of chunks computed at once when writing a feature's COGs (its bins are grouped to fit).
 COG_ROW_BYTES = 256 * 2**20
 
@@ -325,7 +336,7 @@ def run_batch(config: PixelsConfig, features: Sequence[Feature], out: str, *, cl
             # a group larger than the window is admitted once what is in flight is down to half of it, so
             # the workers do not idle between groups while the next one is submitted
             limit = max(window, sum(len(plan.pending) for plan in todo) // 2)
-            while in_flight and sum(len(units) for _, units in in_flight.values()) >= limit:
+            while in_flight and _units_in_flight(in_flight) >= limit:
                 _drain(in_flight, remaining, manifest, bar, on_unit, items, block=True, client=client)
             submitted = mark(client)
             members = [plan for plan in todo if plan.member is not None]
@@ -554,6 +565,16 @@ def _build_alone(plan: _Planned, items: SearchResult, state: _State, config: Pix
                  manifest: RunManifest, output_format: str, zarr_format: int) -> None:
     """A feature's own cube and reduction (the per-feature path: a feature not in a group)."""
     feature = plan.feature
+    todo, axis, known = state
+    if known and output_format == "zarr" and time_chunk(manifest.out, feature.id) > 1:
+        # written whole as a group's member (a chunk holds every step): region writes of some steps by
+        # several tasks would share chunks, so the feature is rewritten from scratch instead
+        plan.units = [dataclasses.replace(u, state="new", reason="rewritten whole (stored as one chunk)")
+                      for u in plan.units if u.state != "gone"]
+        plan.result.units = [u.to_dict() for u in plan.units]
+        plan.result.units_skipped = 0
+        plan.rebuild = True
+        state = ({u.label for u in plan.units}, [u.label for u in plan.units], [])
     obs = observations(config, feature, items=items)
     ds = aligned(composite(obs, config, feature), config.chunksize)
     plan.result.empty_reason = ds.attrs.get("empty_reason")
@@ -683,32 +704,70 @@ def _submit_regions(client: Client, plan: _Planned, out: str,
 
 def _submit_group(client: Client, plans: list[_Planned],
                   retries: int) -> list[tuple[concurrent.futures.Future, _Planned]]:
-    """The write tasks of a group's members with pending units, in one submission over the group's
-    reduction (its blocks computed once, only those some member reads): one future per member, so a
-    member fails alone."""
+    """The writes of a group's members with pending units, in one submission over the group's reduction
+    (its blocks computed once, only those some member reads). Members are written ``MEMBERS_PER_TASK`` to
+    a task, each in its own ``try`` (``_write_members``): a member's failure is its own, and the
+    scheduler's and client's cost is per task, not per member. One future per member."""
     shared = plans[0].group
     assert shared is not None
     graph = shared.graph
-    layer, needed = {}, []
-    for plan in plans:
-        job = plan.member
-        assert job is not None
-        rows, cols, dy, dx = shared.blocks(job.where)
-        values = []
-        for a in shared.arrays:
-            per_step = []
-            for t in job.steps:
-                grid = [[(a.name, t, iy, ix) for ix in cols] for iy in rows]
-                needed.extend(k for row in grid for k in row)
-                per_step.append(List(*(List(*(TaskRef(k) for k in row)) for row in grid)))
-            values.append(List(*per_step))
-        key = f"pixels-member-{tokenize(job.store, job.group, job.steps, job.at, shared.arrays[0].name)}"
-        layer[key] = Task(key, _write_member, List(*values), (dy, dx), job)
-    keys = list(layer)
-    dsk = {**culled(graph, set(needed)), **layer}
+    layer, needed, batches = {}, set(), []
+    for start in range(0, len(plans), MEMBERS_PER_TASK):
+        batch = plans[start:start + MEMBERS_PER_TASK]
+        keys: dict[tuple, int] = {}  # the blocks the batch reads, each once: members name them by position
+        layouts = []
+        for plan in batch:
+            job = plan.member
+            assert job is not None
+            rows, cols, dy, dx = shared.blocks(job.where)
+            layouts.append(([[[[keys.setdefault((a.name, t, iy, ix), len(keys)) for ix in cols] for iy in rows]
+                               for t in job.steps] for a in shared.arrays], (dy, dx)))
+        needed.update(keys)
+        jobs = [plan.member for plan in batch]
+        key = f"pixels-members-{tokenize(jobs, shared.arrays[0].name)}"
+        layer[key] = Task(key, _write_members, List(*(TaskRef(k) for k in keys)), layouts, jobs)
+        batches.append(batch)
+    dsk = {**culled(graph, needed), **layer}
     started = time.perf_counter()
-    futures = client.get(dsk, keys, sync=False, retries=retries)
-    return [(_bridge(f, started), plan) for f, plan in zip(futures, plans)]
+    futures = client.get(dsk, list(layer), sync=False, retries=retries)
+    out = []
+    for future, batch in zip(futures, batches):
+        settled = [concurrent.futures.Future() for _ in batch]
+        future.add_done_callback(functools.partial(_settle_members, settled, started))
+        out.extend(zip(settled, batch))
+    return out
+
+
+def _settle_members(settled: list[concurrent.futures.Future], started: float, done: Any) -> None:
+    """Each member's future from its batch task's result (its error, or the seconds since submission)."""
+    try:
+        errors = done.result()
+    except BaseException as exc:  # noqa: BLE001 - the whole task failed (after its retries): every member
+        for f in settled:
+            f.set_exception(exc)
+        return
+    for f, error in zip(settled, errors):
+        if error is None:
+            f.set_result({"seconds": round(time.perf_counter() - started, 3)})
+        else:
+            f.set_exception(OutputError(error, "write"))
+
+
+def _write_members(blocks: list[np.ndarray], layouts: list[tuple[list, tuple[int, int]]],
+                   jobs: list[_MemberWrite]) -> list[str | None]:
+    """Runs on a worker: every member of a batch written (``_write_member``) from the batch's blocks (each
+    member's variables × steps × block rows × block columns, as positions in ``blocks``), each failure
+    caught and returned as that member's one-line error (None: written)."""
+    errors: list[str | None] = []
+    for (positions, offset), job in zip(layouts, jobs):
+        try:
+            values = [[[[blocks[k] for k in row] for row in step] for step in var] for var in positions]
+            _write_member(values, offset, job)
+            errors.append(None)
+        except Exception as exc:  # noqa: BLE001 - reported for this member; the batch goes on
+            text = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+            errors.append(f"{exc.__class__.__name__}: {text}" if text else exc.__class__.__name__)
+    return errors
 
 
 def _write_member(values: list, offset: tuple[int, int], job: _MemberWrite) -> int:
@@ -866,6 +925,10 @@ def _drain(in_flight: dict, remaining: dict[str, int], manifest: RunManifest, ba
                         items[fid] = zarr_item(fid, plan.ds, plan.sources)
             plan.ds = plan.member = plan.group = None  # the feature's graph is no longer needed
             bar(plan.result)
+
+
+def _units_in_flight(in_flight: dict) -> int:
+    return sum(len(units) for _, units in in_flight.values())
 
 
 def _member_item(job: _MemberWrite, grid: Grid, sources: dict[str, str]) -> Any:

@@ -56,9 +56,12 @@ def cluster_problems(client: Any, hrefs: set[str], since: float,
     for the many features whose jobs completed together)."""
     if client is None:
         return []
+    recent = [msg for stamp, msg in (read_events(client) if events is None else events)
+              if stamp >= since and isinstance(msg, dict)]
+    if not recent:  # the usual case: nothing to attribute, no href redacted
+        return []
     wanted = {redact(h) for h in hrefs}
-    return [msg for stamp, msg in (read_events(client) if events is None else events)
-            if stamp >= since and isinstance(msg, dict) and msg.get("href") in wanted]
+    return [msg for msg in recent if msg.get("href") in wanted]
 
 
 def read_events(client: Any) -> list[tuple[float, Any]]:

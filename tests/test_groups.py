@@ -147,6 +147,14 @@ def test_member_fails_alone_and_resumes_alone(tmp_path, sample, client) -> None:
         for name in reference[f.id].data_vars:
             np.testing.assert_array_equal(got[name].values, reference[f.id][name].values, err_msg=f.id)
     assert run_batch(config, small, str(out), client=client, progress=False).units_written == 0
+    # a member's store holds every step in one chunk: run alone later, the feature is rewritten whole
+    (units / "p0" / sorted(p.name for p in (units / "p0").glob("2021-11*.json"))[0]).unlink()
+    alone = run_batch(config, small[:1], str(out), client=client, progress=False)
+    assert alone.ok and alone.units_written == 2
+    assert {u["reason"] for u in alone.features[0].units} == {"rewritten whole (stored as one chunk)"}
+    got = open_feature(str(out), "p0").load()
+    for name in reference["p0"].data_vars:
+        np.testing.assert_array_equal(got[name].values, reference["p0"][name].values, err_msg=name)
 
 
 def test_member_without_items_is_empty(tmp_path, sample, client) -> None:

@@ -51,7 +51,7 @@ def write_output_catalog(out: str, title: str, output_format: str, feature_ids: 
     ids: list[str] = []
     for fid in feature_ids:
         if fid in items:
-            ids.append(_write_item(root, items[fid].clone()))
+            ids.append(_write_item(root, items[fid]))
             continue
         if output_format == "zarr":
             if fid in keep and storage.exists(storage.join(root, fid, f"{fid}.json")):
@@ -82,17 +82,19 @@ def write_output_catalog(out: str, title: str, output_format: str, feature_ids: 
     return url
 
 
-def _write_item(root: str, item: pystac.Item) -> str:
+def _write_item(root: str, item: pystac.Item | dict[str, Any]) -> str:
     """Write one item at ``root/<id>/<id>.json`` with links to the catalog and asset hrefs relative to it
-    (they were given relative to OUT); returns its id."""
-    for asset in item.assets.values():
-        asset.href = "../../" + asset.href
-    for rel in ("root", "parent"):
-        item.add_link(pystac.Link(rel, "../catalog.json", pystac.MediaType.JSON))
-    storage.write_bytes(storage.join(root, item.id, f"{item.id}.json"),
-                        json.dumps(item.to_dict(include_self_link=False, transform_hrefs=False), indent=1,
-                                   allow_nan=False).encode())
-    return item.id
+    (they were given relative to OUT); returns its id. ``item``: a pystac Item, or the STAC JSON of one
+    (``zarr_grid_item``; left unchanged)."""
+    record = item.to_dict(include_self_link=False, transform_hrefs=False) if isinstance(item, pystac.Item) \
+        else json.loads(json.dumps(item))
+    for asset in record.get("assets", {}).values():
+        asset["href"] = "../../" + asset["href"]
+    record.setdefault("links", []).extend({"rel": rel, "href": "../catalog.json", "type": pystac.MediaType.JSON}
+                                          for rel in ("root", "parent"))
+    storage.write_bytes(storage.join(root, record["id"], f"{record['id']}.json"),
+                        json.dumps(record, indent=1, allow_nan=False).encode())
+    return record["id"]
 
 
 def _grid_properties(crs: Any, transform: Any, height: int, width: int) -> tuple[dict, list[float]]:
@@ -103,6 +105,9 @@ def _grid_properties(crs: Any, transform: Any, height: int, width: int) -> tuple
     props = {"proj_code": crs.to_string(), "shape": [height, width], "transform": list(transform)[:6],
              "bbox": proj_bbox}
     return props, lonlat
+
+
+_PROJECTION = ProjectionExtension.get_schema_uri()
 
 
 @functools.lru_cache(maxsize=64)
@@ -126,7 +131,7 @@ def _item(item_id: str, props: dict, lonlat: list[float], start: str, end: str, 
     return item
 
 
-def zarr_item(fid: str, ds: Any, sources: dict[str, str]) -> pystac.Item:
+def zarr_item(fid: str, ds: Any, sources: dict[str, str]) -> dict[str, Any]:
     """The item of one feature's Zarr group, from its Dataset (as written, or the lazy one that was)."""
     times = ds["time"].values
     end = ds["time_end"].values[-1] if "time_end" in ds.coords else times[-1]
@@ -135,15 +140,29 @@ def zarr_item(fid: str, ds: Any, sources: dict[str, str]) -> pystac.Item:
 
 
 def zarr_grid_item(fid: str, crs: Any, transform: Any, shape: tuple[int, int], start: str, end: str,
-                   variables: list[str], steps: int, sources: dict[str, str]) -> pystac.Item:
-    """The item of a feature's Zarr group from its grid and time range (no Dataset needed: a group's
-    members are written on workers)."""
+                   variables: list[str], steps: int, sources: dict[str, str]) -> dict[str, Any]:
+    """The STAC JSON of a feature's Zarr group from its grid and time range (no Dataset needed: a group's
+    members are written on workers). Written as JSON directly, as pystac writes the same item (the
+    projection extension, ``derived_from`` links): building and serialising a pystac Item per feature was
+    most of the catalog's time in runs of thousands of features (``tests/test_batch.py`` compares both)."""
     props, lonlat = _grid_properties(crs, transform, *shape)
-    item = _item(fid, props, lonlat, start, end, sources,
-                 {"pixels_xr:variables": variables, "pixels_xr:time_steps": steps})
-    item.add_asset("data", pystac.Asset(fid, media_type="application/vnd+zarr", roles=["data"],
-                                        title=f"feature {fid} (Zarr group)"))
-    return item
+    west, south, east, north = lonlat
+    return {
+        "type": "Feature", "stac_version": pystac.get_stac_version(), "stac_extensions": [_PROJECTION],
+        "id": fid,
+        "geometry": {"type": "Polygon", "coordinates": [[[east, south], [east, north], [west, north],
+                                                          [west, south], [east, south]]]},
+        "bbox": lonlat,
+        "properties": {"start_datetime": f"{start}T00:00:00Z", "end_datetime": f"{end}T23:59:59Z",
+                       "pixels_xr:variables": list(variables), "pixels_xr:time_steps": int(steps),
+                       "proj:code": props["proj_code"], "proj:shape": list(props["shape"]),
+                       "proj:transform": [float(v) for v in props["transform"]],
+                       "proj:bbox": [float(v) for v in props["bbox"]], "datetime": None},
+        "links": [{"rel": "derived_from", "href": redact(href), "type": pystac.MediaType.JSON, "title": source_id}
+                  for source_id, href in sorted(sources.items())],
+        "assets": {"data": {"href": fid, "type": "application/vnd+zarr", "title": f"feature {fid} (Zarr group)",
+                            "roles": ["data"]}},
+    }
 
 
 def _cog_item(unit: CogUnit, sources: dict[str, str]) -> pystac.Item:

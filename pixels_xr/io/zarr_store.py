@@ -29,6 +29,8 @@ from pixels_xr.errors import OutputError
 from pixels_xr.graph import block_graph
 
 ZARR_FORMATS = (2, 3)
+#: Largest variable (bytes) ``write_feature`` stores as a single chunk (all steps, the whole window).
+WHOLE_CHUNK_BYTES = 4 * 2**20
 
 
 def aligned(ds: xr.Dataset, chunksize: int) -> xr.Dataset:
@@ -49,11 +51,11 @@ def _chunk_shape(ds: xr.Dataset, chunksize: int) -> tuple[int, int]:
     return min(chunksize, ds.sizes["y"]) or 1, min(chunksize, ds.sizes["x"]) or 1
 
 
-def _set_encodings(ds: xr.Dataset, cy: int, cx: int) -> None:
-    """The Zarr encoding of every data variable: chunks of one step × ``cy`` × ``cx``, NaN fill for
-    floats, integers without a fill (nodata stays an attribute), datetimes as int64 microseconds."""
+def _set_encodings(ds: xr.Dataset, cy: int, cx: int, steps: int = 1) -> None:
+    """The Zarr encoding of every data variable: chunks of ``steps`` time steps × ``cy`` × ``cx``, NaN fill
+    for floats, integers without a fill (nodata stays an attribute), datetimes as int64 microseconds."""
     for var in ds.data_vars.values():
-        var.encoding = variable_encoding(var.dtype, (1, cy, cx))
+        var.encoding = variable_encoding(var.dtype, (steps, cy, cx))
 
 
 def variable_encoding(dtype: np.dtype, chunks: tuple[int, ...]) -> dict[str, Any]:
@@ -72,13 +74,21 @@ def write_feature(ds: xr.Dataset, store: str, group: str, *, chunksize: int, zar
     """A whole in-memory feature Dataset written at once, metadata and data, encoded as ``aligned``
     encodes: what a worker does for a small member of a group, instead of a template plus region writes.
 
-    The group's files are made in memory (``feature_files``) and written in one go
-    (``storage.write_tree``: renamed into place locally, PUT concurrently on object stores)."""
+    A small feature (every variable at most ``WHOLE_CHUNK_BYTES``) is stored as one chunk per variable,
+    all its time steps together: a chunk per step was a dozen files per variable, and creating files, not
+    encoding pixels, was most of a member's write. Later writes of some of its steps (``write_steps``) then
+    rewrite that chunk; one task writes a feature, so no two writers share a chunk (``region_write``
+    refuses such a store: ``time_chunk``). The group's files are made in memory (``feature_files``) and
+    written in one go (``storage.write_tree``: renamed into place locally, PUT concurrently on object
+    stores)."""
     from pixels_xr.io import storage
 
     _check_format(zarr_format)
     ds = _json_attrs(ds)
-    _set_encodings(ds, *_chunk_shape(ds, chunksize))
+    whole = all(v.nbytes <= WHOLE_CHUNK_BYTES for v in ds.data_vars.values())
+    steps = max(ds.sizes.get("time", 1), 1) if whole else 1
+    cy, cx = (ds.sizes["y"] or 1, ds.sizes["x"] or 1) if whole else _chunk_shape(ds, chunksize)
+    _set_encodings(ds, cy, cx, steps)
     root, files = feature_files(ds, zarr_format)
     for name, data in root.items():  # the store's root group, made once (by the first writer)
         if not storage.exists(storage.join(store, name)):
@@ -368,6 +378,19 @@ def _write_block(block: tuple[int, ...], values: list[np.ndarray], target: _Bloc
         encoded = xr.conventions.encode_cf_variable(xr.Variable(target.dims, data, encoding=dict(encoding)),
                                                     name=name)
         group[name][where] = np.asarray(encoded.data)
+
+
+def time_chunk(store: str, group: str) -> int:
+    """Time steps per chunk of a feature's arrays in the store (1 as ``aligned`` writes; more for a small
+    feature written whole by ``write_feature``; 1 when the group is unreadable)."""
+    import zarr
+
+    try:
+        root = zarr.open_group(store, path=group, mode="r")
+        chunks = [arr.chunks[0] for _, arr in root.arrays() if _dims(arr)[:1] == ("time",) and arr.ndim == 3]
+    except Exception:  # noqa: BLE001 - no readable group: nothing to protect
+        return 1
+    return max(chunks, default=1)
 
 
 def write_time_axis(store: str, group: str, axis: xr.Dataset, attrs: dict[str, Any] | None = None) -> None:

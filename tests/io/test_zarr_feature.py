@@ -36,7 +36,14 @@ def feature(height: int, width: int, seed: int) -> xr.Dataset:
 
 
 @pytest.mark.parametrize("zarr_format", [3, 2])
-def test_written_at_once_equals_xarray_to_zarr(tmp_path, zarr_format) -> None:
+@pytest.mark.parametrize("whole", [True, False])
+def test_written_at_once_equals_xarray_to_zarr(tmp_path, monkeypatch, zarr_format, whole) -> None:
+    """Values, coordinates, attributes and georeferencing as xarray writes them; a small feature in one
+    chunk per variable, a larger one in ``aligned``'s chunks (one step × chunksize)."""
+    from pixels_xr.io import zarr_store
+
+    if not whole:
+        monkeypatch.setattr(zarr_store, "WHOLE_CHUNK_BYTES", 1000)
     _LAYOUTS.clear()
     for k, (height, width) in enumerate([(20, 20), (13, 27), (70, 45), (20, 20), (9, 9)]):  # first: xarray's
         ds = feature(height, width, k)
@@ -47,8 +54,9 @@ def test_written_at_once_equals_xarray_to_zarr(tmp_path, zarr_format) -> None:
         xr.testing.assert_identical(got.load(), ref.load())
         assert got.rio.transform() == ref.rio.transform() and got.rio.crs == ref.rio.crs
         for name in got.data_vars:
-            assert got[name].encoding["chunks"] == ref[name].encoding["chunks"] == (1, min(32, height),
-                                                                                    min(32, width))
+            want = (6, height, width) if whole else (1, min(32, height), min(32, width))
+            assert got[name].encoding["chunks"] == want and zarr_store.time_chunk(
+                str(tmp_path / "fast.zarr"), f"f{k}") == want[0]
     assert len(_LAYOUTS) == 1 and (next(iter(_LAYOUTS.values())) is not None) == (zarr_format == 3)
 
 

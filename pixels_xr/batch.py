@@ -791,12 +791,23 @@ def _write_member(values: list, offset: tuple[int, int], job: _MemberWrite) -> i
     if job.template is None:
         write_steps(job.store, job.group, arrays, list(job.at))
         return len(job.steps)
+    reference = xr.Variable((), 0, {**_grid_mapping(job.crs),
+                                    "GeoTransform": " ".join(str(v) for v in Affine(*job.transform).to_gdal())})
     ds = xr.Dataset({n: (("time", "y", "x"), a, job.var_attrs.get(n, {})) for n, a in arrays.items()},
-                    coords={**job.time_coords, **{k: (k, v) for k, v in job.space_coords.items()}},
-                    attrs=job.attrs)
-    ds = ds.rio.write_crs(job.crs).rio.write_transform(Affine(*job.transform))
+                    coords={**job.time_coords, **{k: (k, v) for k, v in job.space_coords.items()},
+                            "spatial_ref": reference}, attrs=job.attrs)
     write_feature(ds, job.store, job.group, chunksize=job.chunksize, zarr_format=job.template)
     return len(job.steps)
+
+
+@functools.lru_cache(maxsize=16)
+def _grid_mapping(crs: str) -> dict[str, Any]:
+    """The CF grid-mapping attributes rioxarray's ``write_crs`` gives ``spatial_ref`` (made once per CRS and
+    process: per member it was most of the write's time); the GeoTransform is the member's own."""
+    import rioxarray  # noqa: F401  (registers the .rio accessor)
+
+    ref = xr.Dataset(coords={"y": [0.0], "x": [0.0]}).rio.write_crs(crs)
+    return {k: v for k, v in ref["spatial_ref"].attrs.items() if k != "GeoTransform"}
 
 
 def _clip_fill(dtype: np.dtype, attrs: dict[str, Any]) -> Any:

@@ -1,6 +1,12 @@
 """Batch runs: every feature of a config searched, built and written on a Dask cluster, resumably.
 
-A *unit* is one feature × one time bin (one acquisition day in mode ``all``). The client plans features a
+A *unit* is one feature × one time bin (one acquisition day in mode ``all``). Nearby small features run as
+groups (``groups``): one search (``catalog.search_many``), one cube and one reduction per group over the
+union of their grids, each member a window of it, cut, clipped and written whole by a task that writes 16
+members (``_write_members``: each member's failure is its own), with its own items, empty bins, item ids,
+fingerprints and ledger records. A feature that cannot be grouped (large, another CRS or date range), a
+member whose grid is not a window of the group's, a member without items and every COG output take the
+per-feature path below. The client plans groups a
 few at a time (search → lazy Dataset), then submits each feature's pending units in one go while fewer than
 ``window`` units are in flight, so the graph in flight never holds all features at once and memory stays
 bounded however many there are. (One submission per feature: its bins share tasks, and distributed can lose
@@ -81,7 +87,8 @@ OutputFormat = Literal["zarr", "cog"]
 #: Chunk side (pixels) of a group's cube and reduction: blocks no member touches are neither read nor
 #: reduced, so sparse groups read little more than their members' pixels.
 GROUP_CHUNK = 256
-#: Members written by one task: the scheduler's and the client's time is per task.
+#: Most members written by one task (half the run's ``window`` when that is smaller): the scheduler's and
+#: the client's time is per task.
 MEMBERS_PER_TASK = 16
 #: Bytes of one row of chunks computed at once when writing a feature's COGs (its bins are grouped to fit).
 COG_ROW_BYTES = 256 * 2**20
@@ -343,7 +350,7 @@ def run_batch(config: PixelsConfig, features: Sequence[Feature], out: str, *, cl
             if members:  # a group's members: one submission over the group's reduction
                 for plan in members:
                     plan.submitted = submitted
-                for job, plan in _submit_group(client, members, retries):
+                for job, plan in _submit_group(client, members, retries, max(1, min(MEMBERS_PER_TASK, window // 2))):
                     in_flight[job] = (plan, list(plan.pending))
             for plan in todo:
                 if plan.member is not None:
@@ -702,18 +709,19 @@ def _submit_regions(client: Client, plan: _Planned, out: str,
     return [(_bridge(f, started), run) for f, run in zip(client.compute(writes, retries=retries), runs)]
 
 
-def _submit_group(client: Client, plans: list[_Planned],
-                  retries: int) -> list[tuple[concurrent.futures.Future, _Planned]]:
+def _submit_group(client: Client, plans: list[_Planned], retries: int,
+                  per_task: int = MEMBERS_PER_TASK) -> list[tuple[concurrent.futures.Future, _Planned]]:
     """The writes of a group's members with pending units, in one submission over the group's reduction
-    (its blocks computed once, only those some member reads). Members are written ``MEMBERS_PER_TASK`` to
-    a task, each in its own ``try`` (``_write_members``): a member's failure is its own, and the
-    scheduler's and client's cost is per task, not per member. One future per member."""
+    (its blocks computed once, only those some member reads). Members are written ``per_task`` to a task
+    (``MEMBERS_PER_TASK``, fewer under a small ``window``: progress is recorded per task), each in its own
+    ``try`` (``_write_members``): a member's failure is its own, and the scheduler's and client's cost is
+    per task, not per member. One future per member."""
     shared = plans[0].group
     assert shared is not None
     graph = shared.graph
     layer, needed, batches = {}, set(), []
-    for start in range(0, len(plans), MEMBERS_PER_TASK):
-        batch = plans[start:start + MEMBERS_PER_TASK]
+    for start in range(0, len(plans), per_task):
+        batch = plans[start:start + per_task]
         keys: dict[tuple, int] = {}  # the blocks the batch reads, each once: members name them by position
         layouts = []
         for plan in batch:

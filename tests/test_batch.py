@@ -108,7 +108,9 @@ def test_zarr_output_equals_engine_result_and_is_georeferenced(clean_run, config
         assert json.loads(back.attrs["config"])["mode"] == "latest_pixel"
         assert back.attrs["software"].startswith("pixels_xr ")
         assert json.loads(back.attrs["item_ids"]) == json.loads(ref.attrs["item_ids"])
-        assert back["blue"].encoding["chunks"][0] == 1  # one bin per Zarr chunk: regions never overlap
+        # one bin per Zarr chunk (regions never overlap), or a group's small member written whole: every
+        # step in one chunk, rewritten by one task (``zarr_store.write_feature``)
+        assert back["blue"].encoding["chunks"][0] in (1, back.sizes["time"])
 
 
 def test_run_report_and_manifest(clean_run, features) -> None:

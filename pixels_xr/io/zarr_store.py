@@ -7,6 +7,9 @@ concurrent writers never touch a shared object)::
     OUT.zarr/<feature id>/…            one Dataset per feature (time, y, x): bands, clear_count, source_time
     OUT.zarr/.pixels_xr/…              run manifest (see batch), never a Zarr node
 
+A group's small member is written whole by ``write_feature`` (one chunk per variable, chunk keys
+``c.0.0.0``); everything else as below.
+
 ``write_template`` writes every array's metadata and the coordinates (``compute=False`` for the data);
 ``region_write`` gives the delayed write of one time bin (or a run of bins; optionally after the template,
 in the same graph), one fused task per block, so bins and features can be written independently and in

@@ -216,6 +216,7 @@ class _Planned:
     member: _MemberWrite | None = None
     group: _GroupGraph | None = None
     grid: Grid | None = None
+    axis_update: tuple[xr.Dataset, dict[str, Any]] | None = None
 
 
 @dataclass(frozen=True)
@@ -241,6 +242,8 @@ class _MemberWrite:
     #: the geometry to clip to, in the grid's CRS (None: not clipped)
     clip: Any
     chunksize: int
+    #: a known member's time axis and attributes after this run (``write_time_axis``), set by its writer
+    axis_update: tuple[xr.Dataset, dict[str, Any]] | None = None
 
 
 class _GroupGraph:
@@ -500,7 +503,7 @@ def _member_plan(plan: _Planned, items: SearchResult, state: _State, gds: xr.Dat
              "asset_problems": json.dumps(own), "items_filtered": json.dumps(items.filtered)}
     attrs.pop("empty_reason", None)
     if not _prepare(plan, [glabels[k] for k in steps], lambda: xr.Dataset(coords=coords, attrs=attrs), items,
-                    {p["item"] for p in own}, state, manifest, output_format, zarr_format):
+                    {p["item"] for p in own}, state, manifest, output_format, zarr_format, defer_axis=True):
         return
     template = plan.template
     write = steps if template is not None else [steps[i] for i in plan.pending]  # a new group: every step
@@ -510,7 +513,7 @@ def _member_plan(plan: _Planned, items: SearchResult, state: _State, gds: xr.Dat
         {n: (("time",), values) for n, (_, values) in coords.items()}, {
             "y": np.array(grid.ys()), "x": np.array(grid.xs())}, attrs,
         {n: dict(gds[n].attrs) for n in names}, f"EPSG:{grid.epsg}", tuple(grid.transform)[:6],
-        feature.geometry_in(grid.crs) if config.clip else None, config.chunksize)
+        feature.geometry_in(grid.crs) if config.clip else None, config.chunksize, plan.axis_update)
     plan.group, plan.grid = shared, grid
 
 
@@ -594,7 +597,7 @@ def _build_alone(plan: _Planned, items: SearchResult, state: _State, config: Pix
 
 def _prepare(plan: _Planned, labels: list[str], timeline: Callable[[], xr.Dataset], items: list[ParsedItem],
              skipped: set[str], state: _State, manifest: RunManifest, output_format: str,
-             zarr_format: int) -> bool:
+             zarr_format: int, defer_axis: bool = False) -> bool:
     """The pending steps of a built feature (its step ``labels``) and where they go; for a known feature
     the output's time axis grown (from ``timeline()``: its Dataset, or a member's time coordinates and
     attributes) and recorded. False when there is nothing to write."""
@@ -623,8 +626,12 @@ def _prepare(plan: _Planned, labels: list[str], timeline: Callable[[], xr.Datase
     else:
         if output_format == "zarr":  # the axis may grow; flags (empty …) and provenance follow the units
             ds = timeline()
-            write_time_axis(manifest.out, feature.id, _axis_coords(manifest, feature.id, axis, ds),
-                            _merged_attrs(manifest.out, feature.id, ds))
+            update = (_axis_coords(manifest, feature.id, axis, ds), dict(ds.attrs))
+            if defer_axis:  # a group's member: its write task updates the axis first, on a worker
+                plan.axis_update = update
+            else:
+                write_time_axis(manifest.out, feature.id, update[0], _merged_attrs(manifest.out, feature.id,
+                                                                                   update[1]))
         manifest.record_template(feature.id, axis, {**manifest.sources(feature.id), **plan.sources})
     for u in plan.units:  # a relabelled (grown) partial bin: its old record (and COGs) go once it is rewritten
         old = next((k for k in known if start_of(k) == start_of(u.label) and k != u.label), None)
@@ -647,24 +654,27 @@ def _axis(known: list[str], current: list[str], output_format: str) -> list[str]
     return sorted(axis + new, key=start_of) if output_format != "zarr" else axis + new
 
 
-def _merged_attrs(store: str, feature_id: str, ds: xr.Dataset) -> dict[str, Any]:
-    """The feature group's attributes after this run: this run's, with the item ids of the bins it does not
-    cover (kept from the store)."""
+def _merged_attrs(store: str, feature_id: str, now: dict[str, Any]) -> dict[str, Any]:
+    """The feature group's attributes after this run: this run's (``now``), with the item ids of the bins it
+    does not cover (kept from the store)."""
     import zarr
 
     old = dict(zarr.open_group(store, path=feature_id, mode="r").attrs)
-    attrs = dict(ds.attrs)
+    attrs = dict(now)
     with contextlib.suppress(KeyError, TypeError, ValueError):
-        attrs["item_ids"] = json.dumps({**json.loads(old["item_ids"]), **json.loads(ds.attrs["item_ids"])})
+        attrs["item_ids"] = json.dumps({**json.loads(old["item_ids"]), **json.loads(now["item_ids"])})
     return attrs
 
 
 def _axis_coords(manifest: RunManifest, feature_id: str, axis: list[str], ds: xr.Dataset) -> xr.Dataset:
     """The time coordinates of the whole axis: this run's for its units, the store's for the others."""
-    existing = open_feature(manifest.out, feature_id)
-    old = {start_of(label): k for k, label in enumerate(manifest.template(feature_id) or [])}
     now = {start_of(label): k for k, label in enumerate(unit_labels(ds))}
     names = [n for n, c in ds.coords.items() if c.dims == ("time",)]
+    if all(start_of(label) in now for label in axis):  # every bin is this run's: the store is not read
+        order = [now[start_of(label)] for label in axis]
+        return xr.Dataset(coords={n: ("time", ds[n].values[order]) for n in names})
+    existing = open_feature(manifest.out, feature_id)
+    old = {start_of(label): k for k, label in enumerate(manifest.template(feature_id) or [])}
     columns = {}
     for name in names:
         values = []
@@ -797,6 +807,9 @@ def _write_member(values: list, offset: tuple[int, int], job: _MemberWrite) -> i
             stack = np.where(inside, stack, _clip_fill(stack.dtype, job.var_attrs.get(name, {})))
         arrays[name] = stack
     if job.template is None:
+        if job.axis_update is not None:
+            axis, attrs = job.axis_update
+            write_time_axis(job.store, job.group, axis, _merged_attrs(job.store, job.group, attrs))
         write_steps(job.store, job.group, arrays, list(job.at))
         return len(job.steps)
     reference = xr.Variable((), 0, {**_grid_mapping(job.crs),

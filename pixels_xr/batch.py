@@ -48,7 +48,7 @@ from distributed import Client
 from pixels_xr.catalog import SearchResult, search, search_many
 from pixels_xr.cluster import ClusterOptions, open_client
 from pixels_xr.compose import composite, observations, unit_item_ids
-from pixels_xr.cube import output_grid
+from pixels_xr.cube import centres_inside, output_grid
 from pixels_xr.config import PixelsConfig
 from pixels_xr.errors import ConfigError, OutputError, PixelsError
 from pixels_xr.features import Feature, check_id
@@ -793,12 +793,7 @@ def _write_member(values: list, offset: tuple[int, int], job: _MemberWrite) -> i
     whole (a new store) or at its pending steps; returns the steps written."""
     (rows, cols), (dy, dx) = job.where, offset
     height, width = rows.stop - rows.start, cols.stop - cols.start
-    inside = None
-    if job.clip is not None:  # the clip rule of ``cube.inside_mask``: pixel centres inside
-        from rasterio.features import geometry_mask
-
-        inside = geometry_mask([job.clip], out_shape=(height, width), transform=Affine(*job.transform),
-                               invert=True, all_touched=False)
+    inside = None if job.clip is None else centres_inside(job.clip, (height, width), Affine(*job.transform))
     arrays = {}
     for name, per_step in zip(job.names, values):
         stack = np.concatenate([np.concatenate([np.concatenate(row, axis=2) for row in step], axis=1)

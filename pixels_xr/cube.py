@@ -48,7 +48,8 @@ from pixels_xr.readers import (
 )
 from pixels_xr.signing import Signer, sign
 
-__all__ = ["GDAL_CLOUD_ENV", "Loader", "asset_table", "build_cube", "check_assets", "output_grid",
+__all__ = ["GDAL_CLOUD_ENV", "Loader", "asset_table", "build_cube", "centres_inside", "check_assets", "inside_mask",
+           "output_grid",
            "reflectance_bands", "to_reflectance"]
 
 log = logging.getLogger(__name__)
@@ -197,14 +198,17 @@ def _is_reflectance(config: PixelsConfig, name: str) -> bool:
 
 
 def inside_mask(feature: Feature, grid: Grid) -> xr.DataArray:
-    """Pixels of ``grid`` whose centre is inside the feature (the ``clip`` rule; a group's member is
-    clipped by the same rule on its worker, ``batch._write_member``)."""
+    """Pixels of ``grid`` whose centre is inside the feature (the ``clip`` rule)."""
+    return xr.DataArray(centres_inside(feature.geometry_in(grid.crs), grid.shape, grid.transform),
+                        dims=("y", "x"))
+
+
+def centres_inside(geometry: Any, shape: tuple[int, int], transform: Any) -> np.ndarray:
+    """The ``clip`` rule on a raster grid: pixels whose centre is inside ``geometry`` (GDAL's rasterisation,
+    ``all_touched=False``); also what clips a group's member on its worker."""
     from rasterio.features import geometry_mask
 
-    geom = feature.geometry_in(grid.crs)
-    inside = geometry_mask([geom], out_shape=grid.shape, transform=grid.transform, invert=True,
-                           all_touched=False)
-    return xr.DataArray(inside, dims=("y", "x"))
+    return geometry_mask([geometry], out_shape=shape, transform=transform, invert=True, all_touched=False)
 
 
 def _errors_as_nodata(config: PixelsConfig) -> tuple[Exception, ...]:

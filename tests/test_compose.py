@@ -16,13 +16,8 @@ from pixels_xr.compose import collect
 from pixels_xr.config import load_config
 from pixels_xr.features import Feature, load_features
 from pixels_xr.timeslices import time_bins
+from landsat_series import SERIES, scene_date
 
-SERIES = "landsat-sr-fmask-105dates"
-
-
-def _scene_date(scene: str) -> dt.date:
-    year, doy = int(scene[9:13]), int(scene[13:16])
-    return dt.date(year, 1, 1) + dt.timedelta(days=doy - 1)
 
 
 @pytest.fixture(scope="module")
@@ -35,7 +30,7 @@ def fmask_series(shared_data: Path, tmp_path_factory: pytest.TempPathFactory) ->
                  "fmask": f"{scene}_fmask.tif"}
         with rasterio.open(root / scene / files["red"]) as ds:
             transform, shape, bounds = list(ds.transform)[:6], list(ds.shape), ds.bounds
-        day = _scene_date(scene)
+        day = scene_date(scene)
         assets = {}
         for key, fname in files.items():
             kind = {"data_type": "uint8", "nodata": 255} if key == "fmask" else \

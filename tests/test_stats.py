@@ -21,16 +21,11 @@ from pixels_xr.errors import ConfigError
 from pixels_xr.features import Feature
 from pixels_xr.stats import stats
 from pixels_xr.timeslices import time_bins
+from landsat_series import SERIES, scene_date
 
-SERIES = "landsat-sr-fmask-105dates"
 SCENE = "s2-l2a-S2A_29RKH_20200219"
 STATS = ["count", "mean", "stdev", "min", "max", "median", "quantile(q=0.1)", "quantile(q=0.9)"]
 OURS = ["count", "mean", "std", "min", "max", "median", "p10", "p90"]
-
-
-def _scene_date(scene: str) -> dt.date:
-    year, doy = int(scene[9:13]), int(scene[13:16])
-    return dt.date(year, 1, 1) + dt.timedelta(days=doy - 1)
 
 
 @pytest.fixture(scope="module")
@@ -39,7 +34,7 @@ def series(shared_data: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[
     root = shared_data / SERIES
     items, arrays = [], {"red": [], "nir08": [], "swir16": [], "fmask": [], "date": []}
     for scene in sorted(p.name for p in root.iterdir() if p.is_dir()):
-        day = _scene_date(scene)
+        day = scene_date(scene)
         if day.year != 2009:
             continue
         files = {"red": f"{scene}_b3.tif", "nir08": f"{scene}_b4.tif", "swir16": f"{scene}_b5.tif",

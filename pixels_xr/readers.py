@@ -65,6 +65,7 @@ def _reset_after_fork() -> None:  # a forked child must not inherit the parent's
     _LOCK = threading.Lock()
     _POOLS.clear()
     _SLOTS.clear()
+    _HTTP.clear()
 
 
 os.register_at_fork(after_in_child=_reset_after_fork)
@@ -409,7 +410,8 @@ def gdal_env(extra: dict[str, Any]) -> Any:
 # credentials, endpoints and retries are GDAL's), kept as bytes in a ``CogHeader`` that travels with the
 # reader table, and every later open of that asset (any feature, worker or thread) parses it from memory
 # through rasterio's opener interface; only tile bytes are fetched after that, one request per run of
-# adjacent tiles (GDAL merges them and asks our opener for them in one multi-range call).
+# adjacent tiles (GDAL merges them and asks our opener for them in one multi-range call), as plain ranged
+# GETs of the URL GDAL signs for the object (``_Vsi.ranges``): no probe of the file per worker process.
 
 #: Bytes the header read fetches (GDAL's GDAL_INGESTED_BYTES_AT_OPEN is 16 KiB; a COG's IFDs for a 10980²
 #: Sentinel-2 band fit in 32 KiB). More is fetched on demand when the IFDs go further.
@@ -459,6 +461,10 @@ class _Vsi:
                                             c.POINTER(c.c_size_t), c.c_void_p]
         lib.CPLGetLastErrorMsg.restype, lib.CPLGetLastErrorMsg.argtypes = c.c_char_p, []
         lib.CPLErrorReset.restype, lib.CPLErrorReset.argtypes = None, []
+        lib.CPLGetConfigOption.restype = c.c_char_p
+        lib.CPLGetConfigOption.argtypes = [c.c_char_p, c.c_char_p]
+        lib.VSIGetSignedURL.restype, lib.VSIGetSignedURL.argtypes = c.c_void_p, [c.c_char_p, c.c_void_p]
+        lib.VSIFree.restype, lib.VSIFree.argtypes = None, [c.c_void_p]
 
     @classmethod
     def get(cls) -> _Vsi | None:
@@ -496,8 +502,46 @@ class _Vsi:
         finally:
             self.lib.VSIFCloseL(handle)
 
+    def option(self, name: str) -> str | None:
+        """GDAL's value of config option ``name`` in this thread (environment variables included)."""
+        value = self.lib.CPLGetConfigOption(name.encode(), None)
+        return value.decode() if value else None
+
+    def direct_url(self, vsi: str) -> str | None:
+        """The plain HTTP(S) URL that fetches ``vsi``'s bytes as GDAL would (``/vsicurl/`` URLs as they are,
+        object stores signed by GDAL with its credentials and endpoint: no request), or None when GDAL must
+        do the fetch itself (its HTTP options add headers, proxies, cookies or TLS settings that a plain
+        request would lose)."""
+        import ctypes
+
+        if any(self.option(name) for name in _GDAL_ONLY_HTTP_OPTIONS):
+            return None
+        if vsi.startswith("/vsicurl/"):
+            url = vsi[len("/vsicurl/"):]
+            return url if url.startswith(("http://", "https://")) else None
+        if not vsi.startswith(("/vsis3/", "/vsigs/", "/vsiaz/", "/vsiadls/", "/vsioss/", "/vsiswift/")):
+            return None
+        pointer = self.lib.VSIGetSignedURL(vsi.encode(), None)
+        if not pointer:
+            return None
+        try:
+            url = ctypes.string_at(pointer).decode()
+        finally:
+            self.lib.VSIFree(pointer)
+        return url if url.startswith(("http://", "https://")) else None
+
     def ranges(self, vsi: str, spans: list[tuple[int, int]]) -> list[bytes]:
-        """Bytes of each ``(offset, length)`` of ``vsi``, fetched concurrently (GDAL merges adjacent ones)."""
+        """Bytes of each ``(offset, length)`` of ``vsi``, fetched concurrently (GDAL merges adjacent ones).
+
+        Through GDAL's URL for ``vsi`` with plain ranged GETs where it has one (``direct_url``): opening a
+        file through GDAL's VSI costs a probe request per file and process (it checks that the file exists
+        and its size, which the header read already knows), so a worker's first read of each asset cost one
+        request more than the tiles. Else through ``VSIFReadMultiRangeL``."""
+        url = self.direct_url(vsi)
+        pool = _http_pool(self, url) if url is not None else None
+        if pool is not None:
+            timeout = float(self.option("GDAL_HTTP_TIMEOUT") or 0) or None
+            return _http_ranges(pool, url, spans, vsi, self._retry(), timeout)
         import ctypes
 
         handle = self._open(vsi)
@@ -512,6 +556,82 @@ class _Vsi:
             return [b.raw for b in bufs]
         finally:
             self.lib.VSIFCloseL(handle)
+
+
+    def _retry(self) -> Any:
+        import urllib3
+
+        tries = int(self.option("GDAL_HTTP_MAX_RETRY") or 0)
+        delay = float(self.option("GDAL_HTTP_RETRY_DELAY") or 30)
+        return urllib3.Retry(total=tries, backoff_factor=delay, status_forcelist=_RETRY_STATUS,
+                             allowed_methods=["GET"], raise_on_status=False, respect_retry_after_header=True)
+
+
+#: GDAL HTTP options that a plain request would not honour: with any set, GDAL fetches the bytes itself.
+#: (CA bundles and proxies are honoured: ``_http_pool``.)
+_GDAL_ONLY_HTTP_OPTIONS = (
+    "GDAL_HTTP_HEADERS", "GDAL_HTTP_HEADER_FILE", "GDAL_HTTP_AUTH", "GDAL_HTTP_USERPWD", "GDAL_HTTP_BEARER",
+    "GDAL_HTTP_COOKIE", "GDAL_HTTP_COOKIEFILE", "GDAL_HTTP_PROXY", "GDAL_HTTPS_PROXY", "GDAL_HTTP_PROXYUSERPWD",
+    "GDAL_HTTP_UNSAFESSL", "GDAL_HTTP_SSLCERT", "GDAL_HTTP_SSLKEY", "GDAL_HTTP_CAPATH", "GDAL_HTTP_VERSION",
+    "AWS_REQUEST_PAYER", "CPL_CURL_VERBOSE",
+)
+_CA_OPTIONS = ("GDAL_CURL_CA_BUNDLE", "CURL_CA_BUNDLE", "SSL_CERT_FILE")  # curl's order in GDAL
+_RETRY_STATUS = (429, 500, 502, 503, 504)
+_HTTP: dict[Any, Any] = {}  # CA bundle → urllib3 pool manager, "threads" → executor; per process
+
+
+def _http_pool(vsi: _Vsi, url: str) -> Any:
+    """The process's connection pool for ``url`` with the CA bundle GDAL would use, or None when a proxy
+    applies to its host (the proxy environment variables, as curl reads them): then GDAL fetches."""
+    import urllib.request
+    from urllib.parse import urlsplit
+
+    parts = urlsplit(url)
+    proxies = urllib.request.getproxies()
+    if (parts.scheme in proxies or "all" in proxies) and not urllib.request.proxy_bypass(parts.hostname or ""):
+        return None
+    ca = next((v for v in map(vsi.option, _CA_OPTIONS) if v), None)
+    with _LOCK:
+        pool = _HTTP.get(ca)
+        if pool is None:
+            import urllib3
+
+            pool = _HTTP[ca] = urllib3.PoolManager(num_pools=64, maxsize=32, ca_certs=ca)
+        return pool
+
+
+def _http_threads() -> ThreadPoolExecutor:
+    with _LOCK:
+        if "threads" not in _HTTP:
+            _HTTP["threads"] = ThreadPoolExecutor(16, thread_name_prefix="pixels-xr-ranges")
+        return _HTTP["threads"]
+
+
+def _http_ranges(pool: Any, url: str, spans: list[tuple[int, int]], vsi: str, retry: Any,
+                 timeout: float | None) -> list[bytes]:
+    """Each ``(offset, length)`` of ``url``, one ranged GET per span, concurrently; errors as GDAL's."""
+
+    def get(span: tuple[int, int]) -> bytes:
+        offset, length = span
+        try:
+            r = pool.request("GET", url, headers={"Range": f"bytes={offset}-{offset + length - 1}"},
+                             retries=retry, timeout=timeout, preload_content=True, decode_content=False)
+        except Exception as exc:  # urllib3's errors name the signed URL: only the href is named
+            raise OSError(f"cannot read ranges of {redact(vsi)}: {type(exc).__name__}") from None
+        data = r.data
+        if r.status == 200:  # a server that ignores Range sends the whole object
+            data = data[offset:offset + length]
+        elif r.status != 206:
+            raise OSError(f"cannot read ranges of {redact(vsi)}: HTTP error code : {r.status}")
+        if len(data) != length:
+            raise OSError(f"cannot read ranges of {redact(vsi)}: got {len(data)} of {length} bytes at "
+                          f"offset {offset}")
+        return data
+
+    if len(spans) == 1:
+        return [get(spans[0])]
+    rest = [_http_threads().submit(get, s) for s in spans[1:]]
+    return [get(spans[0]), *(f.result() for f in rest)]
 
 
 def _libgdal_path() -> str | None:

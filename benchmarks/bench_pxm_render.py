@@ -1,8 +1,9 @@
 """PXM render benchmark: ``pixels-xr pxm render`` vs ``rio mbtiles`` vs ``gdal2tiles.py`` on the same input.
 
 Same input (a real Sentinel-2 TCI image served by a local moto S3 server, read by all three over /vsis3/),
-same zoom range, same number of worker processes, PNG tiles for all three (ours also with ``auto``). Each
-tool runs as a command in a subprocess, so process and cluster start-up count for everyone. Prints tiles/s
+same zoom range, same number of workers, PNG tiles for all three (ours also with ``auto``, and on a local
+cluster of worker processes instead of its default threads). Each tool runs as a command in a subprocess, so
+process and cluster start-up count for everyone. Prints tiles/s
 and output size with ratios and writes them between the ``pxm-render`` markers in ``benchmarks/RESULTS.md``.
 
 Then, in this process on one thread and on the same input over /vsis3/, it times the **warp alone** (every
@@ -13,7 +14,7 @@ memory is the largest sum of RSS over each command's process tree (sampled every
 
 Needs the ``bench`` extra plus ``uv pip install --no-deps rio-mbtiles==1.6.0`` and Debian's ``gdal-bin``.
 Usage: ``.venv/bin/python benchmarks/bench_pxm_render.py [--zooms 6-13] [--workers 2] [--image NAME]
-[--skip-rio] [--tag pxm-render]``
+[--skip-rio] [--skip-processes] [--repeat N] [--tag pxm-render]``
 """
 
 from __future__ import annotations
@@ -39,6 +40,7 @@ sys.path.insert(0, str(ROOT / "tests"))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 DATA = ROOT.parent / "shared" / "data" / "rgb"
 IMAGE = "s2_l2a_S2A_29RKH_20200219_TCI_100m.tif"
+PROCESSES = "pixels-xr pxm render (png, --cluster local: worker processes)"
 MANIFEST = {"version": "0.5.1", "info": {
     "tilesets": ["bench.tci"], "license": "benchmark input", "notes": "benchmark",
     "account": "bench", "product": "bench_input", "date": "2020-02-19"}}
@@ -136,6 +138,8 @@ def main() -> None:
     ap.add_argument("--workers", type=int, default=2)
     ap.add_argument("--image", default=IMAGE, help="a file of ../shared/data/rgb")
     ap.add_argument("--skip-rio", action="store_true", help="leave rio-mbtiles out (long renders)")
+    ap.add_argument("--skip-processes", action="store_true",
+                    help="leave out ours on a LocalCluster of worker processes (--cluster local)")
     ap.add_argument("--repeat", type=int, default=1,
                     help="rounds of every tool but rio-mbtiles (alternating); the fastest round counts")
     ap.add_argument("--tag", default="pxm-render", help="RESULTS.md section (pxm-render, pxm-render-long)")
@@ -174,11 +178,15 @@ def main() -> None:
                                                work / "png" / "bench.tci.mbtiles"),
                 "pixels-xr pxm render (auto: jpeg/png)": (ours + ["--out", str(work / "auto")],
                                                           work / "auto" / "bench.tci.mbtiles"),
+                PROCESSES: (ours + ["--out", str(work / "proc"), "--tile-format", "png", "--cluster", "local"],
+                            work / "proc" / "bench.tci.mbtiles"),
                 "rio mbtiles (png)": (rio, work / "rio.mbtiles"),
                 "gdal2tiles.py (png)": (g2t, work / "g2t"),
             }
             if args.skip_rio:
                 del cases["rio mbtiles (png)"]
+            if args.skip_processes:
+                del cases[PROCESSES]
             best: dict[str, tuple] = {}
             for round_ in range(args.repeat):
                 for name, (cmd, out) in cases.items():
@@ -207,11 +215,14 @@ def main() -> None:
                                                                    else ""),
         "",
         f"`.venv/bin/python benchmarks/bench_pxm_render.py --zooms {args.zooms} --workers {args.workers}"
-        + (f" --image {args.image}" if args.image != IMAGE else "") + (" --skip-rio" if args.skip_rio else "") + (f" --repeat {args.repeat}" if args.repeat != 1 else "")
+        + (f" --image {args.image}" if args.image != IMAGE else "") + (" --skip-rio" if args.skip_rio else "")
+        + (" --skip-processes" if args.skip_processes else "")
+        + (f" --repeat {args.repeat}" if args.repeat != 1 else "")
         + (f" --tag {args.tag}" if args.tag != "pxm-render" else "") + "` — "
         f"input `{args.image}` served by moto_server and read over /vsis3/ by every tool; zooms {zmin}-{zmax} "
-        f"(the source's native zoom is {native}), {args.workers} worker processes each, bilinear, empty tiles "
-        "skipped; wall clock of each command (start-up included), "
+        f"(the source's native zoom is {native}), {args.workers} workers each (ours: threads of one process by "
+        "default, worker processes with `--cluster local`; rio-mbtiles and gdal2tiles: processes), bilinear, "
+        "empty tiles skipped; wall clock of each command (start-up included), "
         + ("one run each" if args.repeat == 1 else f"the fastest of {args.repeat} alternating rounds (rio-mbtiles:"
            " one)") + "; CPU seconds and peak RSS summed over the command's process tree. "
         f"Machine: {machine}.",
@@ -230,7 +241,7 @@ def main() -> None:
                    "render).")]
     if "rio mbtiles (png)" in rate:
         lines.append(f"Speed, ours (png) / rio-mbtiles: {rate[ours_png[0]] / rate['rio mbtiles (png)']:.2f}×.")
-    g2t_stats = rows[-1][5]
+    g2t_stats = next(row[5] for row in rows if row[0] == "gdal2tiles.py (png)")
     for label, keep in (("not magnified (z ≤ native)", lambda z: z <= native),
                         ("magnified (z > native)", lambda z: z > native)):
         mine = sum(b for z, (_, b) in ours_png[5].items() if keep(z))

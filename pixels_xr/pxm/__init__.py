@@ -1,41 +1,37 @@
-"""PXM (Mapbox Pixelmonster) renderer wing: manifests, sources with their masks, colour, tile rendering."""
+"""PXM (Mapbox Pixelmonster) renderer wing: manifests, sources with their masks, colour, tile rendering.
+
+The public names are imported on first use (PEP 562), like the package root's: ``pixels-xr``'s command line
+imports ``pixels_xr.pxm.cli`` for every command, and each worker process of a cluster imports that script
+again, so importing this package must not pull rasterio, numba and the renderer in.
+"""
 
 from __future__ import annotations
 
-from pixels_xr.pxm.color import FormulaError, Op, apply as apply_color, format_formula, parse_formula
-from pixels_xr.pxm.checks import Finding, check_sources
-from pixels_xr.pxm.manifest import ColorRule, Manifest, ManifestInfo, validate_manifest
-from pixels_xr.pxm.renderer import RenderReport, UnreadableSources, render
-from pixels_xr.pxm.sources import (
-    MAX_PIXELS,
-    SOURCE_DRIVERS,
-    MaskKind,
-    SourceHandle,
-    gdal_path,
-    open_source,
-    read_source,
-)
+import importlib
 
-__all__ = [
-    "ColorRule",
-    "Finding",
-    "MAX_PIXELS",
-    "FormulaError",
-    "Manifest",
-    "ManifestInfo",
-    "MaskKind",
-    "Op",
-    "RenderReport",
-    "SOURCE_DRIVERS",
-    "SourceHandle",
-    "UnreadableSources",
-    "apply_color",
-    "check_sources",
-    "format_formula",
-    "gdal_path",
-    "open_source",
-    "parse_formula",
-    "read_source",
-    "render",
-    "validate_manifest",
-]
+#: Public names → the module that defines them.
+_LAZY = {
+    "FormulaError": "color", "Op": "color", "apply_color": "color", "format_formula": "color",
+    "parse_formula": "color", "Finding": "checks", "check_sources": "checks", "ColorRule": "manifest",
+    "Manifest": "manifest", "ManifestInfo": "manifest", "validate_manifest": "manifest",
+    "RenderReport": "renderer", "UnreadableSources": "renderer", "render": "renderer",
+    "MAX_PIXELS": "sources", "SOURCE_DRIVERS": "sources", "MaskKind": "sources", "SourceHandle": "sources",
+    "gdal_path": "sources", "open_source": "sources", "read_source": "sources",
+}
+_RENAMED = {"apply_color": "apply"}
+
+
+def __getattr__(name: str) -> object:
+    module = _LAZY.get(name)
+    if module is None:
+        raise AttributeError(f"module 'pixels_xr.pxm' has no attribute {name!r}")
+    value = getattr(importlib.import_module(f"pixels_xr.pxm.{module}"), _RENAMED.get(name, name))
+    globals()[name] = value  # looked up once
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_LAZY))
+
+
+__all__ = list(_LAZY)

@@ -82,9 +82,10 @@ def render_cmd(
     maxzoom: Annotated[int | None, typer.Option("--maxzoom", help="Highest zoom (default: from resolution).")]
     = None,
     resampling: Annotated[str, typer.Option("--resampling", help="Warp resampling.")] = "bilinear",
-    cluster: Annotated[str, typer.Option("--cluster", help="local, a scheduler address or gateway.")]
-    = "local",
-    workers: Annotated[int | None, typer.Option("--workers", help="Local cluster worker processes.")] = None,
+    cluster: Annotated[str, typer.Option("--cluster", help="threads (in this process), local (a Dask cluster of"
+                                         " worker processes), a scheduler address or gateway.")] = "threads",
+    workers: Annotated[int | None, typer.Option("--workers", help="Threads (threads; default one per core) or"
+                                                " worker processes (local).")] = None,
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace outputs made differently.")] = False,
     max_pixels: Annotated[int, typer.Option("--max-pixels", min=1, help="Most pixels (width x height) a source"
                                             " may declare.")] = MAX_PIXELS,

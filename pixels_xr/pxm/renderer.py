@@ -4,8 +4,16 @@ Work is cut into blocks of ``n`` × ``n`` tiles (n·tile_size = 2048 px). **Stag
 the max zoom from the sources (``warp.render_block``: mosaic, first source wins) and reduces it inside the
 task down to one tile (zooms z … z − log2 n). **Later stages** gather the one-tile tops of n × n finished
 blocks (alpha-weighted 2× reductions only, from ``pyramid``) and reduce them again, until the min zoom: full
-resolution is read once, never per zoom. Tasks run on a Dask client, at most two per worker thread in flight;
-their tiles are recorded in a resumable scratch store and written to every tileset at the end (``archives``).
+resolution is read once, never per zoom. Tasks run at most two per thread in flight; their tiles are recorded
+in a resumable scratch store and written to every tileset at the end (``archives``).
+
+**Where tasks run** (``cluster``): ``"threads"`` (the default) is a pool of threads in this process, one per
+core unless ``cluster_options={"workers": n}``; ``"local"`` a Dask ``LocalCluster`` of worker processes; a
+scheduler address or ``"gateway"`` a Dask cluster elsewhere (see ``cluster.open_client``). Threads are the
+default because a task's work releases the GIL — GDAL's reads and warps, pyproj, the numba passes
+(``nogil``), libdeflate and zlib — so threads use every core, and a render then pays the start-up of one
+process, not of a client, a scheduler and one process per worker, each importing distributed, rasterio and
+numba (measured in ``benchmarks/bench_pxm_render.py``: RESULTS.md ``pxm-render``).
 
 **Unreadable sources** (missing, truncated, refused by ``sources.open_source``): the render goes on with
 the rest, so one run names them all, but writes no tileset (an output silently missing a source's pixels
@@ -16,10 +24,11 @@ the blocks that read it: they are not stored, every other block is, the reductio
 the same manifest once the files are fixed resumes from the stored blocks. Errors leave the workers
 as plain ``PixelsError`` text (GDAL's chained exceptions do not unpickle on the client).
 
-**Interrupts**: workers of the local cluster made here ignore SIGINT (a terminal's Ctrl-C reaches the
-whole process group), so only this process handles it: it cancels the tasks, quiets the workers'
-cancellation warnings and closes the cluster; no output is half-written (outputs are renamed into place
-when complete) and finished blocks stay in the scratch store for a resume.
+**Interrupts**: on threads, Ctrl-C cancels the queued tasks and waits for the running ones (one block
+each). Workers of a local cluster made here ignore SIGINT (a terminal's Ctrl-C reaches the whole process
+group), so only this process handles it: it cancels the tasks, quiets the workers' cancellation warnings
+and closes the cluster. Either way no output is half-written (outputs are renamed into place when
+complete) and finished blocks stay in the scratch store for a resume.
 """
 
 from __future__ import annotations
@@ -30,11 +39,14 @@ import hashlib
 import json
 import logging
 import math
+import os
+import queue
 import re
 import shutil
 import tempfile
 import time
 from collections.abc import Callable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -43,14 +55,14 @@ import mercantile
 import numpy as np
 from rasterio.enums import Resampling
 
-from pixels_xr.errors import OutputError, PixelsError, SourceError
+from pixels_xr.errors import ConfigError, OutputError, PixelsError, SourceError
 from pixels_xr.io.storage import check_url
 from pixels_xr.pxm.archives import (
     OUTPUT_FORMATS,
     OutputFormat,
     TileRow,
-    TileStore,
     TilesetMeta,
+    TileStore,
     output_fingerprint,
     output_name,
     output_path,
@@ -267,14 +279,75 @@ def _fingerprint(manifest: Manifest, specs: tuple[SourceSpec, ...], opts: dict[s
 # ----------------------------------------------------------------------------------------------- running
 
 
+class _Threads:
+    """A pool of threads in this process with the part of ``distributed.Client`` that ``_run`` uses."""
+
+    def __init__(self, threads: int) -> None:
+        self.threads = threads
+        self.pool = ThreadPoolExecutor(threads, thread_name_prefix="pxm-render")
+
+    def nthreads(self) -> dict[str, int]:
+        return {"threads": self.threads}
+
+    def scatter(self, data: Any, broadcast: bool = False) -> Any:
+        return data  # shared memory: nothing to send
+
+    def submit(self, fn: Callable[..., Any], *args: Any, pure: bool = True) -> Future:
+        return self.pool.submit(fn, *args)
+
+
+class _Completed:
+    """Futures of a ``_Threads`` pool in completion order (what ``distributed.as_completed`` does for a
+    client): ``add`` them, iterate until every added one is out."""
+
+    def __init__(self) -> None:
+        self.done: queue.SimpleQueue[Future] = queue.SimpleQueue()
+        self.pending = 0
+
+    def add(self, fut: Future) -> None:
+        self.pending += 1
+        fut.add_done_callback(self.done.put)
+
+    def __iter__(self) -> Iterator[Future]:
+        while self.pending:
+            fut = self.done.get()
+            self.pending -= 1
+            yield fut
+
+
+def _threads(options: dict[str, Any] | None) -> int:
+    """Threads of a ``"threads"`` render: ``options["workers"]`` (1 … 4 per core), else one per core."""
+    options = dict(options or {})
+    value = options.pop("workers", None)
+    if options:
+        raise ConfigError(f"cluster 'threads' takes only workers, not {', '.join(sorted(options))}", "cluster")
+    cores = os.cpu_count() or 1
+    if value is None:
+        return cores
+    if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= 4 * cores:
+        raise ConfigError(f"must be a whole number from 1 to {4 * cores} (4 threads per core), got {value!r}",
+                          "cluster.workers")
+    return value
+
+
 @contextlib.contextmanager
 def _client(cluster: str | None, client: Any, cluster_options: dict[str, Any] | None,
             quiet: bool) -> Iterator[Any]:
-    """The given client (its workers get the GDAL/AWS environment), or one from ``cluster.open_client``.
+    """The given client (its workers get the GDAL/AWS environment), a pool of threads in this process
+    (``"threads"``, the default), or a client from ``cluster.open_client``.
 
     Workers of a local cluster made here ignore SIGINT; on KeyboardInterrupt the workers' and this
-    process's distributed loggers are quieted before the cluster closes (its tasks are cancelled).
+    process's distributed loggers are quieted before the cluster closes (its tasks are cancelled). A
+    thread pool cancels its queued tasks and waits for the running ones.
     """
+    spec = (cluster or "threads").strip()
+    if client is None and spec == "threads":
+        pool = _Threads(_threads(cluster_options))  # checked by render already
+        try:
+            yield pool
+        finally:
+            pool.pool.shutdown(wait=True, cancel_futures=True)
+        return
     from pixels_xr.cluster import EnvironmentPlugin, open_client, worker_environment
     from pixels_xr.pxm.interrupts import IgnoreInterrupts, quiet_worker
 
@@ -285,8 +358,8 @@ def _client(cluster: str | None, client: Any, cluster_options: dict[str, Any] | 
     log = logging.getLogger("distributed")
     level = log.level
     try:
-        with open_client(cluster, cluster_options, quiet=quiet) as made:
-            if (cluster or "local").strip() == "local":
+        with open_client(spec, cluster_options, quiet=quiet) as made:
+            if spec == "local":
                 made.register_plugin(IgnoreInterrupts())
             try:
                 yield made
@@ -305,11 +378,14 @@ def _run(client: Any, fn: Callable[..., TaskOut], jobs: Iterator[tuple[tuple[int
 
     ``done(key, result)`` runs on each result in completion order; returns the number of tasks run.
     """
-    from distributed import as_completed
+    if isinstance(client, _Threads):
+        completed: Any = _Completed()
+    else:
+        from distributed import as_completed
 
+        completed = as_completed()
     window = max(2, 2 * sum(client.nthreads().values()))
     running: dict[Any, tuple[int, int]] = {}
-    queue = as_completed()
     count = 0
 
     def submit() -> None:
@@ -318,15 +394,16 @@ def _run(client: Any, fn: Callable[..., TaskOut], jobs: Iterator[tuple[tuple[int
         if job is not None:
             fut = client.submit(fn, *job[1], pure=False)
             running[fut] = job[0]
-            queue.add(fut)
+            completed.add(fut)
             count += 1
 
     for _ in range(window):
         submit()
-    for fut in queue:
+    for fut in completed:
         key = running.pop(fut)
         result = fut.result()
-        fut.release()
+        if hasattr(fut, "release"):
+            fut.release()
         done(key, result)
         submit()
     return count
@@ -351,7 +428,7 @@ def render(
     minzoom: int | None = None,
     maxzoom: int | None = None,
     resampling: str | Resampling = "bilinear",
-    cluster: str | None = "local",
+    cluster: str | None = "threads",
     client: Any = None,
     cluster_options: dict[str, Any] | None = None,
     overwrite: bool = False,
@@ -363,8 +440,10 @@ def render(
     ``format``: ``mbtiles`` (``out/<id>.mbtiles``), ``pmtiles`` (``out/<id>.pmtiles``) or ``xyz``
     (``out/<id>/{z}/{x}/{y}.<ext>``). ``out`` may be an object-storage URL (``s3://bucket/prefix``): each
     tileset is uploaded when complete (atomic per archive object; XYZ: ``metadata.json`` last), the
-    scratch store then lives in the temporary folder (see :mod:`pixels_xr.pxm.archives`). Zooms default to the rules in :mod:`pixels_xr.pxm.tiles`. ``cluster``
-    and ``cluster_options`` go to :func:`pixels_xr.cluster.open_client` unless a ``client`` is given.
+    scratch store then lives in the temporary folder (see :mod:`pixels_xr.pxm.archives`). Zooms default to
+    the rules in :mod:`pixels_xr.pxm.tiles`. Tasks run on ``client`` when one is given, else on
+    ``cluster``: ``"threads"`` (this process; ``cluster_options={"workers": n}`` threads, default one per
+    core) or what :func:`pixels_xr.cluster.open_client` takes with ``cluster_options``.
     An output already made from the same manifest and options is kept (no-op); one made differently is an
     error unless ``overwrite``. An interrupted render resumes from ``out/.pxm-render-*`` (removed on success).
     A source declaring more than ``max_pixels`` pixels is refused (None: no limit). Unreadable sources
@@ -374,6 +453,8 @@ def render(
     if not isinstance(manifest, Manifest):
         manifest = validate_manifest(manifest)
     rs = _check_options(format, tile_format, tile_size, resampling)
+    if client is None and (cluster or "threads").strip() == "threads":
+        _threads(cluster_options)
     remote = _remote_url(out)
     if remote is None:
         out = Path(out)

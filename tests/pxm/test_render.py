@@ -50,6 +50,14 @@ def single(client, s3, tmp_path_factory) -> dict[tuple[int, int, int], bytes]:
     return mbtiles(out / "acme.test.mbtiles")
 
 
+def test_threads_of_this_process_render_the_same_tiles(s3, single, tmp_path: Path) -> None:
+    """The default (no client, cluster "threads"): same bytes as on a Dask client."""
+    report = render(manifest(s3["rasterio_RGB.byte.tif"]), tmp_path, tile_format="png", minzoom=5,
+                    cluster_options={"workers": 2})
+    assert report.tiles == len(single)
+    assert mbtiles(tmp_path / "acme.test.mbtiles") == single
+
+
 def test_four_quadrants_reproduce_the_single_image(client, s3, single, tmp_path: Path) -> None:
     quads = [s3[f"rasterio_rgb{i}.tif"] for i in (1, 2, 3, 4)]
     report = render(manifest(*quads), tmp_path, tile_format="png", minzoom=5, client=client)
@@ -291,6 +299,7 @@ def test_a_real_distributed_cluster_and_the_cli(dask_scheduler, s3, tmp_path: Pa
     (["--minzoom", "9", "--maxzoom", "3"], "minzoom: minzoom 9 is above maxzoom 3"),
     (["--maxzoom", "40"], "maxzoom: must be an integer 0-24"),
     (["--resampling", "fancy"], "resampling: unknown resampling 'fancy'"),
+    (["--workers", "-1"], "cluster.workers: must be a whole number from 1 to"),
 ])
 def test_bad_options_are_one_line_errors(s3, tmp_path: Path, args: list[str], message: str) -> None:
     from pixels_xr.pxm.cli import pxm_app

@@ -235,15 +235,16 @@ def test_truncated_source_on_real_worker_processes_is_one_line_per_source(dask_s
 # ------------------------------------------------------------------------------------------- Ctrl-C
 
 
-def test_ctrl_c_stops_the_render_in_seconds_without_tracebacks(files, tmp_path: Path) -> None:
-    """15.3: SIGINT to the process group (what a terminal sends) while a local cluster renders."""
+@pytest.mark.parametrize("cluster", ["threads", "local"])
+def test_ctrl_c_stops_the_render_in_seconds_without_tracebacks(files, tmp_path: Path, cluster: str) -> None:
+    """15.3: SIGINT to the process group (what a terminal sends) while threads or a local cluster render."""
     from servers import child_env
 
     path = _manifest_file(tmp_path, files["good"])
     out = tmp_path / "out"
     exe = Path(sys.executable).with_name("pixels-xr")
     proc = subprocess.Popen([str(exe), "pxm", "render", str(path), "--out", str(out), "--workers", "1",
-                             "--minzoom", "13", "--maxzoom", "13"], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                             "--cluster", cluster, "--minzoom", "13", "--maxzoom", "13"], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                             text=True, env=child_env(), start_new_session=True)
     try:
         deadline = time.monotonic() + 240

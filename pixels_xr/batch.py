@@ -72,6 +72,7 @@ from pixels_xr.io.zarr_store import (
     open_feature,
     region_write,
     time_chunk,
+    update_feature,
     write_feature,
     write_steps,
     write_time_axis,
@@ -659,7 +660,11 @@ def _merged_attrs(store: str, feature_id: str, now: dict[str, Any]) -> dict[str,
     does not cover (kept from the store)."""
     import zarr
 
-    old = dict(zarr.open_group(store, path=feature_id, mode="r").attrs)
+    return _merge_item_ids(dict(zarr.open_group(store, path=feature_id, mode="r").attrs), now)
+
+
+def _merge_item_ids(old: dict[str, Any], now: dict[str, Any]) -> dict[str, Any]:
+    """``now``, with the item ids of ``old``'s bins that ``now`` does not cover."""
     attrs = dict(now)
     with contextlib.suppress(KeyError, TypeError, ValueError):
         attrs["item_ids"] = json.dumps({**json.loads(old["item_ids"]), **json.loads(now["item_ids"])})
@@ -802,8 +807,11 @@ def _write_member(values: list, offset: tuple[int, int], job: _MemberWrite) -> i
             stack = np.where(inside, stack, _clip_fill(stack.dtype, job.var_attrs.get(name, {})))
         arrays[name] = stack
     if job.template is None:
-        if job.axis_update is not None:
-            axis, attrs = job.axis_update
+        axis, attrs = job.axis_update or (None, None)
+        if update_feature(job.store, job.group, arrays, list(job.at), axis,
+                          None if attrs is None else functools.partial(_merge_item_ids, now=attrs)):
+            return len(job.steps)
+        if axis is not None:
             write_time_axis(job.store, job.group, axis, _merged_attrs(job.store, job.group, attrs))
         write_steps(job.store, job.group, arrays, list(job.at))
         return len(job.steps)

@@ -115,6 +115,30 @@ def write_tree(url: str, files: dict[str, bytes]) -> None:
         raise OutputError(f"cannot write: {exc}", url) from None
 
 
+def read_tree(url: str) -> dict[str, bytes]:
+    """Every file under the folder ``url`` (relative names with ``/`` → bytes; empty when there is none):
+    the inverse of ``write_tree``. Remotely one listing and one concurrent fetch."""
+    try:
+        if is_remote(url):
+            fs, path = filesystem(url)
+            root = path.rstrip("/") + "/"
+            names = [n for n in fs.find(root) if n.startswith(root)]
+            return {name[len(root):]: data for name, data in fs.cat(names, on_error="raise").items()} \
+                if names else {}
+        base = local_path(url)
+        out = {}
+        for folder, _, names in os.walk(base):
+            for name in names:
+                full = os.path.join(folder, name)
+                with open(full, "rb") as fh:
+                    out[os.path.relpath(full, base).replace(os.sep, "/")] = fh.read()
+        return out
+    except FileNotFoundError:
+        return {}
+    except OSError as exc:
+        raise OutputError(f"cannot read: {exc}", url) from None
+
+
 def read_bytes(url: str) -> bytes | None:
     """The bytes at ``url``, or None when nothing is there."""
     try:

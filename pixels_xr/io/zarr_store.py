@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import uuid
 from dataclasses import dataclass
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
@@ -243,6 +244,93 @@ def _attr_values(attrs: dict[str, Any]) -> dict[str, Any]:
 def _fill_of(meta: dict[str, Any], dtype: np.dtype) -> Any:
     fill = meta.get("fill_value", 0)
     return np.nan if fill == "NaN" else dtype.type(fill)
+
+
+def update_feature(store: str, group: str, values: dict[str, np.ndarray], at: list[int],
+                   axis: xr.Dataset | None = None,
+                   attrs: Callable[[dict[str, Any]], dict[str, Any]] | None = None) -> bool:
+    """A whole-written feature (``write_feature``'s one chunk per variable) given new ``values`` at time
+    positions ``at`` and, with ``axis``, its time axis (as ``write_time_axis``), with ``attrs`` (old group
+    attributes → new) its attributes: the group read, changed in memory and written back in one go
+    (``storage.write_tree``: a reader finds the old group or the new one, never a half-grown axis).
+    Returns False, changing nothing, when the group is not in that layout (then ``write_time_axis`` and
+    ``write_steps`` do it through zarr).
+
+    Through zarr the same update was about 250 ms of a worker per small member (an open, a read and a
+    write per array, each a round trip to zarr's event loop); here it is one read and one write of the
+    group's few files. Unchanged metadata keeps its bytes, and each chunk is encoded with the codec its
+    metadata names, so the group equals what ``write_feature`` makes from the updated Dataset."""
+    import json
+
+    import numcodecs
+
+    from pixels_xr.io import storage
+
+    url = storage.join(store, group)
+    files = storage.read_tree(url)
+    try:
+        group_meta = json.loads(files["zarr.json"])
+    except (KeyError, ValueError):
+        return False
+    metas: dict[str, dict[str, Any]] = {}
+    for name, data in files.items():
+        if name.endswith("/zarr.json") and name.count("/") == 1:
+            meta = json.loads(data)
+            chunks = meta.get("chunk_grid", {}).get("configuration", {}).get("chunk_shape")
+            codecs = meta.get("codecs", [])
+            if not (meta.get("zarr_format") == 3 and chunks == meta.get("shape") and len(codecs) == 2
+                    and codecs[0].get("name") == "bytes" and codecs[1].get("name") == "zstd"
+                    and codecs[0].get("configuration", {"endian": "little"}) == {"endian": "little"}
+                    and meta.get("chunk_key_encoding", {}).get("configuration", {}).get("separator") == "."):
+                return False
+            metas[name.split("/")[0]] = meta
+    if any(name not in metas for name in values):
+        return False
+    out = dict(files)
+    n = None if axis is None else axis.sizes["time"]
+    for name, meta in metas.items():
+        dims = tuple(meta.get("dimension_names") or ())
+        key = f"{name}/c" + "".join(f".{0}" for _ in meta["shape"])
+        dtype = np.dtype(meta["data_type"]).newbyteorder("<")
+        level = meta["codecs"][1].get("configuration", {})
+        zstd = numcodecs.Zstd(level=level.get("level", 0), checksum=level.get("checksum", False))
+        shape = tuple(meta["shape"])
+        changed_shape = n is not None and dims[:1] == ("time",) and shape[0] < n
+        coord = axis is not None and name in axis.coords and axis[name].dims == ("time",)
+        if name not in values and not changed_shape and not coord:
+            continue
+        raw = files.get(key)
+        current = (np.frombuffer(zstd.decode(raw), dtype=dtype).reshape(shape) if raw is not None
+                   else np.full(shape, _fill_of(meta, dtype), dtype=dtype))
+        if changed_shape:
+            grown = np.full((n, *shape[1:]), _fill_of(meta, dtype), dtype=dtype)
+            grown[:shape[0]] = current
+            current = grown
+        else:
+            current = current.copy()
+        if coord:
+            attributes = meta.get("attributes", {})
+            encoding = {k: attributes[k] for k in ("units", "calendar") if k in attributes}
+            encoded = xr.conventions.encode_cf_variable(
+                xr.Variable(("time",), axis[name].values, encoding={**encoding, "dtype": dtype}), name=name)
+            current[:len(axis[name])] = np.asarray(encoded.data).astype(dtype)
+        if name in values:
+            data = values[name]
+            encoded = xr.conventions.encode_cf_variable(
+                xr.Variable(("time", "y", "x"), data, encoding=variable_encoding(data.dtype, current.shape)),
+                name=name)
+            current[list(at)] = np.asarray(encoded.data).astype(dtype, copy=False)
+        if current.shape != shape:
+            meta["shape"] = meta["chunk_grid"]["configuration"]["chunk_shape"] = list(current.shape)
+            key = f"{name}/c" + "".join(f".{0}" for _ in current.shape)
+            out[f"{name}/zarr.json"] = json.dumps(meta).encode()
+        out[key] = zstd.encode(np.ascontiguousarray(current).tobytes())
+    if attrs is not None:
+        group_meta["attributes"] = _attr_values(_json_attrs(xr.Dataset(attrs=attrs(
+            dict(group_meta.get("attributes", {}))))).attrs)
+        out["zarr.json"] = json.dumps(group_meta).encode()
+    storage.write_tree(url, out)
+    return True
 
 
 def write_steps(store: str, group: str, values: dict[str, np.ndarray], at: list[int]) -> None:

@@ -12,7 +12,15 @@ import xarray as xr
 import zarr
 from affine import Affine
 
-from pixels_xr.io.zarr_store import _LAYOUTS, aligned, open_feature, write_feature, write_steps, write_time_axis
+from pixels_xr.io.zarr_store import (
+    _LAYOUTS,
+    aligned,
+    open_feature,
+    update_feature,
+    write_feature,
+    write_steps,
+    write_time_axis,
+)
 
 TIMES = np.array([np.datetime64(f"2022-{m:02d}-01", "ns") for m in range(1, 7)])
 
@@ -76,6 +84,61 @@ def test_written_at_once_then_grown_and_rewritten_by_steps(tmp_path) -> None:
     np.testing.assert_array_equal(ds.red.values[:6], feature(11, 14, 101).red.values)
 
 
+@pytest.mark.parametrize("grow", [False, True])
+def test_updated_in_one_write_equals_the_zarr_path_and_a_fresh_write(tmp_path, grow) -> None:
+    """``update_feature`` (an incremental re-run of a member: a stale step rewritten, the axis grown by a
+    new bin, item ids merged) gives what ``write_time_axis`` + ``write_steps`` give through zarr, and the
+    very files ``write_feature`` writes for the updated Dataset."""
+    from pixels_xr.io import storage
+
+    base = feature(11, 14, 7)
+    stores = {k: str(tmp_path / f"{k}.zarr") for k in ("zarr", "direct", "fresh")}
+    for store in stores.values():
+        write_feature(base, store, "f0", chunksize=8)
+    n = 7 if grow else 6
+    times = np.append(TIMES, np.datetime64("2022-07-01", "ns"))[:n]
+    empty = np.append(base.empty.values, False)[:n]
+    empty[2] = not empty[2]
+    axis = xr.Dataset(coords={"time": times, "time_end": ("time", times + np.timedelta64(27, "D")),
+                              "empty": ("time", empty)})
+    at = [2, 6] if grow else [2]
+    rng = np.random.default_rng(0)
+    values = {"red": rng.random((len(at), 11, 14)).astype("float32"),
+              "clear_count": rng.integers(0, 5, (len(at), 11, 14)).astype("uint16"),
+              "source_time": rng.integers(0, 10**6, (len(at), 11, 14)).astype("datetime64[s]").astype("datetime64[ns]")}
+    now = {**base.attrs, "item_ids": json.dumps({"2022-03-01": ["new"]})}
+    merged = {**now, "item_ids": json.dumps({"2022-01-01": ["i7"], "2022-03-01": ["new"]})}
+
+    write_time_axis(stores["zarr"], "f0", axis, merged)
+    write_steps(stores["zarr"], "f0", values, at)
+    assert update_feature(stores["direct"], "f0", values, at, axis,
+                          lambda old: {**now, "item_ids": json.dumps({**json.loads(old["item_ids"]),
+                                                                       **json.loads(now["item_ids"])})})
+    got = open_feature(stores["direct"], "f0").load()
+    xr.testing.assert_identical(got, open_feature(stores["zarr"], "f0").load())
+
+    expected = base.isel(time=[*range(6), 5][:n]).assign_coords(time=times, time_end=axis.time_end,
+                                                                 empty=axis.empty)  # dtypes kept
+    expected.attrs = merged
+    for name, v in values.items():
+        data = expected[name].values.copy()
+        data[at] = v
+        expected[name] = (("time", "y", "x"), data, base[name].attrs)
+    write_feature(expected, stores["fresh"], "f0", chunksize=8)
+    assert storage.read_tree(stores["direct"] + "/f0") == storage.read_tree(stores["fresh"] + "/f0")
+
+
+def test_update_refuses_a_store_of_another_layout(tmp_path) -> None:
+    """A feature written in aligned chunks (template + regions) is left to the zarr path, untouched."""
+    from pixels_xr.io import storage
+
+    store = str(tmp_path / "out.zarr")
+    aligned(feature(11, 14, 3), 8).to_zarr(store, group="f0", mode="w", consolidated=False)
+    before = storage.read_tree(store + "/f0")
+    assert not update_feature(store, "f0", {"red": np.zeros((1, 11, 14), "float32")}, [0])
+    assert storage.read_tree(store + "/f0") == before
+
+
 def test_written_at_once_on_s3(s3_server) -> None:
     bucket = s3_server.make_bucket("pixels-feature")
     store = f"s3://{bucket}/run.zarr"
@@ -87,3 +150,6 @@ def test_written_at_once_on_s3(s3_server) -> None:
     assert json.loads(got.attrs["item_ids"]) == {"2022-01-01": ["i1"]} and got.rio.crs == want.rio.crs
     write_feature(feature(10, 12, 5), store, "f1", chunksize=16)  # replaced whole
     np.testing.assert_array_equal(open_feature(store, "f1").clear_count.values, feature(10, 12, 5).clear_count.values)
+    new = np.full((1, 10, 12), 3, "uint16")
+    assert update_feature(store, "f1", {"clear_count": new}, [4])  # updated in one read and one write
+    np.testing.assert_array_equal(open_feature(store, "f1").clear_count.values[4], new[0])

@@ -65,8 +65,9 @@ def encode_png(rgba: np.ndarray, opaque: bool | None = None) -> bytes:
     pixels = np.ascontiguousarray(rgba[..., :3] if opaque else rgba)
     h, w, c = pixels.shape
     # Pillow's getcolors stops counting past 256: a cheap test before building the palette.
-    if Image.fromarray(pixels).getcolors(256) is not None:
-        return _palette_png(pixels)
+    colours = Image.fromarray(pixels).getcolors(256)
+    if colours is not None:
+        return _palette_png(pixels, [colour for _, colour in colours])
     rows = pixels.reshape(h, w * c)
     filtered = np.empty((h, w * c + 1), dtype=np.uint8)
     filtered[:, 0] = 2  # Up: each byte minus the byte above it (the row above the first is zeros)
@@ -75,17 +76,27 @@ def encode_png(rgba: np.ndarray, opaque: bool | None = None) -> bytes:
     return _png(w, h, 8, _COLOUR_TYPE[c], filtered, ())
 
 
-def _palette_png(pixels: np.ndarray) -> bytes:
+def _palette_png(pixels: np.ndarray, colours: list[tuple[int, ...]]) -> bytes:
+    """Palette PNG of ``pixels`` (H, W, C) whose distinct colours are ``colours``, in byte order.
+
+    Each pixel becomes one big-endian integer of its bytes, so integer order is byte order and the palette
+    comes out as sorted as ``np.unique`` on the raw pixels made it (same bytes); the index is a binary
+    search of 256 keys (``np.unique`` on void records was 2 s of a 953-tile render's 23 CPU seconds).
+    """
     h, w, c = pixels.shape
-    packed = pixels.reshape(-1, c).view(np.dtype((np.void, c))).ravel()
-    colours, index = np.unique(packed, return_inverse=True)
-    colours = colours.view(np.uint8).reshape(-1, c)
+    if c == 4:
+        keys = pixels.reshape(-1, 4).view(">u4").ravel().astype(np.uint32)
+    else:
+        wide = pixels.reshape(-1, 3).astype(np.uint32)
+        keys = (wide[:, 0] << 16) | (wide[:, 1] << 8) | wide[:, 2]
+    palette = np.array(sorted(colours), dtype=np.uint8).reshape(-1, c)
+    table = palette.astype(np.uint32) @ (256 ** np.arange(c - 1, -1, -1, dtype=np.uint32))
     filtered = np.empty((h, w + 1), dtype=np.uint8)
     filtered[:, 0] = 0  # None
-    filtered[:, 1:] = index.reshape(h, w)
-    extra = [(b"PLTE", colours[:, :3].tobytes())]
+    filtered[:, 1:] = np.searchsorted(table, keys).reshape(h, w)
+    extra = [(b"PLTE", palette[:, :3].tobytes())]
     if c == 4:
-        extra.append((b"tRNS", colours[:, 3].tobytes()))
+        extra.append((b"tRNS", palette[:, 3].tobytes()))
     return _png(w, h, 8, 3, filtered, extra)
 
 

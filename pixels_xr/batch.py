@@ -245,6 +245,9 @@ class _MemberWrite:
     chunksize: int
     #: a known member's time axis and attributes after this run (``write_time_axis``), set by its writer
     axis_update: tuple[xr.Dataset, dict[str, Any]] | None = None
+    #: the ids of the member's items this run checked (``_items_to_check``; None: all): the store's asset
+    #: problems of the others are kept
+    checked: frozenset[str] | None = None
 
 
 class _GroupGraph:
@@ -453,6 +456,9 @@ def _build_group(group: FeatureGroup, members: list[tuple[_Planned, SearchResult
     grid is not a window of the group's (another lattice phase), or every member when the group's build
     fails, is built alone."""
     union = {i.id: i for _, items, _ in members for i in items}
+    checked = _items_to_check(members, config)
+    if checked is not None:
+        union = {k: i for k, i in union.items() if k in checked}
     gfeature = group.as_feature()
     # the group's grid is checked by its members' (max_pixels applies to each feature, not to the group)
     gconfig = config.model_copy(update={"clip": False, "force": True,
@@ -476,16 +482,31 @@ def _build_group(group: FeatureGroup, members: list[tuple[_Planned, SearchResult
                 _build_alone(plan, items, state, config, manifest, output_format, zarr_format)
                 continue
             _member_plan(plan, items, state, gds, gtime, glabels, names, where, mgrid, problems, config,
-                         manifest, output_format, zarr_format, shared)
+                         manifest, output_format, zarr_format, shared, checked)
         except Exception as exc:  # noqa: BLE001 - recorded for this member only
             _fail(plan.result, "build", exc)
+
+
+def _items_to_check(members: list[tuple[_Planned, SearchResult, _State]],
+                    config: PixelsConfig) -> set[str] | None:
+    """Ids of the only items a group's build needs when every member is known and computes some of its
+    bins (an incremental re-run): those of the units it computes. None: every item (a new or rebuilt
+    member writes every bin; mode ``all``'s steps are its items' days).
+
+    The asset check opens every item's assets, and in a nightly re-run that adds one date it was most of
+    the client's work: each bin is reduced from its own items only, so the others are neither checked nor
+    read. The members' time coordinates and provenance come from all their items, as before."""
+    if config.mode == "all" or any(plan.rebuild or not state[2] for plan, _, state in members):
+        return None
+    needed = {item for plan, _, _ in members for u in plan.units if u.computes for item in u.items}
+    return needed or None
 
 
 def _member_plan(plan: _Planned, items: SearchResult, state: _State, gds: xr.Dataset,
                  gtime: dict[str, np.ndarray], glabels: list[str],
                  names: list[str], where: tuple[slice, slice], grid: Grid, problems: dict[str, AssetProblem],
                  config: PixelsConfig, manifest: RunManifest, output_format: str, zarr_format: int,
-                 shared: _GroupGraph) -> None:
+                 shared: _GroupGraph, checked: set[str] | None = None) -> None:
     """A member's units from the group's reduction: its steps, its own flags and provenance (its items),
     and the write task's description (``_MemberWrite``)."""
     feature = plan.feature
@@ -514,7 +535,8 @@ def _member_plan(plan: _Planned, items: SearchResult, state: _State, gds: xr.Dat
         {n: (("time",), values) for n, (_, values) in coords.items()}, {
             "y": np.array(grid.ys()), "x": np.array(grid.xs())}, attrs,
         {n: dict(gds[n].attrs) for n in names}, f"EPSG:{grid.epsg}", tuple(grid.transform)[:6],
-        feature.geometry_in(grid.crs) if config.clip else None, config.chunksize, plan.axis_update)
+        feature.geometry_in(grid.crs) if config.clip else None, config.chunksize, plan.axis_update,
+        None if checked is None else frozenset(ids & checked))
     plan.group, plan.grid = shared, grid
 
 
@@ -655,19 +677,26 @@ def _axis(known: list[str], current: list[str], output_format: str) -> list[str]
     return sorted(axis + new, key=start_of) if output_format != "zarr" else axis + new
 
 
-def _merged_attrs(store: str, feature_id: str, now: dict[str, Any]) -> dict[str, Any]:
-    """The feature group's attributes after this run: this run's (``now``), with the item ids of the bins it
-    does not cover (kept from the store)."""
+def _merged_attrs(store: str, feature_id: str, now: dict[str, Any],
+                  checked: frozenset[str] | None = None) -> dict[str, Any]:
+    """The feature group's attributes after this run: this run's (``now``) merged with the store's
+    (``_merge_item_ids``)."""
     import zarr
 
-    return _merge_item_ids(dict(zarr.open_group(store, path=feature_id, mode="r").attrs), now)
+    return _merge_item_ids(dict(zarr.open_group(store, path=feature_id, mode="r").attrs), now, checked)
 
 
-def _merge_item_ids(old: dict[str, Any], now: dict[str, Any]) -> dict[str, Any]:
-    """``now``, with the item ids of ``old``'s bins that ``now`` does not cover."""
+def _merge_item_ids(old: dict[str, Any], now: dict[str, Any],
+                    checked: frozenset[str] | None = None) -> dict[str, Any]:
+    """``now``, with the item ids of ``old``'s bins that ``now`` does not cover and, when this run checked
+    only the items ``checked``, ``old``'s asset problems of the others."""
     attrs = dict(now)
     with contextlib.suppress(KeyError, TypeError, ValueError):
         attrs["item_ids"] = json.dumps({**json.loads(old["item_ids"]), **json.loads(now["item_ids"])})
+    if checked is not None:
+        with contextlib.suppress(KeyError, TypeError, ValueError):
+            kept = [p for p in json.loads(old["asset_problems"]) if p.get("item") not in checked]
+            attrs["asset_problems"] = json.dumps(kept + json.loads(now["asset_problems"]))
     return attrs
 
 
@@ -808,11 +837,11 @@ def _write_member(values: list, offset: tuple[int, int], job: _MemberWrite) -> i
         arrays[name] = stack
     if job.template is None:
         axis, attrs = job.axis_update or (None, None)
-        if update_feature(job.store, job.group, arrays, list(job.at), axis,
-                          None if attrs is None else functools.partial(_merge_item_ids, now=attrs)):
+        merge = None if attrs is None else functools.partial(_merge_item_ids, now=attrs, checked=job.checked)
+        if update_feature(job.store, job.group, arrays, list(job.at), axis, merge):
             return len(job.steps)
         if axis is not None:
-            write_time_axis(job.store, job.group, axis, _merged_attrs(job.store, job.group, attrs))
+            write_time_axis(job.store, job.group, axis, _merged_attrs(job.store, job.group, attrs, job.checked))
         write_steps(job.store, job.group, arrays, list(job.at))
         return len(job.steps)
     reference = xr.Variable((), 0, {**_grid_mapping(job.crs),

@@ -311,9 +311,9 @@ def update_feature(store: str, group: str, values: dict[str, np.ndarray], at: li
         if coord:
             attributes = meta.get("attributes", {})
             encoding = {k: attributes[k] for k in ("units", "calendar") if k in attributes}
-            encoded = xr.conventions.encode_cf_variable(
-                xr.Variable(("time",), axis[name].values, encoding={**encoding, "dtype": dtype}), name=name)
-            current[:len(axis[name])] = np.asarray(encoded.data).astype(dtype)
+            encoded = _encoded(name, xr.Variable(("time",), axis[name].values,
+                                                 encoding={**encoding, "dtype": dtype}), True)  # once per axis
+            current[:len(axis[name])] = encoded.astype(dtype)
         if name in values:
             data = values[name]
             encoded = xr.conventions.encode_cf_variable(

@@ -630,7 +630,10 @@ def _http_ranges(pool: Any, url: str, spans: list[tuple[int, int]], vsi: str, re
 
     if len(spans) == 1:
         return [get(spans[0])]
-    rest = [_http_threads().submit(get, s) for s in spans[1:]]
+    try:
+        rest = [_http_threads().submit(get, s) for s in spans[1:]]
+    except RuntimeError:  # the interpreter is shutting down (a read still running): no new threads
+        return [get(s) for s in spans]
     return [get(spans[0]), *(f.result() for f in rest)]
 
 

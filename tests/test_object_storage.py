@@ -340,3 +340,38 @@ def test_problem_assets_over_s3_and_http_are_recorded_as_for_local_files(via_pro
         == {(first.id, "red"), (second.id, "nir")}
     assert all(p["href"].startswith(prefix) and p["error"] for p in problems)
     json.dumps(problems)  # recorded as plain JSON, as today
+
+
+@pytest.mark.parametrize("kind", ["s3", "http"])
+def test_a_file_cut_after_the_check_fails_its_tile_read_without_the_signed_url(via_proxy, kind, s3_server,
+                                                                               tmp_path) -> None:
+    """Tiles are fetched by plain ranged GETs after the check: an object cut short meanwhile (the check's
+    header still valid) fails the read with ``on_asset_error: fail``, and the error names no signature."""
+    import dask
+    from shapely.geometry import box
+
+    from pixels_xr.compose import collect
+    from pixels_xr.features import Feature
+
+    info = via_proxy["info"]
+    feature = Feature("area", box(*info.bounds), crs=info.crs)
+    lazy = collect(_remote_config(via_proxy["catalogs"][kind], on_asset_error="fail"), feature)
+    victim = sorted(info.root.rglob("red.tif"))[0]
+    original = victim.read_bytes()
+    assert len(original) > 40000  # the tiles lie past the header read
+    cut = tmp_path / "cut.tif"
+    cut.write_bytes(original[:40000])
+    key = victim.relative_to(info.root).as_posix()
+    try:
+        if kind == "s3":
+            s3_server.upload(cut, "remote-sample", key)
+        else:
+            victim.write_bytes(cut.read_bytes())
+        _clear_gdal_caches()
+        with dask.config.set(scheduler="threads"), pytest.raises(Exception) as caught:
+            lazy.compute()
+        assert "Signature" not in str(caught.value) and "X-Amz" not in str(caught.value)
+    finally:
+        victim.write_bytes(original)
+        if kind == "s3":
+            s3_server.upload(victim, "remote-sample", key)

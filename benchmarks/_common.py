@@ -43,6 +43,35 @@ def materialise(*collections: Any) -> dict:
     return convert_legacy_graph(expr.__dask_graph__())
 
 
+def process_cpu(pids: list[int]) -> float:
+    """CPU seconds (user + system) so far of these processes and all their children."""
+    import psutil
+
+    procs: dict[int, Any] = {}
+    for pid in pids:
+        try:
+            proc = psutil.Process(pid)
+            procs.update({p.pid: p for p in [proc, *proc.children(recursive=True)]})
+        except psutil.NoSuchProcess:
+            pass
+    total = 0.0
+    for p in procs.values():  # each process once, though it may be a child of another listed
+        try:
+            t = p.cpu_times()
+            total += t.user + t.system
+        except psutil.NoSuchProcess:
+            pass
+    return total
+
+
+def worker_pids(client: Any) -> list[int]:
+    """A Dask cluster's worker processes and their nannies (local clusters)."""
+    import psutil
+
+    pids = set(client.run(os.getpid).values())
+    return sorted(pids | {psutil.Process(p).ppid() for p in pids})
+
+
 def machine_state() -> str:
     """One line: CPU, core count, load averages (the machine is shared: timings are noisy)."""
     load = ", ".join(f"{v:.2f}" for v in os.getloadavg())

@@ -45,7 +45,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
-from _common import machine_state, publish, table
+from _common import machine_state, process_cpu, publish, table, worker_pids
 
 BANDS = ["blue", "green", "red", "nir"]
 ASSETS = BANDS + ["scl"]
@@ -152,16 +152,21 @@ def gdal_settings(extra: dict[str, str]) -> Iterator[None]:
         readers.GDAL_CLOUD_ENV.update(saved)
 
 
-def timed_run(client: Any, proxy: Any, fn: Callable[[], Any]) -> dict[str, Any]:
+def timed_run(client: Any, proxy: Any, fn: Callable[[], Any], servers: dict[str, list[int]]) -> dict[str, Any]:
+    """One measured run: wall seconds, requests, bytes, and the CPU seconds of this process, the workers
+    and each of ``servers`` (name → pids) during it."""
     client.run(clear_gdal_caches)
     clear_gdal_caches()
     proxy.reset()
+    parts = {"workers": worker_pids(client), **servers}
+    c0, p0 = {k: process_cpu(v) for k, v in parts.items()}, time.process_time()
     t0 = time.perf_counter()
     result = fn()
     seconds = time.perf_counter() - t0
+    cpu = {"client": time.process_time() - p0, **{k: process_cpu(v) - c0[k] for k, v in parts.items()}}
     stats = proxy.stats()
     return {"seconds": seconds, "gets": stats.gets, "heads": stats.by_method.get("HEAD", 0),
-            "requests": stats.requests, "mb": stats.response_bytes / 1e6, "result": result,
+            "requests": stats.requests, "mb": stats.response_bytes / 1e6, "result": result, "cpu": cpu,
             "records": [(r.method, r.target, r.range) for r in stats.records]}
 
 
@@ -218,6 +223,7 @@ def main() -> None:
             bounds, shape, epsg = lazy.rio.bounds(), lazy.rio.shape, lazy.rio.crs.to_epsg()
             geobox = GeoBox(shape, lazy.rio.transform(), f"EPSG:{epsg}")
             minimum, tiles = minimum_requests(files, bounds)  # GDAL's 16 KiB first read, as the peers use
+            servers = {"moto_server": [moto.server.pid], "proxy": [proxy.proc.pid]}
             with open_client("local", quiet=True) as client:
                 client.run(lambda: __import__("pixels_xr.compose") and __import__("odc.stac"))
                 with dask.config.set(scheduler="threads"):
@@ -234,7 +240,7 @@ def main() -> None:
                     proxy.set_delay(ms / 1000)
                     for name, fn in readers_.items():
                         if name in only:
-                            runs[name, ms] = timed_run(client, proxy, fn)
+                            runs[name, ms] = timed_run(client, proxy, fn, servers)
                             r = runs[name, ms]
                             print(f"{name} @ {ms:g} ms: {r['seconds']:.2f} s, {r['gets']} GET, "
                                   f"{r['heads']} HEAD, {r['mb']:.1f} MB", flush=True)
@@ -244,7 +250,8 @@ def main() -> None:
                     for label, extra in {"ours (as shipped)": {}, **KNOBS}.items():
                         with gdal_settings(extra):
                             knobs[label] = timed_run(client, proxy,
-                                                     lambda: collect(cfg, feature, items=items).compute())
+                                                     lambda: collect(cfg, feature, items=items).compute(),
+                                                     servers)
                         print(f"knob {label}: {knobs[label]['seconds']:.2f} s, {knobs[label]['gets']} GET",
                               flush=True)
         finally:
@@ -307,6 +314,13 @@ def main() -> None:
                   f"({'met' if ours['gets'] <= 1.1 * minimum else 'NOT met'})"),
                   (f"latency overhead (t{hi:g} − t{lo:g}) / t{lo:g} ≤ 15 %: {overhead:.0%} "
                   f"({'met' if overhead <= 0.15 else 'NOT met'})")]
+    parts = list(runs[names[0], latencies[-1]]["cpu"])
+    lines += ["", f"CPU seconds of each process during the runs at {latencies[-1]:g} ms (all: on "
+              f"{os.cpu_count()} cores, at least all / {os.cpu_count()} seconds of wall time):", ""]
+    lines += table(["reader", *parts, "all", "wall s"],
+                   [[label[n], *[f"{runs[n, latencies[-1]]['cpu'][p]:.1f}" for p in parts],
+                     f"{sum(runs[n, latencies[-1]]['cpu'].values()):.1f}", f"{runs[n, latencies[-1]]['seconds']:.1f}"]
+                    for n in names])
     lines += ["", *[f"- {c}" for c in checks + goals]]
     if knobs:
         shipped = knobs["ours (as shipped)"]

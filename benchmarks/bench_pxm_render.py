@@ -14,7 +14,7 @@ memory is the largest sum of RSS over each command's process tree (sampled every
 
 Needs the ``bench`` extra plus ``uv pip install --no-deps rio-mbtiles==1.6.0`` and Debian's ``gdal-bin``.
 Usage: ``.venv/bin/python benchmarks/bench_pxm_render.py [--zooms 6-13] [--workers 2] [--image NAME]
-[--skip-rio] [--skip-processes] [--repeat N] [--tag pxm-render]``
+[--skip-rio] [--skip-processes] [--png-filters] [--repeat N] [--tag pxm-render]``
 """
 
 from __future__ import annotations
@@ -114,6 +114,84 @@ def encode_alone(path: Path, tile_format: str) -> float:
     return time.process_time() - t0
 
 
+def _filter_rows(rows: np.ndarray, bpp: int, k: int) -> np.ndarray:
+    """PNG filter ``k`` (0 None, 1 Sub, 2 Up, 3 Average, 4 Paeth) of every row of ``rows`` (h, n), uint8."""
+    if k == 0:
+        return rows
+    if k == 2:  # as encode.encode_png does it
+        out = np.empty_like(rows)
+        out[0] = rows[0]
+        np.subtract(rows[1:], rows[:-1], out=out[1:])
+        return out
+    x = rows.astype(np.int16)
+    left = np.zeros_like(x)
+    left[:, bpp:] = x[:, :-bpp]
+    if k == 1:
+        return (x - left).astype(np.uint8)  # modulo 256, as PNG defines them
+    up = np.zeros_like(x)
+    up[1:] = x[:-1]
+    if k == 3:
+        return (x - ((left + up) >> 1)).astype(np.uint8)
+    corner = np.zeros_like(x)
+    corner[1:, bpp:] = x[:-1, :-bpp]
+    p = left + up - corner
+    pa, pb, pc = np.abs(p - left), np.abs(p - up), np.abs(p - corner)
+    return (x - np.where((pa <= pb) & (pa <= pc), left, np.where(pb <= pc, up, corner))).astype(np.uint8)
+
+
+def _filtered(rows: np.ndarray, bpp: int, kind: str) -> np.ndarray:
+    """PNG scanlines (filter byte + filtered row) with one filter everywhere or libpng's per-row choice."""
+    out = np.empty((len(rows), rows.shape[1] + 1), np.uint8)
+    if kind == "adaptive":  # libpng's heuristic: the filter of least sum of |signed byte| per row
+        cand = np.stack([_filter_rows(rows, bpp, k) for k in range(5)])
+        choice = np.abs(cand.view(np.int8).astype(np.int16)).sum(axis=2).argmin(axis=0)
+        out[:, 0] = choice
+        out[:, 1:] = cand[choice, np.arange(len(rows))]
+    else:
+        k = {"up": 2, "average": 3, "paeth": 4}[kind]
+        out[:, 0] = k
+        out[:, 1:] = _filter_rows(rows, bpp, k)
+    return out
+
+
+def png_filters(path: Path, native: int) -> list[str]:
+    """Result lines: PNG bytes and CPU ms/tile of filter choices on the RGB/RGBA tiles of a PNG render, above
+    and at/below the native zoom (palette tiles left out: they are not filtered). Up is ours, as the encoder
+    computes it; the others in plain numpy (int16), so their time is an upper bound."""
+    import deflate
+    from PIL import Image
+
+    from pixels_xr.pxm.encode import PNG_LEVEL
+
+    with sqlite3.connect(path) as db:
+        data = db.execute("SELECT zoom_level, tile_data FROM tiles").fetchall()
+    groups: dict[bool, list[tuple[np.ndarray, int]]] = {False: [], True: []}
+    for z, blob in data:
+        img = Image.open(io.BytesIO(blob))
+        if img.mode in ("RGB", "RGBA"):
+            px = np.asarray(img)
+            groups[z > native].append((px.reshape(px.shape[0], -1), px.shape[2]))
+    lines = []
+    for magnified, tiles in groups.items():
+        if not tiles:
+            continue
+        cells = []
+        for kind in ("up", "paeth", "average", "adaptive", "smaller of up and adaptive"):
+            t0, size = time.process_time(), 0
+            for rows, bpp in tiles:
+                if kind.startswith("smaller"):
+                    size += min(len(deflate.zlib_compress(_filtered(rows, bpp, k).tobytes(), PNG_LEVEL))
+                                for k in ("up", "adaptive"))
+                else:
+                    size += len(deflate.zlib_compress(_filtered(rows, bpp, kind).tobytes(), PNG_LEVEL))
+            ms = (time.process_time() - t0) / len(tiles) * 1000
+            cells.append(f"{kind} {size / 1e6:.3f} MB at {ms:.1f} ms/tile")
+        lines.append(f"PNG filters on ours' {len(tiles)} RGB/RGBA tiles at zooms "
+                     f"{'above' if magnified else 'at or below'} native (libdeflate {PNG_LEVEL}): "
+                     + "; ".join(cells) + ".")
+    return lines
+
+
 def mbtiles_stats(path: Path) -> dict[int, tuple[int, int]]:
     """{zoom: (tiles, bytes)} of an MBTiles file."""
     with sqlite3.connect(path) as db:
@@ -140,6 +218,8 @@ def main() -> None:
     ap.add_argument("--skip-rio", action="store_true", help="leave rio-mbtiles out (long renders)")
     ap.add_argument("--skip-processes", action="store_true",
                     help="leave out ours on a LocalCluster of worker processes (--cluster local)")
+    ap.add_argument("--png-filters", action="store_true",
+                    help="also compare PNG filter choices (Up, Paeth, Average, per-row adaptive) on ours' tiles")
     ap.add_argument("--repeat", type=int, default=1,
                     help="rounds of every tool but rio-mbtiles (alternating); the fastest round counts")
     ap.add_argument("--tag", default="pxm-render", help="RESULTS.md section (pxm-render, pxm-render-long)")
@@ -204,6 +284,7 @@ def main() -> None:
             rows = list(best.values())
             warp_s, blocks = warp_alone(uri, zmax)
             encode_s = encode_alone(work / "png" / "bench.tci.mbtiles", "png")
+            filters = png_filters(work / "png" / "bench.tci.mbtiles", native) if args.png_filters else []
     finally:
         srv.stop()
         shutil.rmtree(work, ignore_errors=True)
@@ -216,7 +297,7 @@ def main() -> None:
         "",
         f"`.venv/bin/python benchmarks/bench_pxm_render.py --zooms {args.zooms} --workers {args.workers}"
         + (f" --image {args.image}" if args.image != IMAGE else "") + (" --skip-rio" if args.skip_rio else "")
-        + (" --skip-processes" if args.skip_processes else "")
+        + (" --skip-processes" if args.skip_processes else "") + (" --png-filters" if args.png_filters else "")
         + (f" --repeat {args.repeat}" if args.repeat != 1 else "")
         + (f" --tag {args.tag}" if args.tag != "pxm-render" else "") + "` — "
         f"input `{args.image}` served by moto_server and read over /vsis3/ by every tool; zooms {zmin}-{zmax} "
@@ -255,6 +336,7 @@ def main() -> None:
                  f"({blocks} blocks of zoom {zmax}), encode {encode_s:.1f} s ({ours_png[2]} PNG tiles); "
                  f"ours (png) used {used:.1f} CPU seconds in all: warp + encode are {share:.0%} of it, the rest "
                  f"(start-up, scheduling, reductions, scratch store) {1 - share:.0%}.")
+    lines += filters
     if len({tiles for _, _, tiles, *_ in rows}) > 1:
         lines.append("Tile counts differ: the tools decide differently which tiles at the footprint's edge"
                      " are empty; tiles/s uses each tool's own count.")

@@ -148,7 +148,7 @@ def _markers(out: Path) -> int:
                if f.name.endswith(".json") and not f.name.startswith("_"))
 
 
-def at_scale(n: int, write: bool) -> None:
+def at_scale(n: int, write: bool, kill: bool = True) -> None:
     """The ``--scale`` measurements (module docstring)."""
     import pixels_xr as px
 
@@ -162,33 +162,34 @@ def at_scale(n: int, write: bool) -> None:
     noop = _child(n, full_out)
     print("no-op", noop["wall"], noop["written"], flush=True)
     total = full["written"]
-    killed = _child(n, killed_out, kill_at=total // 2)
-    resumed = _child(n, killed_out)
-    print("killed at", killed, "resumed wrote", resumed["written"], flush=True)
-    features = _small(sample, origin, n)
-    equal = all(
-        all(np.array_equal(a[v].values, b[v].values, equal_nan=True) for v in a.data_vars)
-        for f in features[:: max(1, n // 200)]
-        for a, b in [(px.open_feature(str(full_out), f.id).compute(),
-                      px.open_feature(str(killed_out), f.id).compute())])
+    if kill:
+        killed = _child(n, killed_out, kill_at=total // 2)
+        resumed = _child(n, killed_out)
+        print("killed at", killed, "resumed wrote", resumed["written"], flush=True)
+        features = _small(sample, origin, n)
+        equal = all(
+            all(np.array_equal(a[v].values, b[v].values, equal_nan=True) for v in a.data_vars)
+            for f in features[:: max(1, n // 200)]
+            for a, b in [(px.open_feature(str(full_out), f.id).compute(),
+                          px.open_feature(str(killed_out), f.id).compute())])
     workers = full["workers_mb"]
     w_first, w_peak, w_last = (max(workers[0]) if workers else 0, max((max(s) for s in workers), default=0),
                                max(workers[-1]) if workers else 0)
-    missing = total - killed["killed_at"]
     rows = [
         ["full run", f"{full['wall']:.1f}", f"{full['cpu'] / n * 1000:.1f}", f"{full['maxrss_mb']:.0f}",
          f"{w_first:.0f} / {w_peak:.0f} / {w_last:.0f}", str(full["written"]), str(full["ok"])],
         ["no-op re-run", f"{noop['wall']:.1f}", f"{noop['cpu'] / n * 1000:.1f}", f"{noop['maxrss_mb']:.0f}", "",
          str(noop["written"]), str(noop["ok"])],
-        [f"re-run after SIGKILL at {killed['killed_at']} of {total} units", f"{resumed['wall']:.1f}",
-         f"{resumed['cpu'] / n * 1000:.1f}", f"{resumed['maxrss_mb']:.0f}", "", str(resumed["written"]),
-         str(resumed["ok"])],
     ]
+    if kill:
+        rows.append([f"re-run after SIGKILL at {killed['killed_at']} of {total} units", f"{resumed['wall']:.1f}",
+                     f"{resumed['cpu'] / n * 1000:.1f}", f"{resumed['maxrss_mb']:.0f}", "",
+                     str(resumed["written"]), str(resumed["ok"])])
     after = machine_state()
     lines = [
         f"## Many small features at scale: {n:,} fields of 20 × 20 px",
         "",
-        f"`.venv/bin/python benchmarks/bench_many_features.py --scale {n}` — the sample (36 dates, one {need}² px "
+        f"`.venv/bin/python benchmarks/bench_many_features.py --scale {n}{'' if kill else ' --no-kill'}` — the sample (36 dates, one {need}² px "
         "tile), monthly median over a year (12 bins), 4 bands, Zarr; every run is a child process with its own "
         "`open_client(\"local\")` (2 workers). Client RSS: the child's peak (it also hosts the scheduler).",
         f"Machine before: {before}; after: {after}.",
@@ -198,10 +199,13 @@ def at_scale(n: int, write: bool) -> None:
         "",
         f"- no-op re-run ≤ 30 s: {noop['wall']:.1f} s ({'met' if noop['wall'] <= 30 else 'NOT met'})",
         f"- client RSS ≤ 1 GB: {full['maxrss_mb']:.0f} MB ({'met' if full['maxrss_mb'] <= 1024 else 'NOT met'})",
-        f"- the re-run after the kill computed {resumed['written']} units; missing after the kill: {missing} "
-        f"({'exactly the missing ones' if resumed['written'] == missing else 'NOT the missing ones'}); its "
-        f"store equals the uninterrupted run's on every {max(1, n // 200)}th feature: {'yes' if equal else 'NO'}",
     ]
+    if kill:
+        missing = total - killed["killed_at"]
+        lines.append(f"- the re-run after the kill computed {resumed['written']} units; missing after the kill: "
+                     f"{missing} ({'exactly the missing ones' if resumed['written'] == missing else 'NOT the missing ones'}"
+                     f"); its store equals the uninterrupted run's on every {max(1, n // 200)}th feature: "
+                     f"{'yes' if equal else 'NO'}")
     publish("many-features-scale", lines, write=write)
 
 
@@ -212,11 +216,12 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--counts", default="100", help="feature counts N (perfect squares), comma-separated")
     ap.add_argument("--scale", type=int, default=None, help="the at-scale runs of N features instead")
+    ap.add_argument("--no-kill", action="store_true", help="--scale: the full and no-op runs only")
     ap.add_argument("--no-write", action="store_true")
     ap.add_argument("--profile", type=Path, default=None)
     args = ap.parse_args()
     if args.scale is not None:
-        at_scale(args.scale, write=not args.no_write)
+        at_scale(args.scale, write=not args.no_write, kill=not args.no_kill)
         return
     counts = [int(c) for c in args.counts.split(",")]
 

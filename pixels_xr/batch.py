@@ -207,6 +207,11 @@ class _Planned:
     #: Zarr format of a template still to write (by the feature's first job; recorded once it completes)
     template: int | None = None
     sources: dict[str, str] = field(default_factory=dict)
+    #: the feature's unit records (the ledger's, then this run's as they are recorded) and the sources its
+    #: template records: copied into the template once the feature is finished (``ledger``)
+    records: dict[str, dict[str, Any]] = field(default_factory=dict)
+    template_sources: dict[str, str] | None = None
+    summarised: bool = False
     #: ids of the items behind each unit, by label (the COG tags' ``items``)
     unit_items: dict[str, list[str]] = field(default_factory=dict)
     #: asset hrefs the feature reads, and the scheduler's clock when its job was submitted (read problems
@@ -575,7 +580,8 @@ def _classify(plan: _Planned, items: SearchResult, config: PixelsConfig, manifes
     current = unit_sources(items, config, feature)
     fresh = plan_only == "fresh"
     known = [] if fresh else manifest.template(feature.id) or []
-    units = classify(current, {} if fresh else manifest.unit_records(feature.id), known, manifest.hash)
+    plan.records = {} if fresh else manifest.unit_records(feature.id)
+    units = classify(current, plan.records, known, manifest.hash)
     axis = _axis(known, [u.label for u in units if u.state != "gone"], output_format)
     if axis is None:  # the output's time axis cannot grow into the new one in place: rewrite the feature
         gone = [u.label for u in units if u.state == "gone"]
@@ -637,6 +643,7 @@ def _prepare(plan: _Planned, labels: list[str], timeline: Callable[[], xr.Datase
     if plan.rebuild or not known:
         manifest.forget(feature.id)
         known = []
+        plan.records = {}
     plan.sources = _source_hrefs(items)
     plan.labels = axis
     position = {label: k for k, label in enumerate(labels)}
@@ -655,7 +662,8 @@ def _prepare(plan: _Planned, labels: list[str], timeline: Callable[[], xr.Datase
             else:
                 write_time_axis(manifest.out, feature.id, update[0], _merged_attrs(manifest.out, feature.id,
                                                                                    update[1]))
-        manifest.record_template(feature.id, axis, {**manifest.sources(feature.id), **plan.sources})
+        plan.template_sources = {**manifest.sources(feature.id), **plan.sources}
+        manifest.record_template(feature.id, axis, plan.template_sources)
     for u in plan.units:  # a relabelled (grown) partial bin: its old record (and COGs) go once it is rewritten
         old = next((k for k in known if start_of(k) == start_of(u.label) and k != u.label), None)
         if old is not None and u.computes:
@@ -943,9 +951,6 @@ def _drain(in_flight: dict, remaining: dict[str, int], manifest: RunManifest, ba
             if plan.result.status != "failed":
                 _fail(plan.result, "write", exc, unit=plan.unit_labels[units[0]] if len(units) == 1 else None)
         else:
-            if plan.template is not None:
-                manifest.record_template(fid, plan.labels, plan.sources)
-                plan.template = None
             if plan.hrefs and events is None:
                 events = read_events(client)
             problems = cluster_problems(client, plan.hrefs, plan.submitted, events) if plan.hrefs else []
@@ -962,23 +967,38 @@ def _drain(in_flight: dict, remaining: dict[str, int], manifest: RunManifest, ba
                     entry["reads"] += 1
                 plan.result.read_problems = list(seen.values())
             by_label = {u.label: u for u in plan.units}
-            for i in units:
-                if plan.result.status not in {"failed", "degraded"}:
+            recorded = {}
+            if plan.result.status not in {"failed", "degraded"}:
+                for i in units:
                     label = plan.unit_labels[i]
                     unit = by_label.get(label)
                     items_used = unit.items if unit is not None else {}
-                    manifest.record_unit(fid, label, **info, fingerprint=unit.fingerprint if unit else "",
-                                         items=items_used, skipped=sorted(plan.skipped & set(items_used)))
-                    if label in plan.replaces:  # the unit's old name, now rewritten under the new one
-                        old = plan.replaces.pop(label)
-                        manifest.forget_unit(fid, old)
-                        if manifest.output_format.startswith("cog"):
-                            for layer in COG_LAYERS:
-                                storage.remove_tree(CogUnit(manifest.out, fid, old).path(layer))
-                    plan.result.units_written += 1
-                    if on_unit is not None:
-                        on_unit(fid, label)
+                    recorded[label] = manifest.unit_record(
+                        fid, label, **info, fingerprint=unit.fingerprint if unit else "", items=items_used,
+                        skipped=sorted(plan.skipped & set(items_used)))
+            if plan.template is not None:  # a new feature's template, before its first job's units
+                complete = remaining[fid] == len(units) and plan.result.status == "done"
+                replaced = {plan.replaces[label] for label in recorded if label in plan.replaces}
+                manifest.record_template(fid, plan.labels, plan.sources, {
+                    k: v for k, v in {**plan.records, **recorded}.items() if k not in replaced} if complete else None)
+                plan.template, plan.template_sources, plan.summarised = None, plan.sources, complete
+            for label, record in recorded.items():
+                manifest.write_unit(fid, label, record)
+                plan.records[label] = record
+                if label in plan.replaces:  # the unit's old name, now rewritten under the new one
+                    old = plan.replaces.pop(label)
+                    manifest.forget_unit(fid, old)
+                    plan.records.pop(old, None)
+                    if manifest.output_format.startswith("cog"):
+                        for layer in COG_LAYERS:
+                            storage.remove_tree(CogUnit(manifest.out, fid, old).path(layer))
+                plan.result.units_written += 1
+                if on_unit is not None:
+                    on_unit(fid, label)
         remaining[fid] -= len(units)
+        if remaining[fid] == 0 and plan.result.status == "done" and not plan.summarised:
+            # the template again, with the copy of every unit record (``ledger``)
+            manifest.record_template(fid, plan.labels, plan.template_sources or plan.sources, plan.records)
         if remaining[fid] == 0:
             # the item from the Dataset written, when it is the whole store's axis (else read back at the end)
             if items is not None and plan.result.status == "done" and plan.labels == plan.unit_labels:

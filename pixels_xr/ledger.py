@@ -6,7 +6,10 @@ Everything lives under ``OUT/.pixels_xr/`` (a name no feature id can take):
 - ``units/<feature>/<bin label>.json``: one small object per finished unit, written only after the unit's
   data is fully written — a unit without a marker is never trusted and is redone by the next run; it
   holds the unit's fingerprint and the versions of its items (``units``), so a re-run knows what changed;
-- ``units/<feature>/_template.json``: the feature's template (time labels) exists and may be filled;
+- ``units/<feature>/_template.json``: the feature's template (time labels) exists and may be filled; once
+  a run has finished the feature it also holds a copy of every unit record (``units``): a re-run reads that
+  one file instead of one per unit, for as long as the folder lists exactly those units (a unit recorded or
+  lost since makes the folder differ, and the records are read one by one, as before);
 - ``report.json``: the last run's report (per feature: status, stage, error).
 
 One object per unit (instead of one appended file) keeps markers atomic on object stores and lets many
@@ -19,6 +22,7 @@ import datetime as dt
 import hashlib
 import json
 import os
+import threading
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -45,6 +49,11 @@ class RunManifest:
     config_json: str
     output_format: str
     hash: str = field(init=False)
+    #: per thread, the last template read (feature id, ledger generation, document): a classification
+    #: reads a feature's template for its labels, its sources and its unit records
+    _read: threading.local = field(init=False, repr=False, compare=False, default_factory=threading.local)
+    #: bumped by every write of the ledger: a kept template read is only used within one generation
+    _generation: int = field(init=False, repr=False, compare=False, default=0)
 
     def __post_init__(self) -> None:
         # secrets (a token in the catalog URL) are neither recorded nor part of the identity: a rotated
@@ -121,27 +130,46 @@ class RunManifest:
         """Bin labels (``start/end``, or the day) of the finished units of a feature, in order."""
         return sorted(label_of(name) for name in self.done(feature_id))
 
+    def _template_doc(self, feature_id: str) -> dict[str, Any] | None:
+        kept = getattr(self._read, "doc", None)
+        if kept is not None and kept[:2] == (feature_id, self._generation):
+            return kept[2]
+        data = storage.read_bytes(storage.join(self.root, "units", feature_id, f"{TEMPLATE}.json"))
+        doc = None if data is None else json.loads(data)
+        self._read.doc = (feature_id, self._generation, doc)
+        return doc
+
+    def _changed(self) -> None:
+        self._generation += 1
+
     def template(self, feature_id: str) -> list[str] | None:
         """The time labels the feature's template was written with (None: no template yet)."""
-        data = storage.read_bytes(storage.join(self.root, "units", feature_id, f"{TEMPLATE}.json"))
-        return None if data is None else list(json.loads(data)["labels"])
+        doc = self._template_doc(feature_id)
+        return None if doc is None else list(doc["labels"])
 
     read_only: bool = False
 
-    def record_template(self, feature_id: str, labels: list[str], sources: dict[str, str]) -> None:
+    def record_template(self, feature_id: str, labels: list[str], sources: dict[str, str],
+                        units: dict[str, dict[str, Any]] | None = None) -> None:
         """Record the feature's time labels and its source items (id → self href, redacted: no tokens) for
-        the STAC output."""
+        the STAC output; with ``units``, the copy of every unit record of the feature (label → record, as
+        ``write_unit`` wrote them) that ``unit_records`` may read instead of the records."""
         sources = {k: redact(v) for k, v in sources.items()}
+        doc: dict[str, Any] = {"labels": labels, "sources": sources, "written": _now()}
+        if units is not None:
+            doc["units"] = units
+        self._changed()
         storage.write_bytes(storage.join(self.root, "units", feature_id, f"{TEMPLATE}.json"),
-                            json.dumps({"labels": labels, "sources": sources, "written": _now()}).encode())
+                            json.dumps(doc).encode())
 
     def sources(self, feature_id: str) -> dict[str, str]:
         """Source item id → href recorded with the feature's template."""
-        data = storage.read_bytes(storage.join(self.root, "units", feature_id, f"{TEMPLATE}.json"))
-        return {} if data is None else dict(json.loads(data).get("sources", {}))
+        doc = self._template_doc(feature_id)
+        return {} if doc is None else dict(doc.get("sources", {}))
 
     def forget(self, feature_id: str) -> None:
         """Drop every record of a feature (its template changed: it is rewritten from scratch)."""
+        self._changed()
         storage.remove_tree(storage.join(self.root, "units", feature_id))
 
     def unit_records(self, feature_id: str) -> dict[str, dict[str, Any]]:
@@ -151,6 +179,9 @@ class RunManifest:
 
         names = [n for n in storage.list_names(storage.join(self.root, "units", feature_id))
                  if n.endswith(".json") and not n.startswith(TEMPLATE)]
+        copy = (self._template_doc(feature_id) or {}).get("units") if names else None
+        if isinstance(copy, dict) and sorted(names) == sorted(f"{safe_label(label)}.json" for label in copy):
+            return {label: dict(record) for label, record in copy.items()}
 
         def read(name: str) -> dict[str, Any] | None:
             data = storage.read_bytes(storage.join(self.root, "units", feature_id, name))
@@ -169,10 +200,16 @@ class RunManifest:
 
     def forget_unit(self, feature_id: str, label: str) -> None:
         """Drop one unit's record (it is rewritten, possibly under a new label)."""
+        self._changed()
         storage.remove_tree(self._unit(feature_id, label))
 
-    def record_unit(self, feature_id: str, label: str, **info: Any) -> None:
-        record = {"feature": feature_id, "bin": label, "config_hash": self.hash, "finished": _now(), **info}
+    def unit_record(self, feature_id: str, label: str, **info: Any) -> dict[str, Any]:
+        """The record of a finished unit (``write_unit`` writes it)."""
+        return {"feature": feature_id, "bin": label, "config_hash": self.hash, "finished": _now(), **info}
+
+    def write_unit(self, feature_id: str, label: str, record: dict[str, Any]) -> None:
+        """Record a finished unit: written only after its data is."""
+        self._changed()
         storage.write_bytes(self._unit(feature_id, label), json.dumps(record).encode())
 
     def write_report(self, report: dict[str, Any]) -> str:

@@ -170,6 +170,7 @@ def test_rerun_is_a_no_op_and_resumes_missing_units(tmp_path, clean_run, config,
     out = str(tmp_path / "run.zarr")
     first = run_batch(config, features, out, client=client, progress=False)
     assert first.units_written == 2 * len(features)
+    assert_template_copies_the_records(out)
     again = run_batch(config, features, out, client=client, progress=False)
     assert again.units_written == 0 and again.units_skipped == 2 * len(features)
     assert all(f.status == "skipped" for f in again.features)
@@ -184,6 +185,17 @@ def test_rerun_is_a_no_op_and_resumes_missing_units(tmp_path, clean_run, config,
         f"{m.parent.name}/{m.name}" for m in lost)
     assert_same_arrays(store_arrays(out, [f.id for f in features]),
                        store_arrays(clean_run, [f.id for f in features]))
+    assert_template_copies_the_records(out)
+
+
+def assert_template_copies_the_records(out: str) -> None:
+    """Every finished feature's template holds a copy of exactly its unit records (what a re-run reads
+    instead of one file per unit)."""
+    for folder in sorted((Path(out) / MANIFEST_DIR / "units").iterdir()):
+        copy = json.loads((folder / "_template.json").read_text())["units"]
+        records = {json.loads(p.read_text())["bin"]: json.loads(p.read_text())
+                   for p in folder.glob("*.json") if not p.name.startswith("_")}
+        assert copy == records, folder.name
 
 
 def test_other_config_needs_overwrite(tmp_path, sample, config, features, client) -> None:

@@ -15,14 +15,15 @@ at 29.8 ms; Sub and Paeth filters were 6–11 % larger than Up on these smooth (
 (level 1) 5.29 MB but at 75 ms/tile. Palette tiles use no filter (filters on indices defeat the
 compressor). Decoded, every variant gives back exactly the RGBA pixels given (tested).
 
-Filters measured again on the RGB/RGBA tiles of that render (``png_filters`` in ``bench_pxm_render.py``,
-which ``--png-filters`` runs; libdeflate 6; filters other than Up in plain numpy, so their times are upper
-bounds). At zooms up to the source's native zoom (all 37 tiles): Up 1.145 MB at 3.2 ms/tile, Average 1.115 MB (−2.6 %) at 4.6 ms,
-Paeth 1.118 MB at 7.9 ms, libpng's per-row choice (least sum of absolute differences) 1.109 MB (−3.1 %) at
-11.6 ms, the smaller of Up and that per tile 1.108 MB at 13.7 ms. Above it (a 300-tile sample of the 784
-magnified tiles, which hold 96 % of the bytes) Up is the smallest: Average +3.6 %, Paeth +5.2 %, the
-per-row choice +5.1 %, the smaller of Up and it per tile −0.3 % at about 4× the time. Nothing gains more than 3 % anywhere without at least 1.4× the
-encode time, which is a third of a render's CPU, so Up stays everywhere.
+Filters measured again on the RGB/RGBA tiles of that render (``png_filters`` in ``bench_pxm_render.py``, which
+``--png-filters`` runs; libdeflate 6; filters other than Up in plain numpy, so their times are upper bounds).
+At zooms up to the source's native zoom (all 37 tiles): Up 1.145 MB at 3.2 ms/tile, Average 1.115 MB (−2.6 %)
+at 4.6 ms, Paeth 1.118 MB at 7.9 ms, libpng's per-row choice (least sum of absolute differences) 1.109 MB
+(−3.1 %) at 11.6 ms, the smaller of Up and that per tile 1.108 MB at 13.7 ms. Above it (a 300-tile sample of
+the 784 magnified tiles, which hold 96 % of the bytes) Up is the smallest: Average +3.6 %, Paeth +5.2 %, the
+per-row choice +5.1 %, the smaller of Up and it per tile −0.3 % at about 4× the time. Nothing gains more than
+3 % anywhere without at least 1.4× the encode time, which is a third of a render's CPU, so Up stays
+everywhere.
 """
 
 from __future__ import annotations

@@ -57,8 +57,8 @@ def write_output_catalog(out: str, title: str, output_format: str, feature_ids: 
             if fid in keep and storage.exists(storage.join(root, fid, f"{fid}.json")):
                 ids.append(fid)
                 continue
-            try:
-                ds = open_feature(out, fid)
+            try:  # no dask: a Client in scope would compute every coordinate on the cluster, a round trip each
+                ds = open_feature(out, fid, chunks=None)
             except OutputError:
                 continue
             ids.append(_write_item(root, zarr_item(fid, ds, sources(fid))))

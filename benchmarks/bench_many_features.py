@@ -31,6 +31,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 
@@ -67,7 +68,13 @@ def _setup(n_max: int):
     WORK.mkdir(parents=True, exist_ok=True)
     # the sample must hold the largest square (and its 8 px margin): one tile of side ≥ 256 px
     need = max(256, PX * int(round(n_max ** 0.5)) + 16)
-    sample = make_sample(WORK / f"sample-{need}", width=need, height=need, tiles=1)
+    marker = WORK / f"sample-{need}.json"  # made once: remaking it rewrites files another run may be reading
+    if marker.exists():
+        sample = SimpleNamespace(**json.loads(marker.read_text()))
+    else:
+        made = make_sample(WORK / f"sample-{need}", width=need, height=need, tiles=1)
+        sample = SimpleNamespace(catalog=str(made.catalog), crs=made.crs, bounds=tuple(made.bounds))
+        marker.write_text(json.dumps(vars(sample)))
     config = px.load_config({"start": "2021-11-01", "end": "2022-10-31", "mode": "composite",
                              "composite_method": "median", "interval": "months", "platforms": "SENTINEL_2",
                              "bands": ["red", "green", "blue", "nir"], "catalog": str(sample.catalog)})

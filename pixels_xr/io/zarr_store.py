@@ -252,7 +252,9 @@ def update_feature(store: str, group: str, values: dict[str, np.ndarray], at: li
     """A whole-written feature (``write_feature``'s one chunk per variable) given new ``values`` at time
     positions ``at`` and, with ``axis``, its time axis (as ``write_time_axis``), with ``attrs`` (old group
     attributes → new) its attributes: the group read, changed in memory and written back in one go
-    (``storage.write_tree``: a reader finds the old group or the new one, never a half-grown axis).
+    (``storage.write_tree``: a reader of a local store finds the old group or the new one — for the instant
+    between its two renames, none — never a half-grown axis; on an object store the objects are replaced
+    one by one).
     Returns False, changing nothing, when the group is not in that layout (then ``write_time_axis`` and
     ``write_steps`` do it through zarr).
 

@@ -359,10 +359,20 @@ def serve(
         server.stop()
 
 
+#: Modules of the pxm extra (``pyproject.toml``): looked up, not imported, when the command line is built
+#: (``pixels_xr.pxm`` imports them on first use, so importing it no longer tells whether the extra is there).
+PXM_EXTRA_MODULES = ("regex", "morecantile", "pmtiles", "mercantile", "PIL", "deflate")
+
+
 def _mount_pxm() -> None:
+    import importlib.util
+
     try:
+        absent = [m for m in PXM_EXTRA_MODULES if importlib.util.find_spec(m) is None]
+        if absent:
+            raise ImportError(f"no module named {', '.join(repr(m) for m in absent)}")
         from pixels_xr.pxm.cli import pxm_app
-    except ImportError as exc:  # the pxm extra is not installed
+    except (ImportError, ValueError) as exc:  # the pxm extra is not installed
         missing = str(exc)
 
         from rich.markup import escape

@@ -39,6 +39,7 @@ import tempfile
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import numpy as np
@@ -101,6 +102,35 @@ def item_documents(catalog: Path) -> list[dict]:
     """Every item JSON of a catalog copy, as a naive user hands them to stackstac (plain dicts)."""
     return [d for p in sorted(catalog.parent.rglob("*.json"))
             if (d := json.loads(p.read_text())).get("type") == "Feature"]
+
+
+@contextlib.contextmanager
+def served_sample(size: int, dates: int, prefix: str, delay: float = 0.0) -> Iterator[SimpleNamespace]:
+    """The sample on a moto_server behind a latency proxy of ``delay`` seconds, GDAL pointed at the proxy
+    (this process and the workers it starts), and an ``s3://`` copy of its STAC in a work folder: a
+    namespace of ``root``, ``meta`` (crs, bounds), ``work``, ``catalog``, ``files``, ``moto``, ``proxy``;
+    all stopped and removed afterwards."""
+    from servers import S3Server, s3_env, start_moto
+
+    from pixels_xr.testing.latency_proxy import ProxyProcess
+
+    root = sample(size, dates)
+    work = Path(tempfile.mkdtemp(prefix=prefix))
+    files = sorted(p for p in root.rglob("*.tif") if p.stem in ASSETS)
+    moto = S3Server(start_moto())
+    try:
+        for path in files:
+            moto.upload(path, BUCKET, path.relative_to(root).as_posix())
+        proxy = ProxyProcess(moto.host_port, delay=delay)
+        os.environ.update(s3_env(proxy.host_port))  # GDAL in this process and in the workers
+        try:
+            yield SimpleNamespace(root=root, meta=json.loads((root / "bench_info.json").read_text()), work=work,
+                                  catalog=s3_catalog(root, work / "stac"), files=files, moto=moto, proxy=proxy)
+        finally:
+            proxy.stop()
+    finally:
+        moto.stop()
+        shutil.rmtree(work, ignore_errors=True)
 
 
 # ----------------------------------------------------------------------------------------------- the runs
@@ -184,7 +214,6 @@ def main() -> None:
     import odc.stac
     import stackstac
     from odc.geo.geobox import GeoBox
-    from servers import S3Server, s3_env, start_moto
     from shapely.geometry import box
 
     from pixels_xr.catalog import search
@@ -192,73 +221,59 @@ def main() -> None:
     from pixels_xr.compose import collect
     from pixels_xr.config import load_config
     from pixels_xr.features import Feature
-    from pixels_xr.testing.latency_proxy import ProxyProcess, minimum_requests
+    from pixels_xr.testing.latency_proxy import minimum_requests
 
-    root = sample(args.size, args.dates)
-    meta = json.loads((root / "bench_info.json").read_text())
-    work = Path(tempfile.mkdtemp(prefix="pxr-bench-os-"))
-    catalog = s3_catalog(root, work / "stac")
-    files = sorted(p for p in root.rglob("*.tif") if p.stem in ASSETS)
-    latencies = [float(v) for v in args.latencies.split(",")]
-    only = set(args.only.split(","))
-    base = {"start": "2021-11-01", "end": "2022-02-28", "mode": "composite", "composite_method": "median",
-            "interval": "months", "platforms": "SENTINEL_2", "bands": BANDS}
-    cfg = load_config({**base, "catalog": str(catalog)})
-    local_cfg = load_config({**base, "catalog": str(root / "catalog.json")})
-    feature = Feature("area", box(*meta["bounds"]), crs=meta["crs"])
-    not_clear = [int(v) for v in cfg.mask_spec.not_clear_values]
-    before = machine_state()
-    moto = S3Server(start_moto())
-    try:
-        for path in files:
-            moto.upload(path, BUCKET, path.relative_to(root).as_posix())
-        proxy = ProxyProcess(moto.host_port)
-        os.environ.update({**s3_env(proxy.host_port)})  # GDAL in this process and in the workers
-        try:
-            items = search(cfg, feature)
-            local_items = search(local_cfg, feature)
-            ids = {i["id"] if isinstance(i, dict) else i.id for i in items}
-            docs = [d for d in item_documents(catalog) if d["id"] in ids]
-            lazy = collect(cfg, feature, items=items, check=False)
-            bounds, shape, epsg = lazy.rio.bounds(), lazy.rio.shape, lazy.rio.crs.to_epsg()
-            geobox = GeoBox(shape, lazy.rio.transform(), f"EPSG:{epsg}")
-            minimum, tiles = minimum_requests(files, bounds)  # GDAL's 16 KiB first read, as the peers use
-            servers = {"moto_server": [moto.server.pid], "proxy": [proxy.proc.pid]}
-            with open_client("local", quiet=True) as client:
-                client.run(lambda: __import__("pixels_xr.compose") and __import__("odc.stac"))
-                with dask.config.set(scheduler="threads"):
-                    reference = collect(local_cfg, feature, items=local_items).compute()  # local files
-                # warm-up (not measured): imports, numba compilation and GDAL start in every process
-                collect(cfg, feature, items=items[:2]).compute()
-                run_stackstac(docs[:2], bounds, epsg, not_clear)
-                run_odc(docs[:2], geobox, not_clear)
-                runs: dict[tuple[str, float], dict[str, Any]] = {}
-                readers_ = {"ours": lambda: collect(cfg, feature, items=items).compute(),
-                            "stackstac": lambda: run_stackstac(docs, bounds, epsg, not_clear),
-                            "odc": lambda: run_odc(docs, geobox, not_clear)}
-                for ms in latencies:
-                    proxy.set_delay(ms / 1000)
-                    for name, fn in readers_.items():
-                        if name in only:
-                            runs[name, ms] = timed_run(client, proxy, fn, servers)
-                            r = runs[name, ms]
-                            print(f"{name} @ {ms:g} ms: {r['seconds']:.2f} s, {r['gets']} GET, "
-                                  f"{r['heads']} HEAD, {r['mb']:.1f} MB", flush=True)
-                knobs: dict[str, dict[str, Any]] = {}
-                if args.knobs:
-                    proxy.set_delay(latencies[-1] / 1000)
-                    for label, extra in {"ours (as shipped)": {}, **KNOBS}.items():
-                        with gdal_settings(extra):
-                            knobs[label] = timed_run(client, proxy,
-                                                     lambda: collect(cfg, feature, items=items).compute(),
-                                                     servers)
-                        print(f"knob {label}: {knobs[label]['seconds']:.2f} s, {knobs[label]['gets']} GET",
-                              flush=True)
-        finally:
-            proxy.stop()
-    finally:
-        moto.stop()
-        shutil.rmtree(work, ignore_errors=True)
+    with served_sample(args.size, args.dates, "pxr-bench-os-") as served:
+        root, meta, catalog, files = served.root, served.meta, served.catalog, served.files
+        moto, proxy = served.moto, served.proxy
+        latencies = [float(v) for v in args.latencies.split(",")]
+        only = set(args.only.split(","))
+        base = {"start": "2021-11-01", "end": "2022-02-28", "mode": "composite", "composite_method": "median",
+                "interval": "months", "platforms": "SENTINEL_2", "bands": BANDS}
+        cfg = load_config({**base, "catalog": str(catalog)})
+        local_cfg = load_config({**base, "catalog": str(root / "catalog.json")})
+        feature = Feature("area", box(*meta["bounds"]), crs=meta["crs"])
+        not_clear = [int(v) for v in cfg.mask_spec.not_clear_values]
+        before = machine_state()
+        items = search(cfg, feature)
+        local_items = search(local_cfg, feature)
+        ids = {i["id"] if isinstance(i, dict) else i.id for i in items}
+        docs = [d for d in item_documents(catalog) if d["id"] in ids]
+        lazy = collect(cfg, feature, items=items, check=False)
+        bounds, shape, epsg = lazy.rio.bounds(), lazy.rio.shape, lazy.rio.crs.to_epsg()
+        geobox = GeoBox(shape, lazy.rio.transform(), f"EPSG:{epsg}")
+        minimum, tiles = minimum_requests(files, bounds)  # GDAL's 16 KiB first read, as the peers use
+        servers = {"moto_server": [moto.server.pid], "proxy": [proxy.proc.pid]}
+        with open_client("local", quiet=True) as client:
+            client.run(lambda: __import__("pixels_xr.compose") and __import__("odc.stac"))
+            with dask.config.set(scheduler="threads"):
+                reference = collect(local_cfg, feature, items=local_items).compute()  # local files
+            # warm-up (not measured): imports, numba compilation and GDAL start in every process
+            collect(cfg, feature, items=items[:2]).compute()
+            run_stackstac(docs[:2], bounds, epsg, not_clear)
+            run_odc(docs[:2], geobox, not_clear)
+            runs: dict[tuple[str, float], dict[str, Any]] = {}
+            readers_ = {"ours": lambda: collect(cfg, feature, items=items).compute(),
+                        "stackstac": lambda: run_stackstac(docs, bounds, epsg, not_clear),
+                        "odc": lambda: run_odc(docs, geobox, not_clear)}
+            for ms in latencies:
+                proxy.set_delay(ms / 1000)
+                for name, fn in readers_.items():
+                    if name in only:
+                        runs[name, ms] = timed_run(client, proxy, fn, servers)
+                        r = runs[name, ms]
+                        print(f"{name} @ {ms:g} ms: {r['seconds']:.2f} s, {r['gets']} GET, "
+                              f"{r['heads']} HEAD, {r['mb']:.1f} MB", flush=True)
+            knobs: dict[str, dict[str, Any]] = {}
+            if args.knobs:
+                proxy.set_delay(latencies[-1] / 1000)
+                for label, extra in {"ours (as shipped)": {}, **KNOBS}.items():
+                    with gdal_settings(extra):
+                        knobs[label] = timed_run(client, proxy,
+                                                 lambda: collect(cfg, feature, items=items).compute(),
+                                                 servers)
+                    print(f"knob {label}: {knobs[label]['seconds']:.2f} s, {knobs[label]['gets']} GET",
+                          flush=True)
     after = machine_state()
     if args.dump_requests:
         args.dump_requests.write_text(json.dumps({f"{n}@{ms:g}": r["records"] for (n, ms), r in

@@ -22,12 +22,8 @@ compared. Results go to the ``<!-- scale-out -->`` section of RESULTS.md.
 from __future__ import annotations
 
 import argparse
-import json
 import os
-import shutil
 import sys
-import tempfile
-import time
 from pathlib import Path
 from typing import Any
 
@@ -35,8 +31,8 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
-from _common import machine_state, process_cpu, publish, table, worker_pids  # noqa: E402
-from bench_object_storage import ASSETS, BANDS, BUCKET, clear_gdal_caches, s3_catalog, sample  # noqa: E402
+from _common import machine_state, publish, table  # noqa: E402
+from bench_object_storage import BANDS, served_sample, timed_run  # noqa: E402
 
 
 def main() -> None:
@@ -48,7 +44,6 @@ def main() -> None:
     ap.add_argument("--dates", type=int, default=24)
     ap.add_argument("--no-write", action="store_true")
     args = ap.parse_args()
-    from servers import S3Server, s3_env, start_moto
     from shapely.geometry import box
 
     from pixels_xr.batch import run_batch
@@ -56,62 +51,35 @@ def main() -> None:
     from pixels_xr.config import load_config
     from pixels_xr.features import Feature
     from pixels_xr.io.zarr_store import open_feature
-    from pixels_xr.testing.latency_proxy import ProxyProcess
 
-    root = sample(args.size, args.dates)
-    meta = json.loads((root / "bench_info.json").read_text())
-    work = Path(tempfile.mkdtemp(prefix="pxr-bench-scale-"))
-    catalog = s3_catalog(root, work / "stac")
-    files = sorted(p for p in root.rglob("*.tif") if p.stem in ASSETS)
-    cfg = load_config({"start": "2021-11-01", "end": "2022-02-28", "mode": "composite",
-                       "composite_method": "median", "interval": "months", "platforms": "SENTINEL_2",
-                       "bands": BANDS, "catalog": str(catalog)})
-    cols, rows = (int(v) for v in args.fields.split("x"))
-    left, bottom, right, top = meta["bounds"]
-    w, h = (right - left) / cols, (top - bottom) / rows
-    fields = [Feature(f"f{r}{c}", box(left + c * w, top - (r + 1) * h, left + (c + 1) * w, top - r * h),
-                      crs=meta["crs"]) for r in range(rows) for c in range(cols)]
     counts = [int(v) for v in args.workers.split(",")]
-    before = machine_state()
     results: list[dict[str, Any]] = []
-    moto = S3Server(start_moto())
-    try:
-        for path in files:
-            moto.upload(path, BUCKET, path.relative_to(root).as_posix())
-        proxy = ProxyProcess(moto.host_port, delay=args.latency / 1000)
-        os.environ.update(s3_env(proxy.host_port))  # GDAL in this process and in the workers
-        try:
-            for n in counts:
-                with open_client("local", {"workers": n, "threads_per_worker": 1}, quiet=True) as client:
-                    run_batch(cfg, fields[:1], str(work / f"warm-{n}.zarr"), client=client, progress=False)
-                    client.run(clear_gdal_caches)
-                    clear_gdal_caches()
-                    proxy.reset()
-                    workers = worker_pids(client)
-                    parts = {"client + scheduler": [os.getpid()], "workers": workers,
-                             "moto_server": [moto.server.pid], "proxy": [proxy.proc.pid]}
-                    own = {k: v for k, v in parts.items() if k != "client + scheduler"}
-                    c0 = {k: process_cpu(v) for k, v in own.items()}
-                    p0 = time.process_time()
-                    t0 = time.perf_counter()
-                    report = run_batch(cfg, fields, str(work / f"run-{n}.zarr"), client=client, progress=False)
-                    wall = time.perf_counter() - t0
-                    cpu = {"client + scheduler": time.process_time() - p0,
-                           **{k: process_cpu(v) - c0[k] for k, v in own.items()}}
-                    assert report.ok, report.summary()
-                    gets = proxy.stats().gets
-                results.append({"workers": n, "wall": wall, "cpu": cpu, "gets": gets})
-                print(results[-1], flush=True)
-        finally:
-            proxy.stop()
+    with served_sample(args.size, args.dates, "pxr-bench-scale-", args.latency / 1000) as served:
+        meta, work, files = served.meta, served.work, served.files
+        cfg = load_config({"start": "2021-11-01", "end": "2022-02-28", "mode": "composite",
+                           "composite_method": "median", "interval": "months", "platforms": "SENTINEL_2",
+                           "bands": BANDS, "catalog": str(served.catalog)})
+        cols, rows = (int(v) for v in args.fields.split("x"))
+        left, bottom, right, top = meta["bounds"]
+        w, h = (right - left) / cols, (top - bottom) / rows
+        fields = [Feature(f"f{r}{c}", box(left + c * w, top - (r + 1) * h, left + (c + 1) * w, top - r * h),
+                          crs=meta["crs"]) for r in range(rows) for c in range(cols)]
+        servers = {"moto_server": [served.moto.server.pid], "proxy": [served.proxy.proc.pid]}
+        before = machine_state()
+        for n in counts:
+            with open_client("local", {"workers": n, "threads_per_worker": 1}, quiet=True) as client:
+                run_batch(cfg, fields[:1], str(work / f"warm-{n}.zarr"), client=client, progress=False)
+                run = timed_run(client, served.proxy, lambda: run_batch(
+                    cfg, fields, str(work / f"run-{n}.zarr"), client=client, progress=False), servers)
+            assert run["result"].ok, run["result"].summary()
+            cpu = {"client + scheduler": run["cpu"].pop("client"), **run["cpu"]}
+            results.append({"workers": n, "wall": run["seconds"], "cpu": cpu, "gets": run["gets"]})
+            print(results[-1], flush=True)
         equal = all(
             all(np.array_equal(open_feature(str(work / f"run-{counts[0]}.zarr"), f.id)[b].values,
                                open_feature(str(work / f"run-{n}.zarr"), f.id)[b].values, equal_nan=True)
                 for b in BANDS)
             for n in counts[1:] for f in fields)
-    finally:
-        moto.stop()
-        shutil.rmtree(work, ignore_errors=True)
     after = machine_state()
     cores = os.cpu_count() or 1
     table_rows, goals = [], []

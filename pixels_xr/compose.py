@@ -246,14 +246,10 @@ def _convert(refl: np.ndarray, ok: np.ndarray, scale: Any, output: str) -> np.nd
 def _median_block(data: np.ndarray, clear: np.ndarray, *, bands: np.ndarray, scale: np.ndarray,
                   offset: np.ndarray, output: str, out_scale: float) -> tuple[np.ndarray, ...]:
     """Median of one spatial block of one bin over clear observations, on float32 reflectance
-    (``DN × scale + offset`` per item, as ``cube.to_reflectance``). A clear pixel holds data in every
-    reflectance band (``masks.clear_mask``), so nodata never enters the median."""
-    refl = np.empty((data.shape[0], len(bands)) + data.shape[2:], np.float32)  # C order, as the kernel wants
-    for k, b in enumerate(bands):
-        np.multiply(data[:, b], scale[:, b, None, None], out=refl[:, k], dtype=np.float32)
-        if offset[:, b].any():  # x + 0 is x: bins before baseline 04.00 skip a pass
-            refl[:, k] += offset[:, b, None, None]
-    out, count = reducers.clear_median(refl, np.ascontiguousarray(clear), np.float32(np.nan))
+    (``DN × scale + offset`` per item, as ``cube.to_reflectance``), converted by the kernel as it reads
+    each tile (no float32 copy of the block). A clear pixel holds data in every reflectance band
+    (``masks.clear_mask``), so nodata never enters the median."""
+    out, count = reducers.clear_median(data, clear, bands=bands, scale=scale[:, bands], offset=offset[:, bands])
     values = [out[k] if output == "reflectance" else _convert(out[k], ~np.isnan(out[k]), out_scale, output)
               for k in range(out.shape[0])]
     return (*values, count)

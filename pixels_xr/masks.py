@@ -8,10 +8,12 @@ equal to the total radius, so chunk edges never show.
 
 from __future__ import annotations
 
+import functools
+
 import numpy as np
 import xarray as xr
+from numba import njit, prange
 
-from pixels_xr.cube import reflectance_bands
 from pixels_xr.platforms import MaskSpec
 
 
@@ -58,22 +60,101 @@ def cleanup_not_clear(not_clear: np.ndarray, opening: int, dilation: int) -> np.
 
 def clear_mask(cube: xr.DataArray, spec: MaskSpec | None, opening: int = 0, dilation: int = 0) -> xr.DataArray:
     """Lazy ``(time, y, x)`` bool: data present in all reflectance bands (in every band when none is
-    reflectance, e.g. a class band alone) and clear under ``spec``."""
+    reflectance, e.g. a class band alone) and clear under ``spec``.
+
+    One task per cube block computes it in one pass over the block (``clear_block``), instead of a
+    band-selection copy, a comparison per band and ``np.isin`` on the mask band, each a full pass.
+    """
+    import dask.array as da
+
     nodata = cube.attrs.get("nodata")
-    refl = reflectance_bands(cube) if np.asarray(cube.reflectance.values, dtype=bool).any() else cube
-    if nodata is None or (isinstance(nodata, float) and np.isnan(nodata)):
-        valid = refl.notnull().all("band")
+    is_refl = np.asarray(cube.reflectance.values, dtype=bool)
+    valid = tuple(int(i) for i in np.flatnonzero(is_refl if is_refl.any() else np.ones_like(is_refl)))
+    mask_band = -1 if spec is None else list(cube.band.values).index(spec.asset)
+    data = cube.transpose("time", "band", "y", "x").data
+    lazy = isinstance(data, da.Array)
+    if lazy and len(data.chunks[1]) > 1:
+        data = data.rechunk({1: -1})
+
+    def part(valid_bands: tuple[int, ...], mask: int) -> xr.DataArray:
+        kwargs = {"valid_bands": valid_bands, "mask_band": mask, "spec": spec, "nodata": nodata}
+        out = (da.map_blocks(clear_block, data, drop_axis=1, dtype=bool, meta=np.empty((0, 0, 0), bool),
+                             **kwargs) if lazy else clear_block(np.asarray(data), **kwargs))
+        return xr.DataArray(out, dims=("time", "y", "x"), coords={k: v for k, v in cube.coords.items()
+                                                                   if "band" not in v.dims})
+
+    if mask_band < 0 or not (opening or dilation):
+        return part(valid, mask_band).rename("clear")
+    clear = ~_cleanup(~part((), mask_band), opening, dilation)
+    return (clear & part(valid, -1)).rename("clear")
+
+
+def clear_block(block: np.ndarray, *, valid_bands: tuple[int, ...], mask_band: int, spec: MaskSpec | None,
+                nodata: float | None) -> np.ndarray:
+    """Clear ``(t, y, x)`` of one ``(t, band, y, x)`` block: every ``valid_bands`` band holds data (not
+    ``nodata``; not NaN when ``nodata`` is None or NaN) and, with ``mask_band`` ≥ 0, ``rule_clear`` of that
+    band under ``spec`` and (integer nodata) that band is not ``nodata``. Pure numpy and numba."""
+    nt, _, ny, nx = block.shape
+    out = np.empty((nt, ny, nx), np.uint8)
+    has_nd = nodata is not None and not np.isnan(nodata)
+    if has_nd and block.dtype.kind in "ui":  # a nodata the dtype cannot hold equals no pixel
+        info = np.iinfo(block.dtype)
+        has_nd = float(nodata).is_integer() and info.min <= nodata <= info.max
+    nd = block.dtype.type(nodata if has_nd else 0)
+    if mask_band < 0:
+        out[...] = 1
     else:
-        valid = (refl != nodata).all("band")
-    if spec is None:
-        return valid.rename("clear")
-    band = cube.sel(band=spec.asset)
-    clear = xr.apply_ufunc(rule_clear, band, kwargs={"spec": spec}, dask="parallelized", output_dtypes=[bool])
-    if nodata is not None and not (isinstance(nodata, float) and np.isnan(nodata)):
-        clear = clear & (band != nodata)
-    if opening or dilation:
-        clear = ~_cleanup(~clear, opening, dilation)
-    return (clear & valid).rename("clear")
+        table = _rule_table(spec, block.dtype)
+        if table is None:  # a dtype without a table: the rule in numpy
+            out[...] = rule_clear(block[:, mask_band], spec)
+        else:
+            _lookup_kernel(block, mask_band, table, out)
+    _valid_kernel(block, np.asarray(valid_bands, np.int64), mask_band, has_nd and mask_band >= 0, has_nd, nd, out)
+    return out.view(bool)
+
+
+@functools.lru_cache(maxsize=32)
+def _rule_table(spec: MaskSpec, dtype: np.dtype) -> np.ndarray | None:
+    """``rule_clear`` of every value of an 8- or 16-bit unsigned dtype (uint8 0/1 by value), else None."""
+    if dtype not in (np.dtype(np.uint8), np.dtype(np.uint16)):
+        return None
+    table = rule_clear(np.arange(np.iinfo(dtype).max + 1, dtype=dtype), spec).astype(np.uint8)
+    table.setflags(write=False)
+    return table
+
+
+@njit(parallel=True, cache=True)
+def _lookup_kernel(block, mask_band, table, out):
+    """out[t, y, x] = table[block[t, mask_band, y, x]] (unsigned integer blocks), rows in parallel."""
+    nt, _, ny, nx = block.shape
+    for r in prange(nt * ny):
+        m = block[r // ny, mask_band, r % ny]
+        o = out[r // ny, r % ny]
+        for x in range(nx):
+            o[x] = table[m[x]]
+
+
+@njit(parallel=True, cache=True)
+def _valid_kernel(block, valid_bands, mask_band, mask_nodata, has_nd, nd, out):
+    """out[t, y] &= every valid_bands band holds data there (!= nd with ``has_nd``, else not NaN); with
+    ``mask_nodata`` the mask band equal to nd is not clear either. Rows in parallel."""
+    nt, _, ny, nx = block.shape
+    for r in prange(nt * ny):
+        t = r // ny
+        y = r % ny
+        o = out[t, y]
+        if mask_nodata:
+            m = block[t, mask_band, y]
+            for x in range(nx):
+                o[x] &= np.uint8(m[x] != nd)
+        for k in range(valid_bands.shape[0]):
+            v = block[t, valid_bands[k], y]
+            if has_nd:
+                for x in range(nx):
+                    o[x] &= np.uint8(v[x] != nd)
+            else:
+                for x in range(nx):
+                    o[x] &= np.uint8(v[x] == v[x])
 
 
 def _cleanup(not_clear: xr.DataArray, opening: int, dilation: int) -> xr.DataArray:

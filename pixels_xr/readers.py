@@ -20,8 +20,9 @@ import os
 import threading
 import time
 import warnings
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
@@ -149,7 +150,10 @@ def fetch_block(reader_table: np.ndarray, slices: tuple[slice, slice], dtype: np
 
     def read(job: tuple[tuple[int, ...], Any]) -> None:
         index, reader = job
-        out[index] = reader.read(window)
+        if hasattr(reader, "read_into"):  # straight into the block: no temporary, no copy
+            reader.read_into(window, out[index])
+        else:
+            out[index] = reader.read(window)
 
     if len(jobs) == 1 or pool_size == 1:
         for job in jobs:
@@ -200,24 +204,46 @@ class PixelsReader:
             return self._inner
 
     def read(self, window: windows.Window, **kwargs: Any) -> np.ndarray:
-        from stackstac.nodata_reader import exception_matches, nodata_for_window
+        from stackstac.nodata_reader import nodata_for_window
 
         if not self._broken:
-            with read_slots(self.pool_size):
-                try:
-                    return self._reader().read(window, **kwargs)
-                except HrefRefused:  # outside the catalog's allow-list: never opened, never nodata
-                    raise
-                except Exception as exc:
-                    message = redact(str(exc))
-                    cause = exc.__cause__ if isinstance(exc.__cause__, Exception) else exc
-                    if not (exception_matches(exc, self.errors_as_nodata)
-                            or exception_matches(cause, self.errors_as_nodata)):
-                        raise AssetReadError(message, redact(self.url)) from None
-                    warnings.warn(message, stacklevel=2)
-                    read_problems.record(self.url, message)  # nodata, but never silently
-                    self._broken = message.startswith("Error opening")
+            with read_slots(self.pool_size), self._errors_as_nodata():
+                return self._reader().read(window, **kwargs)
         return nodata_for_window(window, self._state["fill_value"], self._state["dtype"])
+
+    def read_into(self, window: windows.Window, out: np.ndarray) -> None:
+        """``read(window)`` written into ``out`` (the window's slot of a block): the direct reader decodes
+        into it in place; the warped reader's result is copied."""
+        if not self._broken:
+            with read_slots(self.pool_size), self._errors_as_nodata():
+                inner = self._reader()
+                if isinstance(inner, _AlignedReader):
+                    inner.read_into(window, out)
+                else:
+                    out[...] = inner.read(window)
+                return
+        out[...] = self._state["fill_value"]
+
+    @contextmanager
+    def _errors_as_nodata(self) -> Iterator[None]:
+        """A read error matching ``errors_as_nodata`` becomes a warning and a recorded read problem, and
+        the block is left to the fill value (an open failure: this asset's later reads too); any other
+        error is an ``AssetReadError`` naming the (unsigned) href."""
+        from stackstac.nodata_reader import exception_matches
+
+        try:
+            yield
+        except HrefRefused:  # outside the catalog's allow-list: never opened, never nodata
+            raise
+        except Exception as exc:
+            message = redact(str(exc))
+            cause = exc.__cause__ if isinstance(exc.__cause__, Exception) else exc
+            if not (exception_matches(exc, self.errors_as_nodata)
+                    or exception_matches(cause, self.errors_as_nodata)):
+                raise AssetReadError(message, redact(self.url)) from None
+            warnings.warn(message, stacklevel=4)
+            read_problems.record(self.url, message)  # nodata, but never silently
+            self._broken = message.startswith("Error opening")
 
     def close(self) -> None:
         with self._lock:
@@ -253,10 +279,7 @@ def _open_aligned(href: str, state: dict, header: CogHeader | None = None) -> _A
     from rasterio.enums import MaskFlags, Resampling
     from stackstac.rio_reader import (
         DEFAULT_GDAL_ENV,
-        MULTITHREADED_DRIVER_ALLOWLIST,
         SelfCleaningDatasetReader,
-        SingleThreadedRioDataset,
-        ThreadLocalRioDataset,
     )
 
     if state["resampling"] != Resampling.nearest:
@@ -272,7 +295,9 @@ def _open_aligned(href: str, state: dict, header: CogHeader | None = None) -> _A
     if offset is None or ds.count != 1:
         ds.close()
         return None
-    plain = np.dtype(ds.dtypes[0]) == np.dtype(state["dtype"]) and \
+    # Unmasked reads when the mask is just the nodata value and every file value is exact in the output
+    # dtype (GDAL casts as it decodes; then nodata is found after the cast as before it).
+    plain = np.can_cast(ds.dtypes[0], state["dtype"], "safe") and \
         ds.mask_flag_enums[0] in ([MaskFlags.nodata], [MaskFlags.all_valid])
     shape, nodata = (ds.height, ds.width), ds.nodata
     if remote is not None:  # the tiles of all the grid needs from this file: one request per run of them
@@ -280,9 +305,35 @@ def _open_aligned(href: str, state: dict, header: CogHeader | None = None) -> _A
         ds.close()
         dataset: Any = _OpenPerRead(env, remote)
     else:
-        dataset = (ThreadLocalRioDataset if ds.driver in MULTITHREADED_DRIVER_ALLOWLIST else
-                   SingleThreadedRioDataset)(env, ds)
+        dataset = _LockedDataset(env, ds)
     return _AlignedReader(dataset, offset, shape, state["dtype"], state["fill_value"], nodata, plain, remote)
+
+
+class _LockedDataset:
+    """One open dataset of an asset, read by whichever thread asks, one read at a time (a GDAL dataset is
+    not thread-safe). stackstac's ``ThreadLocalRioDataset`` opens a copy per thread instead: with a read
+    pool, each block of an asset landed on another thread and opened the file again.
+
+    A local file is read outside rasterio's read environment: its options are HTTP ones, and entering
+    and leaving it (``GDALEnv.start`` checks data paths on disk every time) took about a quarter of a
+    direct read. A ``/vsi`` or URL path reads inside it."""
+
+    def __init__(self, env: Any, ds: Any) -> None:
+        self._env, self._ds = env, ds
+        name = str(ds.name)
+        self._remote = name.startswith("/vsi") or "://" in name
+        self._lock = threading.Lock()
+
+    def read(self, window: windows.Window, **kwargs: Any) -> np.ndarray:
+        with self._lock:
+            if not self._remote:
+                return self._ds.read(window=window, **kwargs)
+            with self._env.read:
+                return self._ds.read(window=window, **kwargs)
+
+    def close(self) -> None:
+        with self._lock:
+            self._ds.close()
 
 
 class _AlignedReader:
@@ -312,13 +363,32 @@ class _AlignedReader:
         out[r0 - row:r1 - row, c0 - col:c1 - col] = data
         return out
 
-    def _pixels(self, window: windows.Window) -> np.ndarray:
+    def read_into(self, window: windows.Window, out: np.ndarray) -> None:
+        """``read(window)`` decoded straight into ``out`` (a ``(height, width)`` view, strided or not: GDAL
+        writes with the view's strides); the parts outside the file get the fill value."""
+        col, row = int(window.col_off) - self._offset[0], int(window.row_off) - self._offset[1]
+        height, width = int(window.height), int(window.width)
+        r0, c0 = max(0, row), max(0, col)
+        r1, c1 = min(self._shape[0], row + height), min(self._shape[1], col + width)
+        if r1 <= r0 or c1 <= c0:
+            out[...] = self._fill
+            return
+        top, left, bottom, right = r0 - row, c0 - col, r1 - row, c1 - col
+        out[:top], out[bottom:] = self._fill, self._fill
+        out[top:bottom, :left], out[top:bottom, right:] = self._fill, self._fill
+        self._pixels(windows.Window(c0, r0, c1 - c0, r1 - r0), out[top:bottom, left:right])
+
+    def _pixels(self, window: windows.Window, out: np.ndarray | None = None) -> np.ndarray:
         if self._remote is not None:
             self._remote.prefetch_planned()
         if not self._plain:
             masked = self._dataset.read(window, indexes=1, out_dtype=self._dtype, masked=True)
-            return np.ma.filled(masked, self._fill)
-        data = self._dataset.read(window, indexes=1, out_dtype=self._dtype)
+            if out is None:
+                return np.ma.filled(masked, self._fill)
+            out[...] = np.ma.filled(masked, self._fill)
+            return out
+        data = self._dataset.read(window, indexes=1, out_dtype=self._dtype) if out is None else \
+            self._dataset.read(window, indexes=1, out=out)
         nodata, fill = self._nodata, self._fill
         if nodata is not None and not _same_value(nodata, fill):
             data[np.isnan(data) if _is_nan(nodata) else data == nodata] = fill

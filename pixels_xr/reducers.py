@@ -373,8 +373,12 @@ def _tile_width(nt: int, itemsize: int, nx: int) -> int:
 
 
 @njit(cache=True)
-def _fill_tile(data, clear, b, y, x0, w, hi, has_nd, nd, buf, nvalid):
+def _fill_tile(data, clear, b, y, x0, w, hi, has_nd, nd, scale, offset, scaled, buf, nvalid):
     """Copy data[:, b, y, x0:x0+w] into buf[:, :w]; non-clear (or NaN / nodata) values become ``hi``.
+
+    With ``scaled`` the values copied are ``float32(data) × scale[t] + offset[t]`` (float32 throughout:
+    one rounding for the product, one for the sum, as numpy's float32 ufuncs) and ``nodata`` is not
+    tested: converting here, tile by tile, spares the reduction a float32 copy of the whole block.
 
     nvalid[:w] receives the number of values kept per pixel. Written over 0-based 1-d slices, with the
     nodata test hoisted out of the loop: that form vectorises (6x faster than indexing with x0 + x).
@@ -387,7 +391,15 @@ def _fill_tile(data, clear, b, y, x0, w, hi, has_nd, nd, buf, nvalid):
         d = data[t, b, y, x0:x0 + w]
         c = clear[t, y, x0:x0 + w]
         row = buf[t, :w]
-        if has_nd:
+        if scaled:
+            sc = scale[t]
+            of = offset[t]
+            for x in range(w):
+                v = np.float32(d[x]) * sc + of
+                ok = (c[x] != 0) & (v == v)
+                row[x] = v if ok else hi
+                cnt[x] += np.uint16(ok)
+        elif has_nd:
             for x in range(w):
                 v = d[x]
                 ok = (c[x] != 0) & (v == v) & (v != nd)
@@ -458,20 +470,27 @@ def _quantile_of_sorted(buf, n, x, q):
 
 
 @njit(parallel=True, cache=True)
-def _order_stat_kernel(data, clear, net, hi, has_nd, nd, tile, nthreads, q, median, out, count):
-    """Median (``median=True``, into out[0]) or quantiles q (fractions, into out[iq]) per band.
+def _order_stat_kernel(data, clear, bands, scale, offset, proto, net, hi, has_nd, nd, tile, nthreads, q,
+                       median, out, count):
+    """Median (``median=True``, into out[0]) or quantiles q (fractions, into out[iq]) of each band
+    ``bands[k]`` of data, into out[:, k].
+
+    ``proto``: an empty array of the sort buffer's dtype. With a ``scale`` of shape (t, len(bands))
+    values are converted on the fly into a float32 buffer, ``float32(data) × scale[t, k] + offset[t, k]``
+    (``_fill_tile``); with a (0, len(bands)) ``scale`` they are sorted as they are.
 
     Work is split in chunks of consecutive tiles (a tile = up to ``tile`` pixels of one row). Within a
     chunk the band loop is outermost, so the reads stream through t rows of one band plane at a time:
     t concurrent sequential streams, few enough for the hardware prefetcher to follow.
     """
-    nt, nb, ny, nx = data.shape
+    nt, _, ny, nx = data.shape
     nq = q.shape[0]
     ntx = (nx + tile - 1) // tile
     ntiles = ny * ntx
     nchunks = min(ntiles, 8 * nthreads)
+    scaled = scale.shape[0] > 0
     for ch in prange(nchunks):
-        buf = np.empty((max(nt, 1), tile), dtype=data.dtype)  # per-chunk scratch
+        buf = np.empty((max(nt, 1), tile), dtype=proto.dtype)  # per-chunk scratch
         nvalid = np.empty(tile, dtype=np.uint16)
         t0 = ch * ntiles // nchunks
         t1 = (ch + 1) * ntiles // nchunks
@@ -479,21 +498,23 @@ def _order_stat_kernel(data, clear, net, hi, has_nd, nd, tile, nthreads, q, medi
             y = it // ntx
             x0 = (it % ntx) * tile
             _count_tile(clear, y, x0, min(tile, nx - x0), count)
-        for b in range(nb):
+        for k in range(bands.shape[0]):
+            b = bands[k]
             for it in range(t0, t1):
                 y = it // ntx
                 x0 = (it % ntx) * tile
                 w = min(tile, nx - x0)
-                _fill_tile(data, clear, b, y, x0, w, hi, has_nd, nd, buf, nvalid)
+                _fill_tile(data, clear, b, y, x0, w, hi, has_nd, nd, scale[:, k], offset[:, k], scaled, buf,
+                           nvalid)
                 _sort_tile(buf, net, w)
                 if median:
-                    o = out[0, b, y]
+                    o = out[0, k, y]
                     for x in range(w):
                         n = nvalid[x]
                         o[x0 + x] = np.float32(_median_of_sorted(buf, n, x)) if n > 0 else np.nan
                 else:
                     for iq in range(nq):
-                        o = out[iq, b, y]
+                        o = out[iq, k, y]
                         qq = q[iq]
                         for x in range(w):
                             n = nvalid[x]
@@ -503,21 +524,40 @@ def _order_stat_kernel(data, clear, net, hi, has_nd, nd, tile, nthreads, q, medi
                                 o[x0 + x] = np.nan
 
 
-def _reduce_args(data, clear, nodata):
+def _reduce_args(data, clear, nodata, bands=None, scale=None, offset=None):
+    """Validated kernel arguments: data (C-contiguous), clear (uint8), the bands to reduce, per (t, band)
+    scale and offset (float32; no rows when values are sorted as they are), the sort buffer's prototype,
+    the comparator network, the sentinel, nodata and the tile width."""
     data, clear = _check_stack(data, clear)
     # The sort kernels vectorise only over C-contiguous input; on strided views they run ~6x slower,
     # while one contiguous copy costs about half of the kernel's own time. So copy such views once.
     data = np.ascontiguousarray(data)
+    bands = np.arange(data.shape[1]) if bands is None else np.asarray(bands, dtype=np.int64)
+    if bands.ndim != 1 or ((bands < 0) | (bands >= data.shape[1])).any():
+        raise ValueError(f"bands must index the {data.shape[1]} bands of data, got {bands}")
+    if scale is None:
+        if offset is not None:
+            raise ValueError("offset needs scale")
+        proto = np.empty(0, data.dtype)
+        scale = offset = np.empty((0, bands.shape[0]), np.float32)
+    else:
+        want = (data.shape[0], bands.shape[0])
+        scale = np.ascontiguousarray(scale, dtype=np.float32)
+        offset = np.zeros(want, np.float32) if offset is None else np.ascontiguousarray(offset, np.float32)
+        if scale.shape != want or offset.shape != want:
+            raise ValueError(f"scale and offset must be (t, len(bands)) = {want}, got {scale.shape}, "
+                             f"{offset.shape}")
+        proto = np.empty(0, np.float32)
     has_nd = nodata is not None and not (data.dtype.kind == "f" and np.isnan(nodata))
     nd = _nodata_value(data, nodata if has_nd else 0)
-    hi = _high_sentinel(data.dtype)
+    hi = _high_sentinel(proto.dtype)
     net = _sorting_network(data.shape[0])
-    tile = _tile_width(data.shape[0], data.dtype.itemsize, data.shape[3])
-    return data, clear, net, hi[()], has_nd, nd[()], tile
+    tile = _tile_width(data.shape[0], proto.dtype.itemsize, data.shape[3])
+    return data, clear, bands, scale, offset, proto, net, hi[()], has_nd, nd[()], tile
 
 
 def clear_median(
-    data: np.ndarray, clear: np.ndarray, nodata=None
+    data: np.ndarray, clear: np.ndarray, nodata=None, *, bands=None, scale=None, offset=None
 ) -> tuple[np.ndarray, np.ndarray]:
     """Per-band median over the clear observations of each pixel.
 
@@ -526,16 +566,22 @@ def clear_median(
     for fill values that the mask missed). Returns ``(out, clear_count)``: ``out`` (band, y, x) float32,
     NaN where no value is left; ``clear_count`` (y, x) uint16 counts ``clear`` only.
 
+    ``bands`` (indexes into data's band axis) reduces only those, in that order. ``scale`` and
+    ``offset`` (t, len(bands)): the median is of ``float32(data) × scale + offset`` computed in float32,
+    the same numbers as converting the stack first (``nodata`` is then ignored: the mask rules).
+
     Same numbers as ``np.nanmedian`` on the values as float64 cast to float32: the middle value for odd
     counts, ``(a + b) / 2`` in float64 of the two middle values for even counts.
     """
-    data, clear, net, hi, has_nd, nd, tile = _reduce_args(data, clear, nodata)
-    _, nb, ny, nx = data.shape
-    out = np.empty((1, nb, ny, nx), dtype=np.float32)
+    data, clear, bands, scale, offset, proto, net, hi, has_nd, nd, tile = \
+        _reduce_args(data, clear, None if scale is not None else nodata, bands, scale, offset)
+    _, _, ny, nx = data.shape
+    out = np.empty((1, bands.shape[0], ny, nx), dtype=np.float32)
     count = np.empty((ny, nx), dtype=np.uint16)
     nthreads = _kernel_threads()
     q = np.zeros(0, dtype=np.float64)
-    _order_stat_kernel(data, clear, net, hi, has_nd, nd, tile, nthreads, q, True, out, count)
+    _order_stat_kernel(data, clear, bands, scale, offset, proto, net, hi, has_nd, nd, tile, nthreads, q,
+                       True, out, count)
     return out[0], count
 
 
@@ -554,10 +600,11 @@ def clear_percentile(
         raise ValueError(f"q must be a scalar or 1-d, got shape {qa.shape}")
     if not np.all((qa >= 0) & (qa <= 100)):
         raise ValueError(f"percentiles must be within [0, 100], got {qa}")
-    data, clear, net, hi, has_nd, nd, tile = _reduce_args(data, clear, nodata)
+    data, clear, bands, scale, offset, proto, net, hi, has_nd, nd, tile = _reduce_args(data, clear, nodata)
     _, nb, ny, nx = data.shape
     out = np.empty((qa.shape[0], nb, ny, nx), dtype=np.float32)
     count = np.empty((ny, nx), dtype=np.uint16)
     nthreads = _kernel_threads()
-    _order_stat_kernel(data, clear, net, hi, has_nd, nd, tile, nthreads, qa / 100, False, out, count)
+    _order_stat_kernel(data, clear, bands, scale, offset, proto, net, hi, has_nd, nd, tile, nthreads,
+                       qa / 100, False, out, count)
     return out, count

@@ -74,8 +74,9 @@ def test_pool_size_bounds_concurrent_reads_under_many_threads(sample: tuple[Path
     results = {}
     for pool_size in (2, 16):
         gauge = Gauge()
-        if loader == "stackstac":  # every GDAL read of stackstac's per-thread datasets, direct or warped
+        if loader == "stackstac":  # every GDAL read: direct (one locked dataset) or warped (per thread)
             monkeypatch.setattr(ThreadLocalRioDataset, "read", gauge.wrap(ThreadLocalRioDataset.read))
+            monkeypatch.setattr(readers._LockedDataset, "read", gauge.wrap(readers._LockedDataset.read))
         else:  # odc-stac opens and reads the file in rio_read
             monkeypatch.setattr(readers, "rio_read", gauge.wrap(readers.rio_read))
         cube = _cube(sample, pool_size, bands, loader, resampling)

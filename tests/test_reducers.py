@@ -462,3 +462,25 @@ def test_real_landsat_yearly_bins(landsat):
         for got, want in zip(R.latest_valid(d, c, -9999), ref_latest(d, c, -9999)):
             np.testing.assert_array_equal(got, want)
         np.testing.assert_array_equal(R.clear_median(d, c)[0], ref_median(d, c))
+
+
+@pytest.mark.parametrize("dtype", [np.uint16, np.int16, np.float64])
+@pytest.mark.parametrize("t", [0, 1, 4, 13])
+def test_median_of_scaled_values_equals_converting_first(dtype, t):
+    """``scale``/``offset``: the kernel converts DN as it reads; same numbers as a float32 copy of
+    ``DN × scale + offset`` (numpy's float32 ufuncs) reduced by numpy, band subset and order kept."""
+    rng = np.random.default_rng(t)
+    data = rng.integers(0, 12000, (t, 5, 9, 70)).astype(dtype)
+    clear = rng.random((t, 9, 70)) < 0.6
+    bands = np.array([3, 0, 2])
+    scale = np.full((t, 3), 1e-4, np.float32)
+    offset = np.where(np.arange(t)[:, None] % 2, np.float32(-0.1), np.float32(0)) * np.ones((1, 3), np.float32)
+    refl = data[:, bands].astype(np.float32) * scale[:, :, None, None] + offset[:, :, None, None]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
+        want = np.nanmedian(np.where(clear[:, None], refl, np.nan).astype(np.float64), axis=0).astype(np.float32)
+    out, count = R.clear_median(data, clear, bands=bands, scale=scale, offset=offset)
+    np.testing.assert_array_equal(out, want if t else np.full((3, 9, 70), np.nan, np.float32))
+    np.testing.assert_array_equal(count, clear.sum(0))
+    with pytest.raises(ValueError, match="scale and offset"):
+        R.clear_median(data, clear, bands=bands, scale=scale[:, :2])

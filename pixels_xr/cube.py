@@ -38,6 +38,7 @@ from pixels_xr.readers import (
     ReaderOptions,
     asset_table_dtype,
     check_assets,
+    cloud_env,
     cube_coords,
     fetch_block,
     gdal_env,
@@ -78,14 +79,13 @@ def _header_origins(item: ParsedItem, epsg: int | None, signer: Signer | None,
                     headers: dict[str, CogHeader]) -> list[tuple[float, float]]:
     """Grid origin read from the first asset's header when the metadata carries no ``proj:transform``
     (parsed from memory when the asset check fetched it)."""
-    import rasterio
 
     for source in item.sources.values():
         if source.epsg != epsg:
             continue
         try:
             href = sign(signer, source.href).href
-            with rasterio.Env(**GDAL_CLOUD_ENV), open_header(href, headers.get(source.href)) as ds:
+            with cloud_env(), open_header(href, headers.get(source.href)) as ds:
                 return [(ds.transform.c, ds.transform.f)]
         except Exception:  # unreadable assets are reported by check_assets; fall back to phase 0
             return []

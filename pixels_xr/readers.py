@@ -61,6 +61,25 @@ GDAL_CLOUD_ENV: dict[str, Any] = {
 }
 
 
+_THREAD_ENVS = threading.local()
+
+
+def cloud_env() -> Any:
+    """A ``rasterio.Env`` of ``GDAL_CLOUD_ENV`` for this thread, made once per thread and set of ``AWS_*``
+    variables and entered anew by each caller (never nested in itself).
+
+    A new ``rasterio.Env`` builds a boto3 session whenever AWS keys are in the environment (botocore's
+    handlers, credential chain and an SSL context: tens of ms of CPU). Made per call, that was most of the
+    asset check's time, one per asset, and most of the client's CPU over S3."""
+    import rasterio
+
+    key = tuple(sorted((k, v) for k, v in os.environ.items() if k.startswith("AWS_")))
+    cached = getattr(_THREAD_ENVS, "env", None)
+    if cached is None or cached[0] != key:
+        cached = _THREAD_ENVS.env = (key, rasterio.Env(**GDAL_CLOUD_ENV))
+    return cached[1]
+
+
 def _reset_after_fork() -> None:  # a forked child must not inherit the parent's threads or held locks
     global _LOCK
     _LOCK = threading.Lock()
@@ -741,12 +760,11 @@ class CogHeader:
 
 def fetch_header(href: str) -> CogHeader:
     """One ranged GET of a remote raster's first ``HEADER_BYTES`` (signed href), in GDAL's cloud settings."""
-    import rasterio
 
     vsi = _Vsi.get()
     if vsi is None:
         raise OSError("libgdal not found: cannot share headers")
-    with rasterio.Env(**GDAL_CLOUD_ENV):
+    with cloud_env():
         data, size = vsi.head(vsi_path(href), HEADER_BYTES)
     return CogHeader(size, {0: data})
 
@@ -963,7 +981,7 @@ def check_assets(items: Sequence[ParsedItem | dict],
                 signed = sign(signer, href).href  # a token API failure is this asset's problem too
                 if is_remote(signed) and _Vsi.get() is not None:
                     return None, _checked_header(signed)
-                with rasterio.Env(**GDAL_CLOUD_ENV), rasterio.open(signed) as ds:
+                with cloud_env(), rasterio.open(signed) as ds:
                     ds.read(1, window=((0, 1), (0, 1)))
         except Exception as exc:
             return redact(" ".join(str(exc).split()))[:300], None
@@ -991,11 +1009,10 @@ def check_assets(items: Sequence[ParsedItem | dict],
 def _checked_header(href: str) -> CogHeader:
     """A remote asset's header (one request), checked as the local check checks a file: it opens, and its
     first tile is inside the file (decoded when the header read brought it)."""
-    import rasterio
 
     header = fetch_header(href)
     source = _RemoteSource(href, header, gdal_env(GDAL_CLOUD_ENV))
-    with rasterio.Env(**GDAL_CLOUD_ENV), source.open() as ds:
+    with cloud_env(), source.open() as ds:
         try:
             first = (int(ds.get_tag_item("BLOCK_OFFSET_0_0", "TIFF", bidx=1)),
                      int(ds.get_tag_item("BLOCK_SIZE_0_0", "TIFF", bidx=1)))

@@ -375,3 +375,32 @@ def test_a_file_cut_after_the_check_fails_its_tile_read_without_the_signed_url(v
         victim.write_bytes(original)
         if kind == "s3":
             s3_server.upload(victim, "remote-sample", key)
+
+
+def test_the_asset_check_makes_one_credentials_session_per_thread(via_proxy, monkeypatch) -> None:
+    """With AWS keys in the environment a new ``rasterio.Env`` builds a boto3 session (tens of ms of CPU):
+    the check of every asset uses one per thread (``readers.cloud_env``), not one per asset, and a changed
+    key makes a new one."""
+    from rasterio.session import AWSSession
+
+    from pixels_xr.catalog import search
+    from pixels_xr.features import Feature
+    from pixels_xr.readers import check_assets, read_pool
+    from pixels_xr.run_cache import run_cache
+    from shapely.geometry import box
+
+    info = via_proxy["info"]
+    cfg = _remote_config(via_proxy["catalogs"]["s3"], pool_size=2)
+    items = search(cfg, Feature("area", box(*info.bounds), crs=info.crs))
+    made = []
+    original = AWSSession.__init__
+    monkeypatch.setattr(AWSSession, "__init__", lambda self, *a, **k: (made.append(1), original(self, *a, **k))[1])
+    threads = read_pool(cfg.pool_size)._max_workers
+    for round_ in range(2):
+        if round_:
+            monkeypatch.setenv("AWS_SESSION_TOKEN", "a-new-token-name")
+        made.clear()
+        with run_cache():
+            kept, problems = check_assets(items, cfg)
+        assert not problems and len(kept) == len(items)
+        assert 0 < len(made) <= threads < len(items) * 3  # 3 assets per item

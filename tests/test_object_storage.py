@@ -382,12 +382,12 @@ def test_the_asset_check_makes_one_credentials_session_per_thread(via_proxy, mon
     the check of every asset uses one per thread (``readers.cloud_env``), not one per asset, and a changed
     key makes a new one."""
     from rasterio.session import AWSSession
+    from shapely.geometry import box
 
     from pixels_xr.catalog import search
     from pixels_xr.features import Feature
     from pixels_xr.readers import check_assets, read_pool
     from pixels_xr.run_cache import run_cache
-    from shapely.geometry import box
 
     info = via_proxy["info"]
     cfg = _remote_config(via_proxy["catalogs"]["s3"], pool_size=2)

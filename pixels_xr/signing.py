@@ -38,6 +38,7 @@ anything is opened, so it is reported like an unreadable asset. The default rule
 from __future__ import annotations
 
 import datetime as dt
+import functools
 import ipaddress
 import json
 import logging
@@ -99,14 +100,23 @@ _HEADER = re.compile(r"(?i)(['\"]?(?:" + "|".join(map(re.escape, SECRET_HEADERS)
                      + r")['\"]?\s*[:=]\s*['\"]?)[^'\"\r\n,}]+")
 
 
+@functools.lru_cache(maxsize=16384)
 def redact(text: str) -> str:
     """``text`` without secrets: every URL loses its userinfo (``user:pass@``) and its query string (SAS
     tokens, signatures, API keys), any other ``SECRET_PARAMS`` value and ``SECRET_HEADERS`` value is
-    masked as ``***``. Use it on everything that is logged, raised or written (hrefs, URLs, messages)."""
-    text = _USERINFO.sub(r"\1", text)
-    text = _URL_QUERY.sub(r"\1", text)
-    text = _PARAM.sub(r"\1=***", text)
-    return _HEADER.sub(r"\1***", text)
+    masked as ``***``. Use it on everything that is logged, raised or written (hrefs, URLs, messages).
+
+    Each pattern runs only when the character it cannot match without is in ``text``, and results are
+    cached: a batch redacts the same hrefs for every feature (40 µs each through all four patterns)."""
+    if "@" in text:
+        text = _USERINFO.sub(r"\1", text)
+    if "?" in text:
+        text = _URL_QUERY.sub(r"\1", text)
+    if "=" in text:
+        text = _PARAM.sub(r"\1=***", text)
+    if ":" in text or "=" in text:
+        text = _HEADER.sub(r"\1***", text)
+    return text
 
 
 def redact_obj(value: Any) -> Any:

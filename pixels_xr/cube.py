@@ -79,7 +79,6 @@ def _header_origins(item: ParsedItem, epsg: int | None, signer: Signer | None,
                     headers: dict[str, CogHeader]) -> list[tuple[float, float]]:
     """Grid origin read from the first asset's header when the metadata carries no ``proj:transform``
     (parsed from memory when the asset check fetched it)."""
-
     for source in item.sources.values():
         if source.epsg != epsg:
             continue

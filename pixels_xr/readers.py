@@ -760,7 +760,6 @@ class CogHeader:
 
 def fetch_header(href: str) -> CogHeader:
     """One ranged GET of a remote raster's first ``HEADER_BYTES`` (signed href), in GDAL's cloud settings."""
-
     vsi = _Vsi.get()
     if vsi is None:
         raise OSError("libgdal not found: cannot share headers")
@@ -1009,7 +1008,6 @@ def check_assets(items: Sequence[ParsedItem | dict],
 def _checked_header(href: str) -> CogHeader:
     """A remote asset's header (one request), checked as the local check checks a file: it opens, and its
     first tile is inside the file (decoded when the header read brought it)."""
-
     header = fetch_header(href)
     source = _RemoteSource(href, header, gdal_env(GDAL_CLOUD_ENV))
     with cloud_env(), source.open() as ds:

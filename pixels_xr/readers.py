@@ -22,7 +22,7 @@ import time
 import warnings
 from collections.abc import Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from typing import Any
 
@@ -339,8 +339,7 @@ class _LockedDataset:
 
     def __init__(self, env: Any, ds: Any) -> None:
         self._env, self._ds = env, ds
-        name = str(ds.name)
-        self._remote = name.startswith("/vsi") or "://" in name
+        self._remote = not _local_file(str(ds.name))
         self._lock = threading.Lock()
 
     def read(self, window: windows.Window, **kwargs: Any) -> np.ndarray:
@@ -511,6 +510,12 @@ PREFETCH_LIMIT = 8 << 20
 
 _REMOTE_SCHEMES = ("s3://", "http://", "https://", "gs://", "az://", "/vsis3/", "/vsicurl/", "/vsigs/",
                    "/vsiaz/")
+
+
+def _local_file(path: str) -> bool:
+    """Whether GDAL reads ``path`` from a plain file (no ``/vsi`` handler, no URL): rasterio's Env, whose
+    options are HTTP ones, is then not entered around it."""
+    return not (path.startswith("/vsi") or "://" in path)
 
 
 def is_remote(href: str) -> bool:
@@ -980,7 +985,9 @@ def check_assets(items: Sequence[ParsedItem | dict],
                 signed = sign(signer, href).href  # a token API failure is this asset's problem too
                 if is_remote(signed) and _Vsi.get() is not None:
                     return None, _checked_header(signed)
-                with cloud_env(), rasterio.open(signed) as ds:
+                # a local file outside rasterio's Env, as its reader reads it (``_LockedDataset``)
+                with (nullcontext() if _local_file(signed) else cloud_env()), \
+                        rasterio.open(signed) as ds:
                     ds.read(1, window=((0, 1), (0, 1)))
         except Exception as exc:
             return redact(" ".join(str(exc).split()))[:300], None

@@ -784,3 +784,52 @@ c.ClusterConfig.idle_timeout = 600.0
 
     srv.start(ready, timeout=timeout)
     return GatewayServer(srv, srv.url, f"gateway://{HOST}:{tcp_port}", username, password)
+
+
+def _scheduler_snapshot(dask_scheduler: Any) -> dict[str, Any]:
+    """Runs on the scheduler: its tasks not in memory (state, worker, who wants them, unfinished
+    dependencies) and its workers (status, tasks processing)."""
+    tasks = {}
+    for key, ts in dask_scheduler.tasks.items():
+        if ts.state not in ("memory", "released", "forgotten"):
+            tasks[str(key)] = {
+                "state": ts.state, "on": getattr(ts.processing_on, "address", None),
+                "wanted_by": sorted(c.client_key for c in ts.who_wants or ()),
+                "waits_on": sorted(f"{d.key} ({d.state})" for d in ts.dependencies if d.state != "memory")[:3]}
+    workers = {w.address: {"status": str(w.status), "processing": len(w.processing)}
+               for w in dask_scheduler.workers.values()}
+    return {"tasks": tasks, "workers": workers, "clients": sorted(dask_scheduler.clients)}
+
+
+def _worker_snapshot(dask_worker: Any) -> dict[str, Any]:
+    """Runs on a worker: its tasks not in memory and the innermost frames of its busy threads."""
+    import traceback
+
+    stacks = {}
+    for ident, frame in sys._current_frames().items():
+        lines = traceback.format_stack(frame)[-4:]
+        if not any("work_queue.get" in line or "selector" in line or "wait(timeout)" in line for line in lines):
+            stacks[str(ident)] = "".join(lines)
+    return {"status": str(dask_worker.status), "stacks": stacks,
+            "tasks": {str(k): ts.state for k, ts in dask_worker.state.tasks.items() if ts.state != "memory"}}
+
+
+def cluster_snapshot(client: Any, limit: int = 6000) -> str:
+    """What a real cluster is doing, as JSON of at most ``limit`` characters: the scheduler's unfinished
+    tasks and workers, each worker's unfinished tasks and busy threads, and the calling process's busy
+    threads. For a test's failure message when a computation does not finish (an explained hang instead of
+    a timeout's thread dump)."""
+    import traceback
+
+    here = {}
+    for ident, frame in sys._current_frames().items():
+        lines = traceback.format_stack(frame)[-4:]
+        if not any("work_queue.get" in line or "selector" in line for line in lines):
+            here[str(ident)] = "".join(lines)
+    try:
+        snapshot: dict[str, Any] = {"scheduler": client.run_on_scheduler(_scheduler_snapshot, callback_timeout=20),
+                                    "workers": client.run(_worker_snapshot, callback_timeout=20)}
+    except Exception as exc:  # noqa: BLE001 - a snapshot of a broken cluster says so
+        snapshot = {"error": repr(exc)}
+    snapshot["client_threads"] = here
+    return json.dumps(snapshot, default=str)[:limit]

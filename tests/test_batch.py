@@ -12,6 +12,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -277,9 +278,18 @@ def test_back_to_back_runs_on_one_cluster_never_hang(tmp_path, config, features,
                                                        output_format) -> None:
     """Regression: unit threads of one feature once had computations with common keys in flight together;
     distributed then failed ``assert all(dts.who_has ...)`` or hung within a few runs like these."""
+    from servers import cluster_snapshot
+
     for k in range(6):
-        report = run_batch(config, features[:2], str(tmp_path / f"run{k}"), client=client, progress=False,
-                           output_format=output_format)
+        runs: list = []
+        thread = threading.Thread(target=lambda: runs.append(run_batch(
+            config, features[:2], str(tmp_path / f"run{k}"), client=client, progress=False,
+            output_format=output_format)), daemon=True)
+        thread.start()
+        thread.join(120)  # a run takes seconds: a hang fails with what the cluster was doing, not a dump
+        assert not thread.is_alive(), f"run {k} hung: {cluster_snapshot(client)}"
+        assert runs, f"run {k} raised (see the thread's traceback above)"
+        report = runs[0]
         assert report.ok and report.units_written == 4, (k, report.to_dict())
 
 

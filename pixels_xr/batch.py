@@ -27,6 +27,7 @@ Outputs: ``zarr`` (one store, a group per feature, see ``io.zarr_store``) or ``c
 
 from __future__ import annotations
 
+import asyncio
 import concurrent.futures
 import contextlib
 import dataclasses
@@ -36,7 +37,7 @@ import os
 import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field, fields
 from typing import Any, Literal
 
 import numpy as np
@@ -119,6 +120,19 @@ class FeatureResult:
     units: list[dict[str, str]] = field(default_factory=list)
 
 
+_RESULT_FIELDS = tuple(f.name for f in fields(FeatureResult))
+
+
+def _result_dict(result: FeatureResult) -> dict[str, Any]:
+    """``dataclasses.asdict(result)`` for its plain fields, copied two levels deep as it would (its
+    recursion over every value was most of ``to_dict`` in runs of thousands of features)."""
+    out = {name: getattr(result, name) for name in _RESULT_FIELDS}
+    out["items_filtered"] = dict(result.items_filtered)
+    for name in ("asset_problems", "read_problems", "units"):
+        out[name] = [dict(entry) for entry in out[name]]
+    return out
+
+
 @dataclass
 class RunReport:
     """The outcome of ``run_batch`` (also written to ``OUT/.pixels_xr/report.json``)."""
@@ -162,7 +176,7 @@ class RunReport:
     def to_dict(self) -> dict[str, Any]:
         return {"out": self.out, "format": self.format, "ok": self.ok, "seconds": round(self.seconds, 3),
                 "units_written": self.units_written, "units_skipped": self.units_skipped,
-                "features": [asdict(f) for f in self.features]}
+                "features": [_result_dict(f) for f in self.features]}
 
     def summary(self) -> str:
         done = sum(f.status == "done" for f in self.features)
@@ -793,20 +807,22 @@ def _submit_group(client: Client, plans: list[_Planned], retries: int,
     out = []
     for future, batch in zip(futures, batches):
         settled = [concurrent.futures.Future() for _ in batch]
-        future.add_done_callback(functools.partial(_settle_members, settled, started))
+        _when_done(future, functools.partial(_settle_members, settled, started))
         out.extend(zip(settled, batch))
     return out
 
 
-def _settle_members(settled: list[concurrent.futures.Future], started: float, done: Any) -> None:
+def _settle_members(settled: list[concurrent.futures.Future], started: float,
+                    outcome: concurrent.futures.Future) -> None:
     """Each member's future from its batch task's result (its error, or the seconds since submission)."""
     try:
-        errors = done.result()
-    except BaseException as exc:  # noqa: BLE001 - the whole task failed (after its retries): every member
+        errors = outcome.result()
+    except Exception as exc:  # the whole task failed (after its retries): every member
         for f in settled:
             f.set_exception(exc)
         return
-    for f, error in zip(settled, errors):
+    for k, f in enumerate(settled):  # a member the task did not answer for fails, never waits forever
+        error = errors[k] if k < len(errors) else "the batch task returned no result for this member"
         if error is None:
             f.set_result({"seconds": round(time.perf_counter() - started, 3)})
         else:
@@ -880,19 +896,53 @@ def _clip_fill(dtype: np.dtype, attrs: dict[str, Any]) -> Any:
     return attrs.get("nodata", 0)
 
 
+#: Longest wait for a finished task's result (a small value; longer only when its worker died and the task
+#: runs again): past it the job fails, and its units are redone by the next run, instead of waiting forever.
+RESULT_TIMEOUT = 600.0
+_FETCHERS: list = [None, None]  # (pid, pool): the threads that fetch finished tasks' results
+
+
+def _when_done(future: Any, then: Callable[[concurrent.futures.Future], None]) -> None:
+    """``then(outcome)`` once a distributed ``future`` is done, ``outcome`` a settled concurrent future of
+    its result or error, fetched on a thread of ours with ``RESULT_TIMEOUT``.
+
+    distributed runs every done-callback of the process on one thread; a callback that fetches a result
+    there (``future.result()``, a round trip, or a wait for a recomputation when the key was lost) holds up
+    the callbacks of every other job, and one that never returns stalls the whole run. A cancelled task
+    becomes an ``OutputError`` naming it, recorded for its feature like any failure."""
+    def fetch(done: Any) -> None:
+        outcome: concurrent.futures.Future = concurrent.futures.Future()
+        try:
+            outcome.set_result(done.result(timeout=RESULT_TIMEOUT))
+        except (asyncio.CancelledError, concurrent.futures.CancelledError) as exc:  # scheduler or client
+            outcome.set_exception(OutputError(f"the task was cancelled ({exc})", "write"))
+        except Exception as exc:  # noqa: BLE001 - the job's failure, handed to ``then``
+            outcome.set_exception(exc)
+        then(outcome)
+
+    future.add_done_callback(lambda done: _fetchers().submit(fetch, done))
+
+
+def _fetchers() -> concurrent.futures.ThreadPoolExecutor:
+    """This process's result-fetching threads (made again in a forked child)."""
+    pid, pool = _FETCHERS
+    if pool is None or pid != os.getpid():
+        pool = concurrent.futures.ThreadPoolExecutor(4, "pixels-xr-results")
+        _FETCHERS[:] = [os.getpid(), pool]
+    return pool
+
+
 def _bridge(future: Any, started: float) -> concurrent.futures.Future:
-    """A ``concurrent.futures.Future`` settled when a distributed future finishes (its callback thread)."""
+    """A ``concurrent.futures.Future`` settled when a distributed future finishes (``_when_done``)."""
     bridged: concurrent.futures.Future = concurrent.futures.Future()
 
-    def settle(done: Any) -> None:
-        try:
-            done.result()
-        except BaseException as exc:  # noqa: BLE001 - handed over to the run loop as the unit's failure
-            bridged.set_exception(exc)
+    def settle(outcome: concurrent.futures.Future) -> None:
+        if outcome.exception() is not None:
+            bridged.set_exception(outcome.exception())
         else:
             bridged.set_result({"seconds": round(time.perf_counter() - started, 3)})
 
-    future.add_done_callback(settle)
+    _when_done(future, settle)
     return bridged
 
 
@@ -947,7 +997,8 @@ def _drain(in_flight: dict, remaining: dict[str, int], manifest: RunManifest, ba
         fid = plan.feature.id
         try:
             info = job.result()
-        except Exception as exc:  # recorded per feature; the run goes on
+        except (Exception, asyncio.CancelledError) as exc:  # recorded per feature (distributed cancels with
+            # a BaseException); the run goes on
             if plan.result.status != "failed":
                 _fail(plan.result, "write", exc, unit=plan.unit_labels[units[0]] if len(units) == 1 else None)
         else:

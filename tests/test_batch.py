@@ -440,3 +440,31 @@ def test_preview_names_an_empty_feature(tmp_path, sample) -> None:
                          capture_output=True, text=True, timeout=120)
     assert run.returncode == 0, run.stderr
     assert "empty: no items matched the search" in run.stdout and run.stdout.count("(empty bin)") == 2
+
+
+def test_job_results_never_wait_on_each_other_or_hang_on_cancel(client) -> None:
+    """``_when_done``: a slow result handler does not hold up another job's (distributed runs every
+    done-callback of a process on one thread), and a cancelled task settles as an ``OutputError``."""
+    import threading
+
+    from pixels_xr.batch import _when_done
+
+    release, seen = threading.Event(), {}
+    slow, quick = client.submit(sum, [1, 2], pure=False), client.submit(sum, [3, 4], pure=False)
+    _when_done(slow, lambda outcome: (release.wait(60), seen.setdefault("slow", outcome.result())))
+    got_quick = threading.Event()
+    _when_done(quick, lambda outcome: (seen.setdefault("quick", outcome.result()), got_quick.set()))
+    assert got_quick.wait(30) and seen == {"quick": 7}  # while the first handler still waits
+    release.set()
+    deadline = time.monotonic() + 30
+    while "slow" not in seen and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert seen == {"quick": 7, "slow": 3}
+
+    cancelled, outcomes = threading.Event(), []
+    never = client.submit(time.sleep, 30, pure=False)
+    _when_done(never, lambda outcome: (outcomes.append(outcome), cancelled.set()))
+    never.cancel()
+    assert cancelled.wait(30)
+    with pytest.raises(OutputError, match="cancelled"):
+        outcomes[0].result()

@@ -20,6 +20,7 @@ The models are frozen: a field cannot be reassigned. Their mappings (``propertie
 from __future__ import annotations
 
 import dataclasses
+import functools
 import datetime as dt
 from collections.abc import Mapping
 from typing import Any, TypedDict
@@ -142,7 +143,7 @@ class ParsedItem:
     def platform(self) -> str:
         return str(self.properties.get("platform", ""))
 
-    @property
+    @functools.cached_property  # asked for every feature and bin the item is in
     def version(self) -> tuple[float, str]:
         """Processing version (baseline, update stamp): what tells two processings of one scene apart."""
         return processing_version(self.properties)

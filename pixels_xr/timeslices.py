@@ -40,7 +40,7 @@ class TimeBin:
         """True when ``day`` falls inside the bin."""
         return self.start <= day <= self.end
 
-    @property
+    @functools.cached_property  # bins are made once per range (``_time_bins``), labels asked per feature
     def label(self) -> str:
         """ISO start/end label, e.g. ``2021-01-01/2021-02-28``."""
         return f"{self.start.isoformat()}/{self.end.isoformat()}"

@@ -997,8 +997,7 @@ def _drain(in_flight: dict, remaining: dict[str, int], manifest: RunManifest, ba
         fid = plan.feature.id
         try:
             info = job.result()
-        except (Exception, asyncio.CancelledError) as exc:  # recorded per feature (distributed cancels with
-            # a BaseException); the run goes on
+        except Exception as exc:  # recorded per feature; the run goes on
             if plan.result.status != "failed":
                 _fail(plan.result, "write", exc, unit=plan.unit_labels[units[0]] if len(units) == 1 else None)
         else:

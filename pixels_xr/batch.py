@@ -36,6 +36,7 @@ import json
 import os
 import threading
 import time
+import uuid
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field, fields
 from typing import Any, Literal
@@ -267,6 +268,13 @@ class _MemberWrite:
     #: the ids of the member's items this run checked (``_items_to_check``; None: all): the store's asset
     #: problems of the others are kept
     checked: frozenset[str] | None = None
+    #: this write's identity in task keys: unique per write, so no two runs' tasks share a key, and cheap
+    #: (dask tokenized every field, time axes and attribute Datasets included: most of the client's CPU of a
+    #: small incremental run went there, once for the key and again in ``Client.get``)
+    nonce: str = field(default_factory=lambda: uuid.uuid4().hex, compare=False)
+
+    def __dask_tokenize__(self) -> str:
+        return self.nonce
 
 
 class _GroupGraph:
@@ -798,7 +806,7 @@ def _submit_group(client: Client, plans: list[_Planned], retries: int,
                                for t in job.steps] for a in shared.arrays], (dy, dx)))
         needed.update(keys)
         jobs = [plan.member for plan in batch]
-        key = f"pixels-members-{tokenize(jobs, shared.arrays[0].name)}"
+        key = f"pixels-members-{tokenize([job.nonce for job in jobs], shared.arrays[0].name)}"
         layer[key] = Task(key, _write_members, List(*(TaskRef(k) for k in keys)), layouts, jobs)
         batches.append(batch)
     dsk = {**culled(graph, needed), **layer}

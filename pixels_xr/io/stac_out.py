@@ -17,7 +17,7 @@ from collections.abc import Callable
 from typing import Any
 
 import pystac
-from pyproj import Transformer
+from pyproj import CRS, Transformer
 from pystac.extensions.projection import ProjectionExtension
 from pystac.extensions.raster import DataType, RasterBand, RasterExtension
 from shapely.geometry import box, mapping
@@ -101,13 +101,27 @@ def _grid_properties(crs: Any, transform: Any, height: int, width: int) -> tuple
     left, top = transform.c, transform.f
     right, bottom = left + transform.a * width, top + transform.e * height
     proj_bbox = [min(left, right), min(top, bottom), max(left, right), max(top, bottom)]
-    lonlat = list(_to_lonlat(crs.to_string()).transform_bounds(*proj_bbox, densify_pts=21))
-    props = {"proj_code": crs.to_string(), "shape": [height, width], "transform": list(transform)[:6],
+    code = _proj_code(crs)
+    lonlat = list(_to_lonlat(code).transform_bounds(*proj_bbox, densify_pts=21))
+    props = {"proj_code": code, "shape": [height, width], "transform": list(transform)[:6],
              "bbox": proj_bbox}
     return props, lonlat
 
 
 _PROJECTION = ProjectionExtension.get_schema_uri()
+
+
+def _proj_code(crs: Any) -> str:
+    """``crs.to_string()`` (its authority code, else its text), once per CRS text: each feature's grid has
+    its own pyproj CRS, and the first ``to_string`` of one looks its authority up (milliseconds: most of a
+    member's STAC item)."""
+    srs = getattr(crs, "srs", None)  # pyproj: the text it was made from
+    return _code_of_text(srs) if isinstance(srs, str) and srs else crs.to_string()
+
+
+@functools.lru_cache(maxsize=64)
+def _code_of_text(srs: str) -> str:
+    return CRS.from_user_input(srs).to_string()
 
 
 @functools.lru_cache(maxsize=64)

@@ -79,6 +79,21 @@ def write_bytes(url: str, data: bytes) -> None:
         raise OutputError(f"cannot write: {exc}", url) from None
 
 
+def write_files(url: str, files: dict[str, bytes]) -> None:
+    """Some files of an existing folder (relative names → bytes) replaced, each atomically (``write_bytes``:
+    a reader finds each file old or new, never partial), the folder's other files kept; remotely one
+    concurrent PUT of them all."""
+    if is_remote(url) and files:
+        try:
+            fs, path = filesystem(url)
+            fs.pipe({f"{path.rstrip('/')}/{name}": data for name, data in files.items()})
+        except OSError as exc:
+            raise OutputError(f"cannot write: {exc}", url) from None
+        return
+    for name, data in files.items():
+        write_bytes(join(url, name), data)
+
+
 def write_tree(url: str, files: dict[str, bytes]) -> None:
     """The files of a folder (relative names → bytes) in place of whatever ``url`` held. Locally they are
     written into a hidden sibling folder, which is then renamed into place, so a reader finds the old tree

@@ -55,16 +55,21 @@ def _chunk_shape(ds: xr.Dataset, chunksize: int) -> tuple[int, int]:
     return min(chunksize, ds.sizes["y"]) or 1, min(chunksize, ds.sizes["x"]) or 1
 
 
-def _set_encodings(ds: xr.Dataset, cy: int, cx: int, steps: int = 1) -> None:
-    """The Zarr encoding of every data variable: chunks of ``steps`` time steps × ``cy`` × ``cx``, NaN fill
-    for floats, integers without a fill (nodata stays an attribute), datetimes as int64 microseconds."""
+def _set_encodings(ds: xr.Dataset, cy: int, cx: int, steps: int = 1, shards: int | None = None) -> None:
+    """The Zarr encoding of every data variable: chunks of ``steps`` time steps × ``cy`` × ``cx`` (with
+    ``shards``: stored ``shards`` steps to an object, each step its own chunk inside), NaN fill for floats,
+    integers without a fill (nodata stays an attribute), datetimes as int64 microseconds."""
     for var in ds.data_vars.values():
-        var.encoding = variable_encoding(var.dtype, (steps, cy, cx))
+        var.encoding = variable_encoding(var.dtype, (steps, cy, cx),
+                                         None if shards is None else (shards, cy, cx))
 
 
-def variable_encoding(dtype: np.dtype, chunks: tuple[int, ...]) -> dict[str, Any]:
+def variable_encoding(dtype: np.dtype, chunks: tuple[int, ...],
+                      shards: tuple[int, ...] | None = None) -> dict[str, Any]:
     """The encoding ``aligned`` gives a data variable of ``dtype`` (also what a step write encodes with)."""
     encoding: dict[str, Any] = {"chunks": chunks}
+    if shards is not None:
+        encoding["shards"] = shards
     if dtype.kind == "f":
         encoding["_FillValue"] = np.float32(np.nan) if dtype == np.float32 else np.nan
     elif dtype.kind in "ui":  # integers keep their dtype on read: nodata stays an attribute
@@ -78,13 +83,15 @@ def write_feature(ds: xr.Dataset, store: str, group: str, *, chunksize: int, zar
     """A whole in-memory feature Dataset written at once, metadata and data, encoded as ``aligned``
     encodes: what a worker does for a small member of a group, instead of a template plus region writes.
 
-    A small feature (every variable at most ``WHOLE_CHUNK_BYTES``) is stored as one chunk per variable,
-    all its time steps together: a chunk per step was a dozen files per variable, and creating files, not
-    encoding pixels, was most of a member's write. Later writes of some of its steps (``write_steps``) then
-    rewrite that chunk; one task writes a feature, so no two writers share a chunk (``region_write``
-    refuses such a store: ``time_chunk``). The group's files are made in memory (``feature_files``) and
-    written in one go (``storage.write_tree``: renamed into place locally, PUT concurrently on object
-    stores)."""
+    A small feature (every variable at most ``WHOLE_CHUNK_BYTES``) is stored as one object per variable,
+    all its time steps together: an object per step was a dozen files per variable, and creating files,
+    not encoding pixels, was most of a member's write. In Zarr v3 that object is a shard of one chunk per
+    step (``sharding_indexed``), so a later write of some steps (an incremental run: ``update_feature``)
+    encodes only those steps and copies the others' bytes: with one chunk of every step, re-encoding the
+    unchanged steps was most of such an update. Zarr v2 has no shards: there the object is one chunk.
+    One task writes a feature, so no two writers share an object (``region_write`` refuses such a store:
+    ``time_chunk``). The group's files are made in memory (``feature_files``) and written in one go
+    (``storage.write_tree``: renamed into place locally, PUT concurrently on object stores)."""
     from pixels_xr.io import storage
 
     _check_format(zarr_format)
@@ -92,7 +99,10 @@ def write_feature(ds: xr.Dataset, store: str, group: str, *, chunksize: int, zar
     whole = all(v.nbytes <= WHOLE_CHUNK_BYTES for v in ds.data_vars.values())
     steps = max(ds.sizes.get("time", 1), 1) if whole else 1
     cy, cx = (ds.sizes["y"] or 1, ds.sizes["x"] or 1) if whole else _chunk_shape(ds, chunksize)
-    _set_encodings(ds, cy, cx, steps)
+    if whole and zarr_format == 3:
+        _set_encodings(ds, cy, cx, 1, shards=steps)
+    else:
+        _set_encodings(ds, cy, cx, steps)
     root, files = feature_files(ds, zarr_format)
     for name, data in root.items():  # the store's root group, made once (by the first writer)
         if not storage.exists(storage.join(store, name)):
@@ -147,7 +157,8 @@ def _xarray_files(ds: xr.Dataset, zarr_format: int) -> tuple[dict[str, bytes], d
 def _structure(ds: xr.Dataset, zarr_format: int) -> tuple:
     """What decides a Dataset's Zarr metadata apart from its shapes and attribute values."""
     variables = tuple(sorted(
-        (str(n), v.dims, v.dtype.str, tuple(sorted((k, repr(e)) for k, e in v.encoding.items() if k != "chunks")),
+        (str(n), v.dims, v.dtype.str, tuple(sorted((k, repr(e)) for k, e in v.encoding.items() if k not in ("chunks", "shards"))),
+         v.encoding.get("shards") is not None,
          tuple(sorted(v.attrs)), n in ds.coords)
         for n, v in ds.variables.items()))
     # xarray picks the units of datetime coordinates from their values
@@ -157,7 +168,8 @@ def _structure(ds: xr.Dataset, zarr_format: int) -> tuple:
 
 def _layout_of(root: dict[str, bytes], files: dict[str, bytes], zarr_format: int) -> dict[str, Any] | None:
     """The metadata of every array of a group xarray wrote, when they can all be written directly (Zarr v3,
-    regular chunks, ``bytes`` little-endian then ``zstd``); else None."""
+    regular chunks, ``bytes`` little-endian then ``zstd``, or a shard of such chunks: ``_codec_of``); else
+    None."""
     if zarr_format != 3:
         return None
     import json
@@ -168,13 +180,9 @@ def _layout_of(root: dict[str, bytes], files: dict[str, bytes], zarr_format: int
         if len(parts) != 2 or parts[1] != "zarr.json":
             continue
         meta = json.loads(data)
-        codecs = meta.get("codecs", [])
-        plain = (len(codecs) == 2 and codecs[0].get("name") == "bytes"
-                 and codecs[0].get("configuration", {"endian": "little"}) == {"endian": "little"}
-                 and codecs[1].get("name") == "zstd" and meta.get("chunk_grid", {}).get("name") == "regular"
-                 and meta.get("chunk_key_encoding") == {"name": "default", "configuration": {"separator": "/"}}
-                 and not meta.get("storage_transformers"))
-        if not plain:
+        if (meta.get("chunk_grid", {}).get("name") != "regular" or meta.get("storage_transformers")
+                or meta.get("chunk_key_encoding") != {"name": "default", "configuration": {"separator": "/"}}
+                or _codec_of(meta) is None):
             return None
         meta["chunk_key_encoding"] = {"name": "default", "configuration": {"separator": "."}}
         arrays[parts[0]] = meta
@@ -182,10 +190,88 @@ def _layout_of(root: dict[str, bytes], files: dict[str, bytes], zarr_format: int
     return {"arrays": arrays, "root": root, "group": json.loads(group)} if arrays and group else None
 
 
+@dataclass(frozen=True)
+class _Codec:
+    """How an array's stored objects are encoded: ``zstd`` over little-endian bytes, either as whole chunks
+    (``inner`` None) or as a shard of chunks of shape ``inner`` (zarr's ``sharding_indexed``: the chunks'
+    bytes one after the other, then their (offset, size) index with a CRC32C, all-fill chunks left out)."""
+
+    zstd: Any
+    inner: tuple[int, ...] | None
+
+
+_PLAIN_BYTES = {"name": "bytes", "configuration": {"endian": "little"}}
+_EMPTY_CHUNK = 2**64 - 1
+
+
+def _codec_of(meta: dict[str, Any]) -> _Codec | None:
+    """The codec of a Zarr v3 array's metadata when ``_direct_files`` and ``update_feature`` can write it."""
+    import numcodecs
+
+    def zstd_of(codecs: list[dict[str, Any]]) -> Any:
+        if (len(codecs) == 2 and codecs[0].get("name") == "bytes"
+                and codecs[0].get("configuration", {"endian": "little"}) == {"endian": "little"}
+                and codecs[1].get("name") == "zstd"):
+            level = codecs[1].get("configuration", {})
+            return numcodecs.Zstd(level=level.get("level", 0), checksum=level.get("checksum", False))
+        return None
+
+    codecs = meta.get("codecs", [])
+    if len(codecs) == 1 and codecs[0].get("name") == "sharding_indexed":
+        config = codecs[0].get("configuration", {})
+        index = config.get("index_codecs", [])
+        zstd = zstd_of(config.get("codecs", []))
+        if (zstd is None or config.get("index_location", "end") != "end" or len(index) != 2
+                or {**_PLAIN_BYTES, **index[0]} != _PLAIN_BYTES or index[1].get("name") != "crc32c"):
+            return None
+        return _Codec(zstd, tuple(config["chunk_shape"]))
+    zstd = zstd_of(codecs)
+    return None if zstd is None else _Codec(zstd, None)
+
+
+def _encode_object(values: np.ndarray, codec: _Codec, fill: Any) -> bytes | None:
+    """One stored object (a chunk, or a shard of chunks) of ``values`` (its full extent, padded); None for a
+    shard whose chunks are all fill (zarr writes none)."""
+    if codec.inner is None:
+        return codec.zstd.encode(np.ascontiguousarray(values).tobytes())
+    grid = [range(0, n, c) for n, c in zip(values.shape, codec.inner)]
+    chunks = [values[tuple(slice(g[i], g[i] + c) for g, i, c in zip(grid, corner, codec.inner))]
+              for corner in np.ndindex(*[len(g) for g in grid])]
+    return _shard_of([None if _all_fill(chunk, fill) else codec.zstd.encode(np.ascontiguousarray(chunk).tobytes())
+                      for chunk in chunks])
+
+
+def _all_fill(chunk: np.ndarray, fill: Any) -> bool:
+    if np.asarray(fill).dtype.kind == "f" and np.isnan(fill):
+        return bool(np.isnan(chunk).all())
+    return bool((chunk == fill).all())
+
+
+def _shard_of(encoded: list[bytes | None]) -> bytes | None:
+    """A shard from its chunks' encoded bytes in C order (None: all fill); None when every chunk is."""
+    import numcodecs
+
+    if all(e is None for e in encoded):
+        return None
+    index = np.full((len(encoded), 2), _EMPTY_CHUNK, dtype="<u8")
+    offset = 0
+    for k, e in enumerate(encoded):
+        if e is not None:
+            index[k] = offset, len(e)
+            offset += len(e)
+    return b"".join(e for e in encoded if e is not None) + bytes(numcodecs.CRC32C().encode(index.tobytes()))
+
+
+def _shard_chunks(data: bytes | None, n: int) -> list[bytes | None]:
+    """The encoded bytes of a shard's ``n`` chunks (None: all fill), the inverse of ``_shard_of``."""
+    if data is None:
+        return [None] * n
+    index = np.frombuffer(data[-(16 * n + 4):-4], dtype="<u8").reshape(n, 2)
+    return [None if int(o) == _EMPTY_CHUNK else data[int(o):int(o) + int(size)] for o, size in index]
+
+
 def _direct_files(ds: xr.Dataset, layout: dict[str, Any]) -> dict[str, bytes]:
     import json
-
-    import numcodecs
 
     out = {}
     group = dict(layout["group"])
@@ -194,29 +280,40 @@ def _direct_files(ds: xr.Dataset, layout: dict[str, Any]) -> dict[str, bytes]:
     for name, template in layout["arrays"].items():
         var = ds.variables[name]
         meta = json.loads(json.dumps(template))
+        codec = _codec_of(meta)
         shape = list(var.shape)
-        chunks = list(var.encoding.get("chunks") or shape) if name in ds.data_vars else shape
-        if name not in ds.data_vars and meta["chunk_grid"]["configuration"]["chunk_shape"] != meta["shape"]:
-            raise _NotDirect(name)  # a coordinate of several chunks
+        if name in ds.data_vars:
+            encoding = var.encoding
+            chunks = list(encoding.get("shards") or encoding.get("chunks") or shape)
+            if (codec.inner is None) != (encoding.get("shards") is None):
+                raise _NotDirect(name)
+        else:
+            chunks = shape
+            if meta["chunk_grid"]["configuration"]["chunk_shape"] != meta["shape"] or codec.inner is not None:
+                raise _NotDirect(name)  # a coordinate of several chunks
         meta["shape"], meta["chunk_grid"]["configuration"]["chunk_shape"] = shape, chunks
+        if codec.inner is not None:
+            codec = _Codec(codec.zstd, tuple(var.encoding["chunks"]))
+            meta["codecs"][0]["configuration"]["chunk_shape"] = list(codec.inner)
         meta["attributes"] = {**meta["attributes"], **_attr_values(var.attrs)}
         out[f"{name}/zarr.json"] = json.dumps(meta).encode()
         encoded = _encoded(name, var, name in ds.coords)
         values = encoded.astype(np.dtype(meta["data_type"]).newbyteorder("<"), copy=False)
-        level = meta["codecs"][1]["configuration"]
-        zstd = numcodecs.Zstd(level=level.get("level", 0), checksum=level.get("checksum", False))
+        fill = _fill_of(meta, values.dtype)
         if values.ndim == 0:
-            out[f"{name}/c"] = zstd.encode(values.tobytes())
+            out[f"{name}/c"] = codec.zstd.encode(values.tobytes())
             continue
         grid = [range(0, n, c) for n, c in zip(shape, chunks)]
         for corner in np.ndindex(*[len(g) for g in grid]):
             start = [g[i] for g, i in zip(grid, corner)]
             block = values[tuple(slice(a, a + c) for a, c in zip(start, chunks))]
             if block.shape != tuple(chunks):  # edge chunks are stored whole, padded with the fill value
-                padded = np.full(chunks, _fill_of(meta, values.dtype), dtype=values.dtype)
+                padded = np.full(chunks, fill, dtype=values.dtype)
                 padded[tuple(slice(0, n) for n in block.shape)] = block
                 block = padded
-            out[f"{name}/c." + ".".join(str(i) for i in corner)] = zstd.encode(np.ascontiguousarray(block).tobytes())
+            data = _encode_object(block, codec, fill)
+            if data is not None:
+                out[f"{name}/c." + ".".join(str(i) for i in corner)] = data
     return out
 
 
@@ -227,7 +324,9 @@ def _encoded(name: str, var: xr.Variable, coordinate: bool) -> np.ndarray:
     """A variable's values CF-encoded as xarray encodes them; datetime coordinates (the same bins for
     every member of a run) encoded once per process."""
     if not (coordinate and var.dtype.kind == "M"):
-        return np.asarray(xr.conventions.encode_cf_variable(var, name=name).data)
+        cast = None if coordinate else _datetimes_as(var.values, var.encoding,
+                                                     np.dtype(var.encoding.get("dtype", "int64")))
+        return cast if cast is not None else np.asarray(xr.conventions.encode_cf_variable(var, name=name).data)
     key = (name, var.values.tobytes(), repr(sorted(var.encoding.items())))
     if key not in _ENCODED_TIMES:
         if len(_ENCODED_TIMES) > 256:
@@ -251,10 +350,11 @@ def update_feature(store: str, group: str, values: dict[str, np.ndarray], at: li
                    attrs: Callable[[dict[str, Any]], dict[str, Any]] | None = None) -> bool:
     """A whole-written feature (``write_feature``'s one chunk per variable) given new ``values`` at time
     positions ``at`` and, with ``axis``, its time axis (as ``write_time_axis``), with ``attrs`` (old group
-    attributes → new) its attributes: the group read, changed in memory and written back in one go
-    (``storage.write_tree``: a reader of a local store finds the old group or the new one — for the instant
-    between its two renames, none — never a half-grown axis; on an object store the objects are replaced
-    one by one).
+    attributes → new) its attributes: the group read and changed in memory. A grown axis changes shapes, so
+    the group is written back whole (``storage.write_tree``: a reader of a local store finds the old group
+    or the new one — for the instant between its two renames, none — never a half-grown axis); new values
+    at existing steps replace only the files that changed, each atomically (``storage.write_files``:
+    rewriting the whole tree was a third of such an update).
     Returns False, changing nothing, when the group is not in that layout (then ``write_time_axis`` and
     ``write_steps`` do it through zarr).
 
@@ -264,8 +364,6 @@ def update_feature(store: str, group: str, values: dict[str, np.ndarray], at: li
     metadata names, so the group equals what ``write_feature`` makes from the updated Dataset."""
     import json
 
-    import numcodecs
-
     from pixels_xr.io import storage
 
     url = storage.join(store, group)
@@ -274,65 +372,108 @@ def update_feature(store: str, group: str, values: dict[str, np.ndarray], at: li
         group_meta = json.loads(files["zarr.json"])
     except (KeyError, ValueError):
         return False
-    metas: dict[str, dict[str, Any]] = {}
+    metas: dict[str, tuple[dict[str, Any], _Codec]] = {}
     for name, data in files.items():
         if name.endswith("/zarr.json") and name.count("/") == 1:
             meta = json.loads(data)
             chunks = meta.get("chunk_grid", {}).get("configuration", {}).get("chunk_shape")
-            codecs = meta.get("codecs", [])
-            if not (meta.get("zarr_format") == 3 and chunks == meta.get("shape") and len(codecs) == 2
-                    and codecs[0].get("name") == "bytes" and codecs[1].get("name") == "zstd"
-                    and codecs[0].get("configuration", {"endian": "little"}) == {"endian": "little"}
-                    and meta.get("chunk_key_encoding", {}).get("configuration", {}).get("separator") == "."):
+            codec = _codec_of(meta) if meta.get("zarr_format") == 3 else None
+            dims = tuple(meta.get("dimension_names") or ())
+            if not (codec is not None and chunks == meta.get("shape")
+                    and meta.get("chunk_key_encoding", {}).get("configuration", {}).get("separator") == "."
+                    and (codec.inner is None or (dims[:1] == ("time",)
+                                                 and list(codec.inner) == [1, *meta["shape"][1:]]))):
                 return False
-            metas[name.split("/")[0]] = meta
+            metas[name.split("/")[0]] = meta, codec
     if any(name not in metas for name in values):
         return False
     out = dict(files)
+    whole = False  # the group rewritten whole (shapes changed, or an object left out)
     n = None if axis is None else axis.sizes["time"]
-    for name, meta in metas.items():
+    for name, (meta, codec) in metas.items():
         dims = tuple(meta.get("dimension_names") or ())
         key = f"{name}/c" + "".join(f".{0}" for _ in meta["shape"])
         dtype = np.dtype(meta["data_type"]).newbyteorder("<")
-        level = meta["codecs"][1].get("configuration", {})
-        zstd = numcodecs.Zstd(level=level.get("level", 0), checksum=level.get("checksum", False))
+        fill = _fill_of(meta, dtype)
         shape = tuple(meta["shape"])
         changed_shape = n is not None and dims[:1] == ("time",) and shape[0] < n
         coord = axis is not None and name in axis.coords and axis[name].dims == ("time",)
         if name not in values and not changed_shape and not coord:
             continue
         raw = files.get(key)
-        current = (np.frombuffer(zstd.decode(raw), dtype=dtype).reshape(shape) if raw is not None
-                   else np.full(shape, _fill_of(meta, dtype), dtype=dtype))
-        if changed_shape:
-            grown = np.full((n, *shape[1:]), _fill_of(meta, dtype), dtype=dtype)
-            grown[:shape[0]] = current
-            current = grown
-        else:
-            current = current.copy()
-        if coord:
-            attributes = meta.get("attributes", {})
-            encoding = {k: attributes[k] for k in ("units", "calendar") if k in attributes}
-            encoded = _encoded(name, xr.Variable(("time",), axis[name].values,
-                                                 encoding={**encoding, "dtype": dtype}), True)  # once per axis
-            current[:len(axis[name])] = encoded.astype(dtype)
+        new_shape = (n, *shape[1:]) if changed_shape else shape
         if name in values:
             data = values[name]
-            encoded = xr.conventions.encode_cf_variable(
-                xr.Variable(("time", "y", "x"), data, encoding=variable_encoding(data.dtype, current.shape)),
-                name=name)
-            current[list(at)] = np.asarray(encoded.data).astype(dtype, copy=False)
-        if current.shape != shape:
-            meta["shape"] = meta["chunk_grid"]["configuration"]["chunk_shape"] = list(current.shape)
-            key = f"{name}/c" + "".join(f".{0}" for _ in current.shape)
+            encoded = _datetimes_as(data, meta.get("attributes", {}), dtype)
+            if encoded is None:
+                encoded = np.asarray(xr.conventions.encode_cf_variable(
+                    xr.Variable(("time", "y", "x"), data, encoding=variable_encoding(data.dtype, new_shape)),
+                    name=name).data)
+            encoded = encoded.astype(dtype, copy=False)
+        if codec.inner is not None:  # a shard of one chunk per step: only the steps given are encoded
+            steps = _shard_chunks(raw, shape[0]) + [None] * (new_shape[0] - shape[0])
+            for k, position in enumerate(at if name in values else []):
+                step = np.ascontiguousarray(encoded[k])
+                steps[position] = None if _all_fill(step, fill) else codec.zstd.encode(step.tobytes())
+            data_out = _shard_of(steps)
+        else:
+            current = (np.frombuffer(codec.zstd.decode(raw), dtype=dtype).reshape(shape) if raw is not None
+                       else np.full(shape, fill, dtype=dtype))
+            if changed_shape:
+                grown = np.full(new_shape, fill, dtype=dtype)
+                grown[:shape[0]] = current
+                current = grown
+            else:
+                current = current.copy()
+            if coord:
+                attributes = meta.get("attributes", {})
+                encoding = {k: attributes[k] for k in ("units", "calendar") if k in attributes}
+                encoded_axis = _encoded(name, xr.Variable(("time",), axis[name].values,
+                                                          encoding={**encoding, "dtype": dtype}), True)  # once per axis
+                current[:len(axis[name])] = encoded_axis.astype(dtype)
+            if name in values:
+                current[list(at)] = encoded
+            data_out = codec.zstd.encode(np.ascontiguousarray(current).tobytes())
+        if new_shape != shape:
+            meta["shape"] = meta["chunk_grid"]["configuration"]["chunk_shape"] = list(new_shape)
+            key = f"{name}/c" + "".join(f".{0}" for _ in new_shape)
             out[f"{name}/zarr.json"] = json.dumps(meta).encode()
-        out[key] = zstd.encode(np.ascontiguousarray(current).tobytes())
+            whole = True
+        if data_out is None:
+            whole = whole or key in out
+            out.pop(key, None)
+        else:
+            out[key] = data_out
     if attrs is not None:
         group_meta["attributes"] = _attr_values(_json_attrs(xr.Dataset(attrs=attrs(
             dict(group_meta.get("attributes", {}))))).attrs)
         out["zarr.json"] = json.dumps(group_meta).encode()
-    storage.write_tree(url, out)
+    if whole:
+        storage.write_tree(url, out)
+    else:
+        storage.write_files(url, {name: data for name, data in out.items() if files.get(name) != data})
     return True
+
+
+#: CF time units a datetime64 array is encoded in by a plain cast (xarray's own encoding goes through pandas
+#: and was a fifth of a member update, for the same integers)
+_CAST_UNITS = {"nanoseconds": "ns", "microseconds": "us", "milliseconds": "ms", "seconds": "s"}
+
+
+def _datetimes_as(data: np.ndarray, attributes: dict[str, Any], dtype: np.dtype) -> np.ndarray | None:
+    """``data`` (datetime64) as the integers a variable with these CF ``attributes`` stores, NaT as
+    int64's minimum (as xarray writes it); None where that takes more than a cast (then xarray encodes):
+    not datetimes, other units, epoch or calendar, or values the unit would truncate."""
+    if data.dtype.kind != "M" or dtype.kind != "i" or dtype.itemsize != 8:
+        return None
+    unit, _, epoch = str(attributes.get("units", "")).partition(" since ")
+    if (unit not in _CAST_UNITS or epoch not in ("1970-01-01", "1970-01-01 00:00:00", "1970-01-01T00:00:00")
+            or attributes.get("calendar", "proleptic_gregorian") not in ("proleptic_gregorian", "standard")):
+        return None
+    cast = data.astype(f"datetime64[{_CAST_UNITS[unit]}]")
+    if not np.array_equal(cast.astype(data.dtype), data, equal_nan=True):
+        return None  # xarray would pick finer units for these
+    return cast.view(np.int64)
 
 
 def write_steps(store: str, group: str, values: dict[str, np.ndarray], at: list[int]) -> None:
@@ -474,13 +615,14 @@ def _write_block(block: tuple[int, ...], values: list[np.ndarray], target: _Bloc
 
 
 def time_chunk(store: str, group: str) -> int:
-    """Time steps per chunk of a feature's arrays in the store (1 as ``aligned`` writes; more for a small
-    feature written whole by ``write_feature``; 1 when the group is unreadable)."""
+    """Time steps per stored object (chunk or shard) of a feature's arrays in the store (1 as ``aligned``
+    writes; more for a small feature written whole by ``write_feature``; 1 when the group is unreadable)."""
     import zarr
 
     try:
         root = zarr.open_group(store, path=group, mode="r")
-        chunks = [arr.chunks[0] for _, arr in root.arrays() if _dims(arr)[:1] == ("time",) and arr.ndim == 3]
+        chunks = [(arr.shards or arr.chunks)[0] for _, arr in root.arrays()
+                  if _dims(arr)[:1] == ("time",) and arr.ndim == 3]
     except Exception:  # noqa: BLE001 - no readable group: nothing to protect
         return 1
     return max(chunks, default=1)

@@ -61,10 +61,12 @@ def test_written_at_once_equals_xarray_to_zarr(tmp_path, monkeypatch, zarr_forma
         got, ref = open_feature(str(tmp_path / "fast.zarr"), f"f{k}"), open_feature(str(tmp_path / "ref.zarr"), f"f{k}")
         xr.testing.assert_identical(got.load(), ref.load())
         assert got.rio.transform() == ref.rio.transform() and got.rio.crs == ref.rio.crs
-        for name in got.data_vars:
+        for name in got.data_vars:  # whole in v3: one shard of a chunk per step; in v2: one chunk
             want = (6, height, width) if whole else (1, min(32, height), min(32, width))
-            assert got[name].encoding["chunks"] == want and zarr_store.time_chunk(
-                str(tmp_path / "fast.zarr"), f"f{k}") == want[0]
+            sharded = whole and zarr_format == 3
+            assert got[name].encoding["chunks"] == ((1, height, width) if sharded else want)
+            assert got[name].encoding.get("shards") == (want if sharded else None)
+            assert zarr_store.time_chunk(str(tmp_path / "fast.zarr"), f"f{k}") == want[0]
     assert len(_LAYOUTS) == 1 and (next(iter(_LAYOUTS.values())) is not None) == (zarr_format == 3)
 
 
@@ -103,7 +105,7 @@ def test_updated_in_one_write_equals_the_zarr_path_and_a_fresh_write(tmp_path, g
                               "empty": ("time", empty)})
     at = [2, 6] if grow else [2]
     rng = np.random.default_rng(0)
-    values = {"red": rng.random((len(at), 11, 14)).astype("float32"),
+    values = {"red": rng.random((len(at), 11, 14)).astype("float32") * np.array([np.nan, 1][:len(at)])[:, None, None],
               "clear_count": rng.integers(0, 5, (len(at), 11, 14)).astype("uint16"),
               "source_time": rng.integers(0, 10**6, (len(at), 11, 14)).astype("datetime64[s]").astype("datetime64[ns]")}
     now = {**base.attrs, "item_ids": json.dumps({"2022-03-01": ["new"]})}
@@ -126,6 +128,27 @@ def test_updated_in_one_write_equals_the_zarr_path_and_a_fresh_write(tmp_path, g
         expected[name] = (("time", "y", "x"), data, base[name].attrs)
     write_feature(expected, stores["fresh"], "f0", chunksize=8)
     assert storage.read_tree(stores["direct"] + "/f0") == storage.read_tree(stores["fresh"] + "/f0")
+
+
+def test_shards_are_the_bytes_zarr_writes(tmp_path) -> None:
+    """A whole feature's shards (one chunk per step, all-fill steps left out, then the index) made from the
+    kept metadata are byte for byte what zarr writes for the same Dataset."""
+    from pixels_xr.io import storage, zarr_store
+
+    _LAYOUTS.clear()
+    store = str(tmp_path / "out.zarr")
+    write_feature(feature(8, 9, 0), store, "f0", chunksize=16)  # through xarray: its metadata kept
+    ds = feature(11, 14, 1)
+    ds["red"][3] = np.nan
+    write_feature(ds, store, "f1", chunksize=16)  # made directly
+    ours = storage.read_tree(store + "/f1")
+    encoded = zarr_store._json_attrs(ds)
+    zarr_store._set_encodings(encoded, 11, 14, 1, shards=6)
+    theirs = zarr_store._xarray_files(encoded, 3)[1]
+    for name in ("red", "clear_count", "source_time"):
+        assert ours[f"{name}/c.0.0.0"] == theirs[f"{name}/c/0/0/0"], name
+    assert zarr.open_group(store, path="f1")["red"].shards == (6, 11, 14)
+    np.testing.assert_array_equal(open_feature(store, "f1").red.values, ds.red.values)
 
 
 def test_update_refuses_a_store_of_another_layout(tmp_path) -> None:

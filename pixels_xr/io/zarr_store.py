@@ -669,11 +669,28 @@ def _dims(arr: Any) -> tuple[str, ...]:
 
 
 def open_feature(store: str, feature_id: str, **kwargs: Any) -> xr.Dataset:
-    """The Dataset of one feature from a run's store, georeferenced (``.rio.crs`` / ``.rio.transform()``)."""
+    """The Dataset of one feature from a run's store, georeferenced (``.rio.crs`` / ``.rio.transform()``),
+    lazy: one dask chunk per stored object (``_chunked_as_stored``) unless ``chunks`` says otherwise."""
     import rioxarray  # noqa: F401  (registers the .rio accessor)
 
     try:
-        return xr.open_zarr(store, group=feature_id, consolidated=False,
-                            **{"decode_coords": "all", **kwargs})
+        if "chunks" in kwargs:
+            return xr.open_zarr(store, group=feature_id, consolidated=False, **{"decode_coords": "all", **kwargs})
+        ds = xr.open_zarr(store, group=feature_id, consolidated=False, chunks=None,
+                          **{"decode_coords": "all", **kwargs})
+        return _chunked_as_stored(ds)
     except (FileNotFoundError, KeyError) as exc:
         raise OutputError(f"no feature {feature_id!r} in the store ({exc.__class__.__name__})", store) from None
+
+
+def _chunked_as_stored(ds: xr.Dataset) -> xr.Dataset:
+    """``ds`` (opened without dask) with each variable in dask chunks of its stored objects: its shards
+    where it has them, else its chunks. xarray's default, the chunks, would cut a whole-written member's
+    shard into a task per time step, each reading the shard's index and one chunk."""
+    chunked = {}
+    for name, var in ds.variables.items():
+        sizes = var.encoding.get("shards") or var.encoding.get("chunks")
+        if name not in ds.indexes and sizes is not None and var.ndim:
+            chunked[name] = var.chunk(dict(zip(var.dims, sizes)))
+    return ds.assign_coords({k: v for k, v in chunked.items() if k in ds.coords}).assign(
+        {k: v for k, v in chunked.items() if k not in ds.coords})

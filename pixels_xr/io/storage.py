@@ -83,7 +83,9 @@ def write_files(url: str, files: dict[str, bytes]) -> None:
     """Some files of an existing folder (relative names → bytes) replaced, each atomically (``write_bytes``:
     a reader finds each file old or new, never partial), the folder's other files kept; remotely one
     concurrent PUT of them all."""
-    if is_remote(url) and files:
+    if not files:
+        return
+    if is_remote(url):
         try:
             fs, path = filesystem(url)
             fs.pipe({f"{path.rstrip('/')}/{name}": data for name, data in files.items()})

@@ -209,9 +209,7 @@ def _codec_of(meta: dict[str, Any]) -> _Codec | None:
     import numcodecs
 
     def zstd_of(codecs: list[dict[str, Any]]) -> Any:
-        if (len(codecs) == 2 and codecs[0].get("name") == "bytes"
-                and codecs[0].get("configuration", {"endian": "little"}) == {"endian": "little"}
-                and codecs[1].get("name") == "zstd"):
+        if len(codecs) == 2 and {**_PLAIN_BYTES, **codecs[0]} == _PLAIN_BYTES and codecs[1].get("name") == "zstd":
             level = codecs[1].get("configuration", {})
             return numcodecs.Zstd(level=level.get("level", 0), checksum=level.get("checksum", False))
         return None
@@ -237,14 +235,14 @@ def _encode_object(values: np.ndarray, codec: _Codec, fill: Any) -> bytes | None
     grid = [range(0, n, c) for n, c in zip(values.shape, codec.inner)]
     chunks = [values[tuple(slice(g[i], g[i] + c) for g, i, c in zip(grid, corner, codec.inner))]
               for corner in np.ndindex(*[len(g) for g in grid])]
-    return _shard_of([None if _all_fill(chunk, fill) else codec.zstd.encode(np.ascontiguousarray(chunk).tobytes())
-                      for chunk in chunks])
+    return _shard_of([_encode_chunk(chunk, codec, fill) for chunk in chunks])
 
 
-def _all_fill(chunk: np.ndarray, fill: Any) -> bool:
-    if np.asarray(fill).dtype.kind == "f" and np.isnan(fill):
-        return bool(np.isnan(chunk).all())
-    return bool((chunk == fill).all())
+def _encode_chunk(chunk: np.ndarray, codec: _Codec, fill: Any) -> bytes | None:
+    """One chunk of a shard encoded; None when it is all fill (zarr leaves such a chunk out)."""
+    nan_fill = np.asarray(fill).dtype.kind == "f" and np.isnan(fill)
+    all_fill = np.isnan(chunk).all() if nan_fill else (chunk == fill).all()
+    return None if all_fill else codec.zstd.encode(np.ascontiguousarray(chunk).tobytes())
 
 
 def _shard_of(encoded: list[bytes | None]) -> bytes | None:
@@ -413,8 +411,7 @@ def update_feature(store: str, group: str, values: dict[str, np.ndarray], at: li
         if codec.inner is not None:  # a shard of one chunk per step: only the steps given are encoded
             steps = _shard_chunks(raw, shape[0]) + [None] * (new_shape[0] - shape[0])
             for k, position in enumerate(at if name in values else []):
-                step = np.ascontiguousarray(encoded[k])
-                steps[position] = None if _all_fill(step, fill) else codec.zstd.encode(step.tobytes())
+                steps[position] = _encode_chunk(encoded[k], codec, fill)
             data_out = _shard_of(steps)
         else:
             current = (np.frombuffer(codec.zstd.decode(raw), dtype=dtype).reshape(shape) if raw is not None
@@ -691,6 +688,7 @@ def _chunked_as_stored(ds: xr.Dataset) -> xr.Dataset:
     for name, var in ds.variables.items():
         sizes = var.encoding.get("shards") or var.encoding.get("chunks")
         if name not in ds.indexes and sizes is not None and var.ndim:
-            chunked[name] = var.chunk(dict(zip(var.dims, sizes)))
+            # a name of its own: dask would name it by hashing the values, which reads them
+            chunked[name] = var.chunk(dict(zip(var.dims, sizes)), name=f"open-feature-{name}-{uuid.uuid4().hex}")
     return ds.assign_coords({k: v for k, v in chunked.items() if k in ds.coords}).assign(
         {k: v for k, v in chunked.items() if k not in ds.coords})

@@ -147,12 +147,14 @@ def _child(n: int, out: Path, *, kill_at: int | None = None) -> dict:
 
 
 def _markers(out: Path) -> int:
-    """Finished units recorded in ``out``'s ledger (every unit marker, templates not counted)."""
-    units = out / ".pixels_xr" / "units"
-    if not units.is_dir():
+    """Finished units recorded in ``out``'s ledger (job records, templates and unit files, as a re-run reads
+    them); 0 before the ledger exists."""
+    from pixels_xr.ledger import RunManifest
+
+    if not (out / ".pixels_xr").is_dir():
         return 0
-    return sum(1 for d in os.scandir(units) if d.is_dir() for f in os.scandir(d.path)
-               if f.name.endswith(".json") and not f.name.startswith("_"))
+    ledger = RunManifest(str(out), "{}", "zarr3")
+    return sum(len(ledger.unit_records(fid)) for fid in ledger.features())
 
 
 def at_scale(n: int, write: bool, kill: bool = True) -> None:

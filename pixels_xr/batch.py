@@ -684,12 +684,17 @@ def _prepare(plan: _Planned, labels: list[str], timeline: Callable[[], xr.Datase
             else:
                 write_time_axis(manifest.out, feature.id, update[0], _merged_attrs(manifest.out, feature.id,
                                                                                    update[1]))
-        plan.template_sources = {**manifest.sources(feature.id), **plan.sources}
-        manifest.record_template(feature.id, axis, plan.template_sources)
     for u in plan.units:  # a relabelled (grown) partial bin: its old record (and COGs) go once it is rewritten
         old = next((k for k in known if start_of(k) == start_of(u.label) and k != u.label), None)
         if old is not None and u.computes:
             plan.replaces[u.label] = old
+    if output_format != "zarr" or known:
+        plan.template_sources = {**manifest.sources(feature.id), **plan.sources}
+        # the records so far as the base the new unit records override (a replaced bin's left out: its
+        # data is about to be overwritten)
+        replaced = set(plan.replaces.values())
+        manifest.record_template(feature.id, axis, plan.template_sources,
+                                 {k: v for k, v in plan.records.items() if k not in replaced})
     return True
 
 
@@ -1000,6 +1005,8 @@ def _drain(in_flight: dict, remaining: dict[str, int], manifest: RunManifest, ba
     finished, _ = concurrent.futures.wait(
         list(in_flight), timeout=None if block else 0, return_when=concurrent.futures.FIRST_COMPLETED)
     events = None  # the scheduler's read errors, fetched once for every job finished together
+    batch: dict[str, dict[str, Any]] = {}  # features finished whole: one job record for them all
+    then: list[Callable[[], None]] = []  # progress callbacks, once what they report is recorded
     for job in finished:
         plan, units = in_flight.pop(job)
         fid = plan.feature.id
@@ -1034,14 +1041,18 @@ def _drain(in_flight: dict, remaining: dict[str, int], manifest: RunManifest, ba
                     recorded[label] = manifest.unit_record(
                         fid, label, **info, fingerprint=unit.fingerprint if unit else "", items=items_used,
                         skipped=sorted(plan.skipped & set(items_used)))
-            if plan.template is not None:  # a new feature's template, before its first job's units
-                complete = remaining[fid] == len(units) and plan.result.status == "done"
-                replaced = {plan.replaces[label] for label in recorded if label in plan.replaces}
-                manifest.record_template(fid, plan.labels, plan.sources, {
-                    k: v for k, v in {**plan.records, **recorded}.items() if k not in replaced} if complete else None)
-                plan.template, plan.template_sources, plan.summarised = None, plan.sources, complete
+            whole = False
+            if plan.template is not None:  # a new feature: recorded whole with the batch, or its template first
+                whole = remaining[fid] == len(units) and plan.result.status == "done"
+                if whole:
+                    batch[fid] = {"labels": plan.labels, "sources": plan.sources,
+                                  "units": {**plan.records, **recorded}}
+                else:
+                    manifest.record_template(fid, plan.labels, plan.sources)
+                plan.template, plan.template_sources, plan.summarised = None, plan.sources, whole
             for label, record in recorded.items():
-                manifest.write_unit(fid, label, record)
+                if not whole:
+                    manifest.write_unit(fid, label, record)
                 plan.records[label] = record
                 if label in plan.replaces:  # the unit's old name, now rewritten under the new one
                     old = plan.replaces.pop(label)
@@ -1051,12 +1062,15 @@ def _drain(in_flight: dict, remaining: dict[str, int], manifest: RunManifest, ba
                         for layer in COG_LAYERS:
                             storage.remove_tree(CogUnit(manifest.out, fid, old).path(layer))
                 plan.result.units_written += 1
-                if on_unit is not None:
+                if on_unit is not None and whole:  # reported once the job record holds it
+                    then.append(functools.partial(on_unit, fid, label))
+                elif on_unit is not None:
                     on_unit(fid, label)
         remaining[fid] -= len(units)
         if remaining[fid] == 0 and plan.result.status == "done" and not plan.summarised:
             # the template again, with the copy of every unit record (``ledger``)
-            manifest.record_template(fid, plan.labels, plan.template_sources or plan.sources, plan.records)
+            manifest.record_template(fid, plan.labels, plan.template_sources or plan.sources, plan.records,
+                                     complete=True)
         if remaining[fid] == 0:
             # the item from the Dataset written, when it is the whole store's axis (else read back at the end)
             if items is not None and plan.result.status == "done" and plan.labels == plan.unit_labels:
@@ -1066,7 +1080,10 @@ def _drain(in_flight: dict, remaining: dict[str, int], manifest: RunManifest, ba
                     elif plan.ds is not None:
                         items[fid] = zarr_item(fid, plan.ds, plan.sources)
             plan.ds = plan.member = plan.group = None  # the feature's graph is no longer needed
-            bar(plan.result)
+            then.append(functools.partial(bar, plan.result))
+    manifest.record_features(batch)
+    for call in then:
+        call()
 
 
 def _units_in_flight(in_flight: dict) -> int:

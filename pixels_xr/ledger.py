@@ -3,26 +3,37 @@
 Everything lives under ``OUT/.pixels_xr/`` (a name no feature id can take):
 
 - ``run.json``: the config (and its hash), output format and software that own this output;
-- ``units/<feature>/<bin label>.json``: one small object per finished unit, written only after the unit's
-  data is fully written — a unit without a marker is never trusted and is redone by the next run; it
-  holds the unit's fingerprint and the versions of its items (``units``), so a re-run knows what changed;
-- ``units/<feature>/_template.json``: the feature's template (time labels) exists and may be filled; once
-  a run has finished the feature it also holds a copy of every unit record (``units``): a re-run reads that
-  one file instead of one per unit, for as long as the folder lists exactly those units (a unit recorded or
-  lost since makes the folder differ, and the records are read one by one, as before);
+- ``jobs/<seq>-<nonce>.json``: the records of features finished whole together (one object per batch of
+  finished jobs, however many features and units it holds): per feature its time labels, its source items
+  and the record of every unit (fingerprint, item versions, skipped items), written only after all their
+  data is written. This is how a new feature is recorded: 10,000 fields finished in 100 batches are 100
+  objects, not 130,000 (one per unit and one template per feature), which on an object store is as many
+  PUTs fewer, and a re-run reads 100 objects instead of 10,000 templates;
+- ``units/<feature>/``: a feature recorded or changed one unit at a time (COGs, a feature's own region
+  writes, an incremental run updating some bins): ``<bin label>.json`` per finished unit, written only
+  after the unit's data, and ``_template.json``, the feature's time labels and sources with a copy of its
+  unit records (``units``). The copy is the whole truth when it says ``complete`` (written after every
+  unit of the run was); otherwise unit files override it label by label. Templates written before the
+  ``complete`` flag existed are trusted only while the folder lists exactly their units, as then;
 - ``report.json``: the last run's report (per feature: status, stage, error).
 
-One object per unit (instead of one appended file) keeps markers atomic on object stores and lets many
-writers record progress without coordination.
+A feature's newest document wins: each carries ``seq`` (nanoseconds, increasing within a run), so a
+template written after a job record (an incremental update, or a rebuild's ``forgotten`` mark) supersedes
+it, and a job record after a template supersedes that. A unit without a record is never trusted and is
+redone. Every object is written whole (temp + rename locally, one PUT remotely): markers stay atomic on
+object stores and nothing is ever appended.
 """
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
 import hashlib
 import json
 import os
 import threading
+import time
+import uuid
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -34,6 +45,7 @@ from pixels_xr.io.lock import LOCK_NAME
 from pixels_xr.signing import redact, redact_json, redact_obj
 
 TEMPLATE = "_template"
+JOBS = "jobs"
 
 
 def config_hash(config_json: str, output_format: str) -> str:
@@ -54,6 +66,10 @@ class RunManifest:
     _read: threading.local = field(init=False, repr=False, compare=False, default_factory=threading.local)
     #: bumped by every write of the ledger: a kept template read is only used within one generation
     _generation: int = field(init=False, repr=False, compare=False, default=0)
+    _last_seq: int = field(init=False, repr=False, compare=False, default=0)
+    _folder_names: set[str] | None = field(init=False, repr=False, compare=False, default=None)
+    _job_entries: dict[str, dict[str, Any]] | None = field(init=False, repr=False, compare=False, default=None)
+    _lock: threading.Lock = field(init=False, repr=False, compare=False, default_factory=threading.Lock)
 
     def __post_init__(self) -> None:
         # secrets (a token in the catalog URL) are neither recorded nor part of the identity: a rotated
@@ -88,7 +104,7 @@ class RunManifest:
 
     def features(self) -> list[str]:
         """Ids of the features this output's ledger knows (each owns ``OUT/<id>``)."""
-        return [n for n in storage.list_names(storage.join(self.root, "units")) if not n.startswith(".")]
+        return sorted({*self.features_in_folders(), *self._jobs()})
 
     def open(self, *, overwrite: bool, read_only: bool = False) -> None:
         """Claim the output for this config: refuse another config's output unless ``overwrite``, which
@@ -114,6 +130,8 @@ class RunManifest:
             for name in storage.list_names(self.root):
                 if name != LOCK_NAME:  # the lock of this very run stays
                     storage.remove_tree(storage.join(self.root, name))
+            self._folder_names, self._job_entries = set(), {}
+            self._changed()
         self.read_only = read_only
         if read_only:  # nothing can be recorded: the run may only find every unit done
             return
@@ -121,21 +139,62 @@ class RunManifest:
                   "software": f"pixels_xr {__version__}", "started": _now()}
         storage.write_bytes(storage.join(self.root, "run.json"), json.dumps(record, indent=1).encode())
 
-    def done(self, feature_id: str) -> set[str]:
-        """Labels of the finished units of a feature."""
-        names = storage.list_names(storage.join(self.root, "units", feature_id))
-        return {n[:-5] for n in names if n.endswith(".json") and not n.startswith(TEMPLATE)}
-
     def done_labels(self, feature_id: str) -> list[str]:
         """Bin labels (``start/end``, or the day) of the finished units of a feature, in order."""
-        return sorted(label_of(name) for name in self.done(feature_id))
+        return sorted(self.unit_records(feature_id))
+
+    def _seq(self) -> int:
+        """An increasing stamp for the next document (``seq``: the newest document of a feature wins)."""
+        self._last_seq = max(time.time_ns(), self._last_seq + 1)
+        return self._last_seq
+
+    def _folders(self) -> set[str]:
+        """Features with a folder under ``units/`` (listed once, then kept up to date by this ledger)."""
+        with self._lock:
+            if self._folder_names is None:
+                self._folder_names = set(self.features_in_folders())
+            return self._folder_names
+
+    def features_in_folders(self) -> list[str]:
+        return [n for n in storage.list_names(storage.join(self.root, "units")) if not n.startswith(".")]
+
+    def _jobs(self) -> dict[str, dict[str, Any]]:
+        """Feature id → its newest entry in the job records (with the record's ``seq``), read once."""
+        with self._lock:
+            return self._read_jobs()
+
+    def _read_jobs(self) -> dict[str, dict[str, Any]]:
+        if self._job_entries is None:
+            folder = storage.join(self.root, JOBS)
+            names = [n for n in storage.list_names(folder) if n.endswith(".json") and not n.startswith(".")]
+            entries: dict[str, dict[str, Any]] = {}
+            for data in _read_all(self.out, [storage.join(folder, n) for n in names]):
+                try:
+                    doc = json.loads(data) if data is not None else None
+                    seq = int(doc["seq"])
+                    features = dict(doc["features"])
+                except (json.JSONDecodeError, KeyError, TypeError, ValueError):
+                    continue  # an unreadable job record: its features are not trusted, and are redone
+                for feature_id, entry in features.items():
+                    if isinstance(entry, dict) and seq >= entries.get(feature_id, {}).get("seq", -1):
+                        entries[feature_id] = {**entry, "seq": seq}
+            self._job_entries = entries
+        return self._job_entries
 
     def _template_doc(self, feature_id: str) -> dict[str, Any] | None:
+        """The feature's newest document: its folder's template or its job entry (``job``: True)."""
         kept = getattr(self._read, "doc", None)
         if kept is not None and kept[:2] == (feature_id, self._generation):
             return kept[2]
-        data = storage.read_bytes(storage.join(self.root, "units", feature_id, f"{TEMPLATE}.json"))
-        doc = None if data is None else json.loads(data)
+        doc = None
+        if feature_id in self._folders():
+            data = storage.read_bytes(storage.join(self.root, "units", feature_id, f"{TEMPLATE}.json"))
+            with contextlib.suppress(json.JSONDecodeError):
+                doc = json.loads(data) if data is not None else None
+            doc = doc if isinstance(doc, dict) else None
+        entry = self._jobs().get(feature_id)
+        if entry is not None and (doc is None or entry["seq"] > int(doc.get("seq", 0))):
+            doc = {**entry, "job": True}
         self._read.doc = (feature_id, self._generation, doc)
         return doc
 
@@ -145,22 +204,41 @@ class RunManifest:
     def template(self, feature_id: str) -> list[str] | None:
         """The time labels the feature's template was written with (None: no template yet)."""
         doc = self._template_doc(feature_id)
-        return None if doc is None else list(doc["labels"])
+        return None if doc is None or doc.get("forgotten") else list(doc["labels"])
 
     read_only: bool = False
 
     def record_template(self, feature_id: str, labels: list[str], sources: dict[str, str],
-                        units: dict[str, dict[str, Any]] | None = None) -> None:
+                        units: dict[str, dict[str, Any]] | None = None, *, complete: bool = False) -> None:
         """Record the feature's time labels and its source items (id → self href, redacted: no tokens) for
-        the STAC output; with ``units``, the copy of every unit record of the feature (label → record, as
-        ``write_unit`` wrote them) that ``unit_records`` may read instead of the records."""
+        the STAC output, with a copy of unit records (label → record, as ``unit_record`` made them): the
+        base that unit files override, or with ``complete`` every record of the feature (no unit file is
+        then needed, and none is read)."""
         sources = {k: redact(v) for k, v in sources.items()}
-        doc: dict[str, Any] = {"labels": labels, "sources": sources, "written": _now()}
-        if units is not None:
-            doc["units"] = units
+        doc: dict[str, Any] = {"labels": labels, "sources": sources, "written": _now(), "seq": self._seq(),
+                               "units": dict(units or {}), "complete": complete}
+        self._write_template(feature_id, doc)
+
+    def _write_template(self, feature_id: str, doc: dict[str, Any]) -> None:
         self._changed()
         storage.write_bytes(storage.join(self.root, "units", feature_id, f"{TEMPLATE}.json"),
                             json.dumps(doc).encode())
+        self._folders().add(feature_id)
+
+    def record_features(self, features: dict[str, dict[str, Any]]) -> None:
+        """Record features finished whole, in one job record: feature id → ``{"labels", "sources",
+        "units"}`` (every unit's record); written after all their data is."""
+        if not features:
+            return
+        seq = self._seq()
+        entries = {fid: {"labels": list(e["labels"]), "sources": {k: redact(v) for k, v in e["sources"].items()},
+                         "units": dict(e["units"])} for fid, e in features.items()}
+        self._changed()
+        storage.write_bytes(storage.join(self.root, JOBS, f"{seq:020d}-{uuid.uuid4().hex[:8]}.json"),
+                            json.dumps({"seq": seq, "written": _now(), "features": entries}).encode())
+        jobs = self._jobs()
+        for fid, entry in entries.items():
+            jobs[fid] = {**entry, "seq": seq}
 
     def sources(self, feature_id: str) -> dict[str, str]:
         """Source item id → href recorded with the feature's template."""
@@ -168,35 +246,41 @@ class RunManifest:
         return {} if doc is None else dict(doc.get("sources", {}))
 
     def forget(self, feature_id: str) -> None:
-        """Drop every record of a feature (its template changed: it is rewritten from scratch)."""
+        """Drop every record of a feature (its template changed: it is rewritten from scratch). A feature
+        a job record holds is marked ``forgotten`` (job records are never rewritten)."""
         self._changed()
-        storage.remove_tree(storage.join(self.root, "units", feature_id))
+        if feature_id in self._folders():
+            storage.remove_tree(storage.join(self.root, "units", feature_id))
+            self._folders().discard(feature_id)
+        if feature_id in self._jobs():
+            self._write_template(feature_id, {"forgotten": True, "written": _now(), "seq": self._seq()})
 
     def unit_records(self, feature_id: str) -> dict[str, dict[str, Any]]:
         """The records of a feature's finished units by label (fingerprint, item versions, skipped items:
-        ``units``), read a few at a time; an unreadable record counts as not finished."""
-        import concurrent.futures
-
+        ``units``); an unreadable record counts as not finished."""
+        doc = self._template_doc(feature_id)
+        if doc is not None and (doc.get("job") or doc.get("forgotten")):
+            return {label: dict(record) for label, record in doc.get("units", {}).items()}
+        if feature_id not in self._folders():
+            return {}
+        copy = (doc or {}).get("units")
+        if isinstance(copy, dict) and doc.get("complete"):
+            return {label: dict(record) for label, record in copy.items()}
         names = [n for n in storage.list_names(storage.join(self.root, "units", feature_id))
                  if n.endswith(".json") and not n.startswith(TEMPLATE)]
-        copy = (self._template_doc(feature_id) or {}).get("units") if names else None
-        if isinstance(copy, dict) and sorted(names) == sorted(f"{safe_label(label)}.json" for label in copy):
-            return {label: dict(record) for label, record in copy.items()}
-
-        def read(name: str) -> dict[str, Any] | None:
-            data = storage.read_bytes(storage.join(self.root, "units", feature_id, name))
+        if isinstance(copy, dict) and "complete" not in doc and names and \
+                sorted(names) == sorted(f"{safe_label(label)}.json" for label in copy):
+            return {label: dict(record) for label, record in copy.items()}  # a template of an earlier version
+        base = dict(copy) if isinstance(copy, dict) and "complete" in doc else {}
+        urls = [storage.join(self.root, "units", feature_id, n) for n in names]
+        for name, data in zip(names, _read_all(self.out, urls)):
             try:
                 record = json.loads(data) if data is not None else None
             except json.JSONDecodeError:
-                return None
-            return record if isinstance(record, dict) else None
-
-        if len(names) > 4 and storage.is_remote(self.out):
-            with concurrent.futures.ThreadPoolExecutor(8) as pool:
-                records = list(pool.map(read, names))
-        else:
-            records = [read(n) for n in names]
-        return {str(r.get("bin") or label_of(n[:-5])): r for n, r in zip(names, records) if r is not None}
+                continue
+            if isinstance(record, dict):
+                base[str(record.get("bin") or label_of(name[:-5]))] = record
+        return {label: dict(record) for label, record in base.items()}
 
     def forget_unit(self, feature_id: str, label: str) -> None:
         """Drop one unit's record (it is rewritten, possibly under a new label)."""
@@ -204,19 +288,30 @@ class RunManifest:
         storage.remove_tree(self._unit(feature_id, label))
 
     def unit_record(self, feature_id: str, label: str, **info: Any) -> dict[str, Any]:
-        """The record of a finished unit (``write_unit`` writes it)."""
+        """The record of a finished unit (``write_unit`` or ``record_features`` writes it)."""
         return {"feature": feature_id, "bin": label, "config_hash": self.hash, "finished": _now(), **info}
 
     def write_unit(self, feature_id: str, label: str, record: dict[str, Any]) -> None:
         """Record a finished unit: written only after its data is."""
         self._changed()
         storage.write_bytes(self._unit(feature_id, label), json.dumps(record).encode())
+        self._folders().add(feature_id)
 
     def write_report(self, report: dict[str, Any]) -> str:
         url = storage.join(self.root, "report.json")
         plain = json.loads(json.dumps(report, default=str))
         storage.write_bytes(url, json.dumps(redact_obj(plain), indent=1).encode())  # errors may quote URLs
         return url
+
+
+def _read_all(out: str, urls: list[str]) -> list[bytes | None]:
+    """The bytes at ``urls`` (None where nothing is), several at a time on an object store."""
+    if len(urls) > 4 and storage.is_remote(out):
+        import concurrent.futures
+
+        with concurrent.futures.ThreadPoolExecutor(8) as pool:
+            return list(pool.map(storage.read_bytes, urls))
+    return [storage.read_bytes(url) for url in urls]
 
 
 def _now() -> str:

@@ -21,6 +21,7 @@ import pytest
 import rasterio
 import xarray as xr
 from distributed import Client
+from ledger_files import drop_units, recorded_units, recorded_whole, unit_count
 from rio_cogeo.cogeo import cog_validate
 
 from pixels_xr.batch import run_batch, unit_labels
@@ -82,10 +83,6 @@ def assert_same_arrays(a: dict, b: dict) -> None:
         np.testing.assert_array_equal(a[key], b[key], err_msg=str(key))
 
 
-def unit_markers(out: str) -> list[Path]:
-    return sorted(p for p in (Path(out) / MANIFEST_DIR / "units").rglob("*.json") if not p.name.startswith("_"))
-
-
 @pytest.fixture(scope="module")
 def clean_run(tmp_path_factory, sample, config, features, dask_scheduler) -> str:
     """A reference run on the real scheduler, nothing interrupted."""
@@ -119,7 +116,9 @@ def test_run_report_and_manifest(clean_run, features) -> None:
     assert report["ok"] is True
     assert report["units_written"] == 2 * len(features) and report["units_skipped"] == 0
     assert {f["id"] for f in report["features"]} == {f.id for f in features}
-    assert len(unit_markers(clean_run)) == 2 * len(features)
+    assert recorded_units(clean_run) == sorted((f.id, label) for f in features for label in
+                                               unit_labels(open_feature(clean_run, f.id)))
+    assert all(recorded_whole(clean_run).values())  # one document per feature, whichever path wrote it
     run = json.loads((Path(clean_run) / MANIFEST_DIR / "run.json").read_text())
     assert run["format"] == "zarr3" and run["config"]["mode"] == "latest_pixel"
 
@@ -171,32 +170,20 @@ def test_rerun_is_a_no_op_and_resumes_missing_units(tmp_path, clean_run, config,
     out = str(tmp_path / "run.zarr")
     first = run_batch(config, features, out, client=client, progress=False)
     assert first.units_written == 2 * len(features)
-    assert_template_copies_the_records(out)
+    assert all(recorded_whole(out).values()) and len(recorded_whole(out)) == len(features)
     again = run_batch(config, features, out, client=client, progress=False)
     assert again.units_written == 0 and again.units_skipped == 2 * len(features)
     assert all(f.status == "skipped" for f in again.features)
-    lost = unit_markers(out)[::4]  # as if the run had died before recording these units
-    for marker in lost:
-        marker.unlink()
+    lost = recorded_units(out)[::4]  # as if the run had died before recording these units
+    drop_units(out, lost)
     written: list[tuple[str, str]] = []
     resumed = run_batch(config, features, out, client=client, progress=False,
                         on_unit=lambda fid, label: written.append((fid, label)))
     assert resumed.units_written == len(lost) == len(written)
-    assert sorted(f"{fid}/{label.replace('/', '_')}.json" for fid, label in written) == sorted(
-        f"{m.parent.name}/{m.name}" for m in lost)
+    assert sorted(written) == lost
     assert_same_arrays(store_arrays(out, [f.id for f in features]),
                        store_arrays(clean_run, [f.id for f in features]))
-    assert_template_copies_the_records(out)
-
-
-def assert_template_copies_the_records(out: str) -> None:
-    """Every finished feature's template holds a copy of exactly its unit records (what a re-run reads
-    instead of one file per unit)."""
-    for folder in sorted((Path(out) / MANIFEST_DIR / "units").iterdir()):
-        copy = json.loads((folder / "_template.json").read_text())["units"]
-        records = {json.loads(p.read_text())["bin"]: json.loads(p.read_text())
-                   for p in folder.glob("*.json") if not p.name.startswith("_")}
-        assert copy == records, folder.name
+    assert all(recorded_whole(out).values())  # the resumed features' templates hold every record again
 
 
 def test_other_config_needs_overwrite(tmp_path, sample, config, features, client) -> None:
@@ -343,11 +330,11 @@ def test_cli_collect_interrupted_then_resumed(tmp_path, sample, clean_run, featu
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                             start_new_session=True)
     deadline = time.monotonic() + 240
-    while len(unit_markers(str(out))) < 3 and proc.poll() is None and time.monotonic() < deadline:
+    while unit_count(out) < 3 and proc.poll() is None and time.monotonic() < deadline:
         time.sleep(0.05)
     os.killpg(proc.pid, signal.SIGKILL)  # a crash: no clean-up code runs
     proc.wait()
-    done_before = len(unit_markers(str(out)))
+    done_before = unit_count(out)
     total = 2 * len(features)
     assert 3 <= done_before < total, "the run finished before it could be interrupted"
     result = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from ledger_files import unit_count
 from typer.testing import CliRunner
 
 from pixels_xr.cli import app
@@ -153,11 +154,6 @@ def test_collect_refuses_a_memory_limit_dask_cannot_read(sample_dir) -> None:
     assert not out.exists()
 
 
-def _units_done(out: Path) -> int:
-    units = out / ".pixels_xr" / "units"
-    return sum(1 for p in units.rglob("*.json") if not p.name.startswith("_")) if units.exists() else 0
-
-
 def _session_processes(sid: int) -> list[str]:
     import psutil
 
@@ -193,7 +189,7 @@ def test_ctrl_c_stops_collect_within_seconds_and_the_rerun_completes_it(sample_d
                             start_new_session=True)
     try:
         deadline = time.monotonic() + 300
-        while _units_done(out) < 1 and proc.poll() is None and time.monotonic() < deadline:
+        while unit_count(out) < 1 and proc.poll() is None and time.monotonic() < deadline:
             time.sleep(0.05)
         assert proc.poll() is None, "the run ended before it could be interrupted"
         os.killpg(proc.pid, signal.SIGINT)  # what a terminal's Ctrl-C does: the whole process group
@@ -209,7 +205,7 @@ def test_ctrl_c_stops_collect_within_seconds_and_the_rerun_completes_it(sample_d
     while _session_processes(proc.pid) and time.monotonic() < deadline:
         time.sleep(0.2)
     assert not _session_processes(proc.pid), _session_processes(proc.pid)
-    done = _units_done(out)
+    done = unit_count(out)
     total = 6 * 12
     assert 1 <= done < total
     rerun = subprocess.run(cmd, cwd=sample_dir, capture_output=True, text=True, timeout=600)

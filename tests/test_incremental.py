@@ -10,6 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from distributed import Client, LocalCluster
+from ledger_files import recorded_units
 from servers import start_stac_api
 from shapely.geometry import box
 from typer.testing import CliRunner
@@ -59,8 +60,16 @@ def _files(store: Path) -> dict[str, tuple[int, bytes]]:
             for p in sorted((store / "field").rglob("*")) if p.is_file()}
 
 
+def _ledger_files(store: Path) -> dict[str, tuple[int, bytes]]:
+    """Every record file of the ledger (job records, templates, unit files): mtime (ns) and bytes."""
+    root = store / MANIFEST_DIR
+    return {str(p.relative_to(root)): (p.stat().st_mtime_ns, p.read_bytes())
+            for folder in ("units", "jobs") for p in sorted((root / folder).rglob("*")) if p.is_file()}
+
+
 def _recorded(store: Path) -> list[str]:
-    return sorted(p.name for p in (store / MANIFEST_DIR / "units" / "field").glob("*.json"))
+    """The labels of the feature's recorded units."""
+    return [label for fid, label in recorded_units(store) if fid == "field"]
 
 
 def test_a_new_month_in_the_catalog_recomputes_exactly_its_units(sample, client, tmp_path: Path,
@@ -81,12 +90,12 @@ def test_a_new_month_in_the_catalog_recomputes_exactly_its_units(sample, client,
         server.stop()
     server = start_stac_api(items, port=port)  # the catalog grew: same URL, one more month of scenes
     try:
-        before, ledger = _files(store), _recorded(store)
+        before, ledger = _files(store), _ledger_files(store)
         planned = run_batch(cfg, _feature(sample), str(store), plan_only=True)
         assert [(u["unit"], u["state"]) for u in planned.features[0].units] == [
             ("2022-01-01/2022-01-31", "stale")]
         assert all(i["id"] in planned.features[0].units[0]["reason"] for i in january[:3])
-        assert _files(store) == before and _recorded(store) == ledger  # the plan wrote nothing
+        assert ledger and _files(store) == before and _ledger_files(store) == ledger  # the plan wrote nothing
         written: list[str] = []
         second = run_batch(cfg, _feature(sample), str(store), client=client, progress=False,
                            on_unit=lambda f, label: written.append(label))
@@ -157,8 +166,7 @@ def test_a_rolling_range_appends_bins_keeps_old_ones_and_matches_a_clean_run(sam
     grown = open_feature(str(store), "field").compute()
     assert [str(t)[:10] for t in grown.time.values] == ["2021-11-01", "2021-12-01", "2022-01-01"]
     assert [str(t)[:10] for t in grown.time_end.values] == ["2021-11-30", "2021-12-31", "2022-01-20"]
-    assert _recorded(store) == ["2021-11-01_2021-11-30.json", "2021-12-01_2021-12-31.json",
-                                "2022-01-01_2022-01-20.json", "_template.json"]
+    assert _recorded(store) == ["2021-11-01/2021-11-30", "2021-12-01/2021-12-31", "2022-01-01/2022-01-20"]
     fixed = load_config({**BASE, "start": "2021-11-01", "end": "2022-01-20", "catalog": catalog})
     clean_store = tmp_path / "clean.zarr"
     assert run_batch(fixed, _feature(sample), str(clean_store), client=client, progress=False).ok
@@ -271,4 +279,4 @@ def test_a_grown_partial_bin_replaces_its_cogs(sample, client, tmp_path: Path, m
     names = sorted(p.name for p in (store / "field").iterdir() if p.name.startswith("2021-12"))
     assert names == ["2021-12-01_2021-12-31.tif", "2021-12-01_2021-12-31_clear_count.tif",
                      "2021-12-01_2021-12-31_source_time.tif"]
-    assert _recorded(store) == ["2021-11-01_2021-11-30.json", "2021-12-01_2021-12-31.json", "_template.json"]
+    assert _recorded(store) == ["2021-11-01/2021-11-30", "2021-12-01/2021-12-31"]

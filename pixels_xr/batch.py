@@ -867,8 +867,7 @@ def _write_member(values: list, offset: tuple[int, int], job: _MemberWrite) -> i
     inside = None if job.clip is None else centres_inside(job.clip, (height, width), Affine(*job.transform))
     arrays = {}
     for name, per_step in zip(job.names, values):
-        stack = np.concatenate([np.concatenate([np.concatenate(row, axis=2) for row in step], axis=1)
-                                [:, dy:dy + height, dx:dx + width] for step in per_step], axis=0)
+        stack = _window(per_step, dy, dx, height, width)
         if inside is not None:
             stack = np.where(inside, stack, _clip_fill(stack.dtype, job.var_attrs.get(name, {})))
         arrays[name] = stack
@@ -888,6 +887,30 @@ def _write_member(values: list, offset: tuple[int, int], job: _MemberWrite) -> i
                             "spatial_ref": reference}, attrs=job.attrs)
     write_feature(ds, job.store, job.group, chunksize=job.chunksize, zarr_format=job.template)
     return len(job.steps)
+
+
+def _window(per_step: list, dy: int, dx: int, height: int, width: int) -> np.ndarray:
+    """The (steps, height, width) window at (``dy``, ``dx``) of a member's blocks (per step group, rows of
+    (steps, rows, columns) blocks), cut from each block before joining: joining whole blocks first copied
+    every block a member touches (a member is ~20 × 20 px of 256 × 256 blocks)."""
+    steps = []
+    for step in per_step:
+        rows, y0 = [], 0
+        for row in step:
+            h = row[0].shape[1]
+            top, bottom = max(dy - y0, 0), min(dy + height - y0, h)
+            if top < bottom:
+                parts, x0 = [], 0
+                for block in row:
+                    w = block.shape[2]
+                    left, right = max(dx - x0, 0), min(dx + width - x0, w)
+                    if left < right:
+                        parts.append(block[:, top:bottom, left:right])
+                    x0 += w
+                rows.append(np.concatenate(parts, axis=2))
+            y0 += h
+        steps.append(np.concatenate(rows, axis=1))
+    return np.concatenate(steps, axis=0)
 
 
 @functools.lru_cache(maxsize=16)

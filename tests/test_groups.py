@@ -209,3 +209,19 @@ def test_incremental_group_rerun_checks_and_reads_only_the_new_bins_items(tmp_pa
         got = {p.relative_to(out): p.read_bytes() for p in sorted((out / f.id).rglob("*")) if p.is_file()}
         want = {p.relative_to(clean): p.read_bytes() for p in sorted((clean / f.id).rglob("*")) if p.is_file()}
         assert got == want, f.id
+
+
+def test_a_members_window_is_cut_from_its_blocks_as_from_the_joined_blocks() -> None:
+    from pixels_xr.batch import _window
+
+    rng = np.random.default_rng(0)
+    heights, widths, steps = [5, 7, 4], [6, 3], [2, 3]  # blocks of unequal sizes, two step groups
+    blocks = [[[rng.random((t, h, w)).astype(np.float32) for w in widths] for h in heights] for t in steps]
+    joined = np.concatenate([np.concatenate([np.concatenate(row, axis=2) for row in step], axis=1)
+                             for step in blocks], axis=0)
+    for dy in range(sum(heights)):
+        for dx in range(sum(widths)):
+            for h, w in ((1, 1), (sum(heights) - dy, sum(widths) - dx), (min(6, sum(heights) - dy), 2)):
+                got = _window(blocks, dy, dx, h, w)
+                assert got.dtype == joined.dtype
+                np.testing.assert_array_equal(got, joined[:, dy:dy + h, dx:dx + w], err_msg=f"{dy} {dx} {h} {w}")

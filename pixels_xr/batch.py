@@ -690,11 +690,14 @@ def _prepare(plan: _Planned, labels: list[str], timeline: Callable[[], xr.Datase
             plan.replaces[u.label] = old
     if output_format != "zarr" or known:
         plan.template_sources = {**manifest.sources(feature.id), **plan.sources}
-        # the records so far as the base the new unit records override (a replaced bin's left out: its
-        # data is about to be overwritten)
-        replaced = set(plan.replaces.values())
-        manifest.record_template(feature.id, axis, plan.template_sources,
-                                 {k: v for k, v in plan.records.items() if k not in replaced})
+        # a member's steps are all written by one task and recorded whole with its batch: with the time
+        # axis as recorded, there is nothing to record before (the sources go with the records)
+        if not (defer_axis and axis == known):
+            # the records so far as the base the new unit records override (a replaced bin's left out: its
+            # data is about to be overwritten)
+            replaced = set(plan.replaces.values())
+            manifest.record_template(feature.id, axis, plan.template_sources,
+                                     {k: v for k, v in plan.records.items() if k not in replaced})
     return True
 
 
@@ -1064,15 +1067,19 @@ def _drain(in_flight: dict, remaining: dict[str, int], manifest: RunManifest, ba
                     recorded[label] = manifest.unit_record(
                         fid, label, **info, fingerprint=unit.fingerprint if unit else "", items=items_used,
                         skipped=sorted(plan.skipped & set(items_used)))
-            whole = False
-            if plan.template is not None:  # a new feature: recorded whole with the batch, or its template first
-                whole = remaining[fid] == len(units) and plan.result.status == "done"
-                if whole:
-                    batch[fid] = {"labels": plan.labels, "sources": plan.sources,
-                                  "units": {**plan.records, **recorded}}
-                else:
-                    manifest.record_template(fid, plan.labels, plan.sources)
-                plan.template, plan.template_sources, plan.summarised = None, plan.sources, whole
+            # every unit of the feature this run computes, done: recorded whole with the batch (COGs, a
+            # file per unit, keep a record per unit)
+            whole = remaining[fid] == len(units) and plan.result.status == "done" and \
+                not manifest.output_format.startswith("cog")
+            if whole:
+                replaced = {plan.replaces[label] for label in recorded if label in plan.replaces}
+                batch[fid] = {"labels": plan.labels, "sources": plan.template_sources or plan.sources,
+                              "units": {k: v for k, v in {**plan.records, **recorded}.items() if k not in replaced}}
+                plan.summarised = True
+            elif plan.template is not None:  # a new feature's template, before its first job's units
+                manifest.record_template(fid, plan.labels, plan.sources)
+            if plan.template is not None:
+                plan.template, plan.template_sources = None, plan.sources
             for label, record in recorded.items():
                 if not whole:
                     manifest.write_unit(fid, label, record)

@@ -1102,12 +1102,14 @@ def _drain(in_flight: dict, remaining: dict[str, int], manifest: RunManifest, ba
             manifest.record_template(fid, plan.labels, plan.template_sources or plan.sources, plan.records,
                                      complete=True)
         if remaining[fid] == 0:
-            # the item from the Dataset written, when it is the whole store's axis (else read back at the end)
-            if items is not None and plan.result.status == "done" and plan.labels == plan.unit_labels:
+            # the item from what was written: a member's grid and the store's time axis, or the Dataset
+            # written when it is the whole axis (else the group is read back at the end)
+            if items is not None and plan.result.status == "done":
                 with contextlib.suppress(Exception):  # then the catalog reads the group back instead
                     if plan.member is not None and plan.grid is not None:
-                        items[fid] = _member_item(plan.member, plan.grid, plan.sources)
-                    elif plan.ds is not None:
+                        items[fid] = _member_item(plan.member, plan.grid, plan.template_sources or plan.sources,
+                                                  plan.labels)
+                    elif plan.ds is not None and plan.labels == plan.unit_labels:
                         items[fid] = zarr_item(fid, plan.ds, plan.sources)
             plan.ds = plan.member = plan.group = None  # the feature's graph is no longer needed
             then.append(functools.partial(bar, plan.result))
@@ -1120,12 +1122,11 @@ def _units_in_flight(in_flight: dict) -> int:
     return sum(len(units) for _, units in in_flight.values())
 
 
-def _member_item(job: _MemberWrite, grid: Grid, sources: dict[str, str]) -> Any:
-    """The STAC item of a group's member, from its grid and write description."""
-    times = job.time_coords["time"][1]
-    ends = job.time_coords.get("time_end", (None, times))[1]
-    return zarr_grid_item(job.group, grid.crs, grid.transform, grid.shape, str(times[0])[:10],
-                          str(ends[-1])[:10], list(job.names), len(times), sources)
+def _member_item(job: _MemberWrite, grid: Grid, sources: dict[str, str], axis: list[str]) -> Any:
+    """The STAC item of a group's member, from its grid, write description and the store's time axis (its
+    labels: ``unit_labels`` of the whole store, however few steps this run wrote)."""
+    return zarr_grid_item(job.group, grid.crs, grid.transform, grid.shape, axis[0].split("/")[0],
+                          axis[-1].split("/")[-1], list(job.names), len(axis), sources)
 
 
 def _fail(result: FeatureResult, stage: str, exc: BaseException, unit: str | None = None) -> None:

@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 import shapely
 from distributed import Client
-from ledger_files import drop_feature, drop_units, recorded_units
+from ledger_files import drop_feature, drop_units, recorded_units, recorded_whole
 from shapely.geometry import box
 
 from pixels_xr.batch import run_batch
@@ -209,6 +209,10 @@ def test_incremental_group_rerun_checks_and_reads_only_the_new_bins_items(tmp_pa
         got = {p.relative_to(out): p.read_bytes() for p in sorted((out / f.id).rglob("*")) if p.is_file()}
         want = {p.relative_to(clean): p.read_bytes() for p in sorted((clean / f.id).rglob("*")) if p.is_file()}
         assert got == want, f.id
+        # its STAC item, made from the member's grid and the store's grown time axis, is the clean run's
+        assert json.loads((out / "stac" / f.id / f"{f.id}.json").read_text()) == \
+            json.loads((clean / "stac" / f.id / f"{f.id}.json").read_text()), f.id
+    assert recorded_units(out) == recorded_units(clean) and all(recorded_whole(out).values())
 
 
 def test_a_members_window_is_cut_from_its_blocks_as_from_the_joined_blocks() -> None:

@@ -68,7 +68,7 @@ from pixels_xr.io.layout import (
     days_since_epoch,
 )
 from pixels_xr.io.lock import ReadOnlyOutput, locked
-from pixels_xr.io.stac_out import write_output_catalog, zarr_grid_item, zarr_item
+from pixels_xr.io.stac_out import grid_record, recorded_item, write_output_catalog, zarr_grid_item, zarr_item
 from pixels_xr.io.zarr_store import (
     aligned,
     open_feature,
@@ -409,7 +409,8 @@ def run_batch(config: PixelsConfig, features: Sequence[Feature], out: str, *, cl
         write_output_catalog(out, f"pixels_xr {config.mode} output", output_format, [f.id for f in done + [
             f for f in report.features if f.status == "skipped"]], items, sources=manifest.sources,
                              done=manifest.done_labels,
-                             keep={f.id for f in report.features if f.status == "skipped"})
+                             keep={f.id for f in report.features if f.status == "skipped"},
+                             recorded=functools.partial(_recorded_item, manifest))
     except PixelsError as exc:
         report.features.append(FeatureResult("(stac catalog)", "failed", stage="stac", error=str(exc)))
     report.report_url = manifest.write_report(report.to_dict())
@@ -1073,8 +1074,11 @@ def _drain(in_flight: dict, remaining: dict[str, int], manifest: RunManifest, ba
                 not manifest.output_format.startswith("cog")
             if whole:
                 replaced = {plan.replaces[label] for label in recorded if label in plan.replaces}
+                grid = None if plan.member is None or plan.grid is None else grid_record(
+                    plan.grid.crs, plan.grid.transform, plan.grid.shape, list(plan.member.names))
+                units = {k: v for k, v in {**plan.records, **recorded}.items() if k not in replaced}
                 batch[fid] = {"labels": plan.labels, "sources": plan.template_sources or plan.sources,
-                              "units": {k: v for k, v in {**plan.records, **recorded}.items() if k not in replaced}}
+                              "units": units, "grid": grid}
                 plan.summarised = True
             elif plan.template is not None:  # a new feature's template, before its first job's units
                 manifest.record_template(fid, plan.labels, plan.sources)
@@ -1127,6 +1131,15 @@ def _member_item(job: _MemberWrite, grid: Grid, sources: dict[str, str], axis: l
     labels: ``unit_labels`` of the whole store, however few steps this run wrote)."""
     return zarr_grid_item(job.group, grid.crs, grid.transform, grid.shape, axis[0].split("/")[0],
                           axis[-1].split("/")[-1], list(job.names), len(axis), sources)
+
+
+def _recorded_item(manifest: RunManifest, feature_id: str) -> dict[str, Any] | None:
+    """A feature's STAC item from the ledger (its job record's grid and its time axis), None without one:
+    a re-run after a killed run makes the items its predecessor never wrote without opening the stores."""
+    grid, axis = manifest.grid(feature_id), manifest.template(feature_id)
+    if not grid or not axis:
+        return None
+    return recorded_item(feature_id, grid, axis, manifest.sources(feature_id))
 
 
 def _fail(result: FeatureResult, stage: str, exc: BaseException, unit: str | None = None) -> None:

@@ -227,18 +227,25 @@ class RunManifest:
 
     def record_features(self, features: dict[str, dict[str, Any]]) -> None:
         """Record features finished whole, in one job record: feature id → ``{"labels", "sources",
-        "units"}`` (every unit's record); written after all their data is."""
+        "units"}`` (every unit's record) and optionally ``"grid"`` (``stac_out.grid_record``: its STAC item
+        can then be made without opening its store); written after all their data is."""
         if not features:
             return
         seq = self._seq()
         entries = {fid: {"labels": list(e["labels"]), "sources": {k: redact(v) for k, v in e["sources"].items()},
-                         "units": dict(e["units"])} for fid, e in features.items()}
+                         "units": dict(e["units"]), **({"grid": e["grid"]} if e.get("grid") else {})}
+                   for fid, e in features.items()}
         self._changed()
         storage.write_bytes(storage.join(self.root, JOBS, f"{seq:020d}-{uuid.uuid4().hex[:8]}.json"),
                             json.dumps({"seq": seq, "written": _now(), "features": entries}).encode())
         jobs = self._jobs()
         for fid, entry in entries.items():
             jobs[fid] = {**entry, "seq": seq}
+
+    def grid(self, feature_id: str) -> dict[str, Any] | None:
+        """The grid a job record holds for the feature (None: recorded otherwise, or without one)."""
+        doc = self._template_doc(feature_id)
+        return doc.get("grid") if doc is not None and doc.get("job") else None
 
     def sources(self, feature_id: str) -> dict[str, str]:
         """Source item id → href recorded with the feature's template."""

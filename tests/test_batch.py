@@ -166,6 +166,30 @@ def test_items_made_during_the_run_equal_items_read_back(tmp_path, clean_run, co
         assert made == read
 
 
+def test_a_rerun_makes_missing_items_from_the_ledger(tmp_path, clean_run, config, features, client,
+                                                      monkeypatch) -> None:
+    """A killed run never writes the output catalog; its re-run finds every unit done and makes the items
+    of the features it finished from their job records (grid and time axis), opening no store."""
+    import shutil
+
+    import pixels_xr.io.zarr_store
+
+    copy = tmp_path / "run.zarr"
+    shutil.copytree(clean_run, copy)
+    shutil.rmtree(copy / "stac")  # as a killed run leaves it
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("a store was opened to make its item")
+
+    monkeypatch.setattr(pixels_xr.io.zarr_store, "open_feature", refuse)
+    again = run_batch(config, features, str(copy), client=client, progress=False)
+    assert again.ok and again.units_written == 0
+    for feature in features:
+        made = json.loads((copy / "stac" / feature.id / f"{feature.id}.json").read_text())
+        want = json.loads((Path(clean_run) / "stac" / feature.id / f"{feature.id}.json").read_text())
+        assert made == want, feature.id
+
+
 def test_rerun_is_a_no_op_and_resumes_missing_units(tmp_path, clean_run, config, features, client) -> None:
     out = str(tmp_path / "run.zarr")
     first = run_batch(config, features, out, client=client, progress=False)

@@ -17,6 +17,7 @@ from collections.abc import Callable
 from typing import Any
 
 import pystac
+from affine import Affine
 from pyproj import CRS, Transformer
 from pystac.extensions.projection import ProjectionExtension
 from pystac.extensions.raster import DataType, RasterBand, RasterExtension
@@ -32,14 +33,16 @@ def write_output_catalog(out: str, title: str, output_format: str, feature_ids: 
                          items: dict[str, pystac.Item] | None = None, *,
                          sources: Callable[[str], dict[str, str]] = lambda fid: {},
                          done: Callable[[str], list[str]] = lambda fid: [],
-                         keep: frozenset[str] | set[str] = frozenset()) -> str:
+                         keep: frozenset[str] | set[str] = frozenset(),
+                         recorded: Callable[[str], dict[str, Any] | None] = lambda fid: None) -> str:
     """Write ``OUT/stac/catalog.json`` (titled ``title``) describing ``feature_ids``; returns its URL.
 
     ``items``: Zarr items already made (``zarr_item``) by the run that wrote those features, so their groups
     are not opened again; ``keep``: features this run left unchanged, whose item files are kept as written
     (a no-op re-run of many features rewrites only the catalog); the other features' groups are read back
     from the store. ``sources(fid)`` gives a feature's source item ids → hrefs (``derived_from``),
-    ``done(fid)`` the bin labels of its finished COG units (the run's ledger knows both).
+    ``done(fid)`` the bin labels of its finished COG units (the run's ledger knows both), ``recorded(fid)``
+    a Zarr feature's item made from the ledger (``recorded_item``; None: its group is read back).
 
     Items are serialised one by one, outside a pystac catalog tree (relative links set here): resolving
     every link through the tree made pystac's save quadratic-looking in the number of items.
@@ -56,6 +59,10 @@ def write_output_catalog(out: str, title: str, output_format: str, feature_ids: 
         if output_format == "zarr":
             if fid in keep and storage.exists(storage.join(root, fid, f"{fid}.json")):
                 ids.append(fid)
+                continue
+            made = recorded(fid)
+            if made is not None:
+                ids.append(_write_item(root, made))
                 continue
             try:  # no dask: a Client in scope would compute every coordinate on the cluster, a round trip each
                 ds = open_feature(out, fid, chunks=None)
@@ -177,6 +184,22 @@ def zarr_grid_item(fid: str, crs: Any, transform: Any, shape: tuple[int, int], s
         "assets": {"data": {"href": fid, "type": "application/vnd+zarr", "title": f"feature {fid} (Zarr group)",
                             "roles": ["data"]}},
     }
+
+
+def grid_record(crs: Any, transform: Any, shape: tuple[int, int], variables: list[str]) -> dict[str, Any]:
+    """What a feature's Zarr item needs besides its time axis and sources, as JSON (kept in the run's ledger
+    with the feature's records, so the item can be made again without opening the group)."""
+    return {"crs": _proj_code(crs), "transform": [float(v) for v in list(transform)[:6]],
+            "shape": [int(n) for n in shape], "variables": list(variables)}
+
+
+def recorded_item(fid: str, grid: dict[str, Any], axis: list[str], sources: dict[str, str]) -> dict[str, Any]:
+    """The STAC JSON of a feature's Zarr group from its ``grid_record`` and its time axis (``axis``: one
+    label per step, ``start/end`` or the day), as ``zarr_item`` makes it from the group."""
+    height, width = grid["shape"]
+    return zarr_grid_item(fid, CRS.from_user_input(grid["crs"]), Affine(*grid["transform"]), (height, width),
+                          axis[0].split("/")[0], axis[-1].split("/")[-1], list(grid["variables"]), len(axis),
+                          sources)
 
 
 def _cog_item(unit: CogUnit, sources: dict[str, str]) -> pystac.Item:

@@ -1076,9 +1076,9 @@ def _drain(in_flight: dict, remaining: dict[str, int], manifest: RunManifest, ba
                 replaced = {plan.replaces[label] for label in recorded if label in plan.replaces}
                 grid = None if plan.member is None or plan.grid is None else grid_record(
                     plan.grid.crs, plan.grid.transform, plan.grid.shape, list(plan.member.names))
-                units = {k: v for k, v in {**plan.records, **recorded}.items() if k not in replaced}
+                records = {k: v for k, v in {**plan.records, **recorded}.items() if k not in replaced}
                 batch[fid] = {"labels": plan.labels, "sources": plan.template_sources or plan.sources,
-                              "units": units, "grid": grid}
+                              "units": records, "grid": grid}
                 plan.summarised = True
             elif plan.template is not None:  # a new feature's template, before its first job's units
                 manifest.record_template(fid, plan.labels, plan.sources)

@@ -144,9 +144,16 @@ class RunManifest:
         return sorted(self.unit_records(feature_id))
 
     def _seq(self) -> int:
-        """An increasing stamp for the next document (``seq``: the newest document of a feature wins)."""
-        self._last_seq = max(time.time_ns(), self._last_seq + 1)
-        return self._last_seq
+        """An increasing stamp for the next document (``seq``: the newest document of a feature wins): above
+        every stamp this ledger has read, so a host whose clock is behind the last writer's still writes the
+        newer document."""
+        with self._lock:
+            self._last_seq = max(time.time_ns(), self._last_seq + 1)
+            return self._last_seq
+
+    def _saw(self, seq: int) -> None:
+        with self._lock:
+            self._last_seq = max(self._last_seq, seq)
 
     def _folders(self) -> set[str]:
         """Features with a folder under ``units/`` (listed once, then kept up to date by this ledger)."""
@@ -175,8 +182,12 @@ class RunManifest:
                     features = dict(doc["features"])
                 except (json.JSONDecodeError, KeyError, TypeError, ValueError):
                     continue  # an unreadable job record: its features are not trusted, and are redone
+                self._last_seq = max(self._last_seq, seq)
                 for feature_id, entry in features.items():
-                    if isinstance(entry, dict) and seq >= entries.get(feature_id, {}).get("seq", -1):
+                    if not (isinstance(entry, dict) and isinstance(entry.get("labels"), list)
+                            and isinstance(entry.get("units"), dict)):
+                        continue  # a malformed entry: that feature is not trusted
+                    if seq >= entries.get(feature_id, {}).get("seq", -1):
                         entries[feature_id] = {**entry, "seq": seq}
             self._job_entries = entries
         return self._job_entries
@@ -192,6 +203,8 @@ class RunManifest:
             with contextlib.suppress(json.JSONDecodeError):
                 doc = json.loads(data) if data is not None else None
             doc = doc if isinstance(doc, dict) else None
+            with contextlib.suppress(TypeError, ValueError):
+                self._saw(int(doc.get("seq", 0)) if doc else 0)
         entry = self._jobs().get(feature_id)
         if entry is not None and (doc is None or entry["seq"] > int(doc.get("seq", 0))):
             doc = {**entry, "job": True}
@@ -199,7 +212,8 @@ class RunManifest:
         return doc
 
     def _changed(self) -> None:
-        self._generation += 1
+        with self._lock:
+            self._generation += 1
 
     def template(self, feature_id: str) -> list[str] | None:
         """The time labels the feature's template was written with (None: no template yet)."""
@@ -278,14 +292,18 @@ class RunManifest:
         if isinstance(copy, dict) and "complete" not in doc and names and \
                 sorted(names) == sorted(f"{safe_label(label)}.json" for label in copy):
             return {label: dict(record) for label, record in copy.items()}  # a template of an earlier version
-        base = dict(copy) if isinstance(copy, dict) and "complete" in doc else {}
+        current = isinstance(copy, dict) and "complete" in doc  # a template of this version: its base
+        base = dict(copy) if current else {}
+        # unit files override the base only when written after it: an older file's record is in the base
+        # already, or was superseded (a job record) before the base was written
+        since = int(doc.get("seq", 0)) if current else -1
         urls = [storage.join(self.root, "units", feature_id, n) for n in names]
         for name, data in zip(names, _read_all(self.out, urls)):
             try:
                 record = json.loads(data) if data is not None else None
             except json.JSONDecodeError:
                 continue
-            if isinstance(record, dict):
+            if isinstance(record, dict) and int(record.get("seq", 0)) > since:
                 base[str(record.get("bin") or label_of(name[:-5]))] = record
         return {label: dict(record) for label, record in base.items()}
 
@@ -299,8 +317,9 @@ class RunManifest:
         return {"feature": feature_id, "bin": label, "config_hash": self.hash, "finished": _now(), **info}
 
     def write_unit(self, feature_id: str, label: str, record: dict[str, Any]) -> None:
-        """Record a finished unit: written only after its data is."""
+        """Record a finished unit: written only after its data is (stamped: ``unit_records``)."""
         self._changed()
+        record["seq"] = self._seq()
         storage.write_bytes(self._unit(feature_id, label), json.dumps(record).encode())
         self._folders().add(feature_id)
 

@@ -99,3 +99,30 @@ def test_templates_of_the_previous_version_are_read_as_then(tmp_path: Path) -> N
     (folder / "2021-12-01_2021-12-31.json").unlink()  # a unit lost since: the files are read
     assert _reread(out).unit_records("f1").keys() == {A}
     assert _reread(out).features() == ["f1"]
+
+
+def test_a_writer_whose_clock_is_behind_still_writes_the_newer_document(tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    ledger = _ledger(out)
+    ledger.record_features({"f1": {"labels": [A], "sources": {}, "units": {A: _record(ledger, "f1", A, "a")}}})
+    record = next((out / MANIFEST_DIR / JOBS).glob("*.json"))
+    doc = json.loads(record.read_text())
+    doc["seq"] += 10**15  # written by a host whose clock is ~11 days ahead of this one
+    record.write_text(json.dumps(doc))
+    behind = _reread(out)
+    assert behind.template("f1") == [A]
+    behind.forget("f1")
+    assert _reread(out).template("f1") is None and _reread(out).unit_records("f1") == {}
+
+
+def test_unit_files_older_than_a_template_do_not_override_its_base(tmp_path: Path) -> None:
+    """A unit file left from before a job record must not come back over the template written after it."""
+    out = tmp_path / "out"
+    ledger = _ledger(out)
+    ledger.record_template("f1", [A], {})
+    ledger.write_unit("f1", A, _record(ledger, "f1", A, "old"))  # a unit recorded one by one
+    ledger.record_features({"f1": {"labels": [A], "sources": {}, "units": {A: _record(ledger, "f1", A, "new")}}})
+    again = _reread(out)
+    assert again.unit_records("f1")[A]["fingerprint"] == "new"
+    again.record_template("f1", [A], {}, again.unit_records("f1"))  # an incremental run's base, then killed
+    assert _reread(out).unit_records("f1")[A]["fingerprint"] == "new"

@@ -54,7 +54,7 @@ from pixels_xr.cube import centres_inside, output_grid
 from pixels_xr.config import PixelsConfig
 from pixels_xr.errors import ConfigError, OutputError, PixelsError
 from pixels_xr.features import Feature, check_id
-from pixels_xr.graph import List, Task, TaskRef, culled, materialized
+from pixels_xr.graph import List, Task, TaskRef, culled, materialized, submittable
 from pixels_xr.grid import Grid
 from pixels_xr.groups import FeatureGroup, group_features, window
 from pixels_xr.io import storage
@@ -820,7 +820,7 @@ def _submit_group(client: Client, plans: list[_Planned], retries: int,
         batches.append(batch)
     dsk = {**culled(graph, needed), **layer}
     started = time.perf_counter()
-    futures = client.get(dsk, list(layer), sync=False, retries=retries)
+    futures = client.get(submittable(dsk), list(layer), sync=False, retries=retries)
     out = []
     for future, batch in zip(futures, batches):
         settled = [concurrent.futures.Future() for _ in batch]

@@ -22,7 +22,7 @@ from pixels_xr.compose import collect
 from pixels_xr.config import load_config
 from pixels_xr.errors import OutputError
 from pixels_xr.features import Feature, load_features
-from pixels_xr.graph import block_graph
+from pixels_xr.graph import Task, TaskRef, block_graph, submittable
 from pixels_xr.io.zarr_store import aligned, region_write, write_template
 
 
@@ -126,6 +126,28 @@ def test_unshared_work_is_fused_into_the_block_task() -> None:
     graph, keys = block_graph([arr, arr.T], [(0, 0), (1, 1)], lambda b, v: float(v[0].sum() + v[1].sum()))
     assert set(graph) == set(keys)  # nothing shared: every task lives inside a block task
     assert list(dask.get(graph, keys)) == [128.0, 128.0]
+
+
+class Untokenizable:
+    """A task argument that dask must not tokenize (a stand-in for readers and write jobs, whose tokens were
+    a quarter of a small run's client CPU): tokenizing it fails the test."""
+
+    def __len__(self) -> int:
+        return 3
+
+    def __dask_tokenize__(self) -> str:
+        raise AssertionError("the submitted graph was tokenized")
+
+
+def test_submittable_graph_is_computed_without_tokenizing_its_tasks(dask_scheduler) -> None:
+    from distributed import Client
+
+    dsk = {"pixels-size": Task("pixels-size", len, Untokenizable()),
+           "pixels-twice": Task("pixels-twice", lambda n: 2 * n, TaskRef("pixels-size"))}
+    with Client(dask_scheduler.address, set_as_default=False) as client:
+        first = submittable(dsk)
+        assert submittable(dsk)._name != first._name  # a fresh name per submission, never a hash of the tasks
+        assert client.get(first, ["pixels-twice", "pixels-size"]) == [6, 3]
 
 
 def test_bad_template_format_is_refused_before_anything_is_written(tmp_path, sample) -> None:

@@ -68,7 +68,8 @@ from pixels_xr.io.layout import (
     days_since_epoch,
 )
 from pixels_xr.io.lock import ReadOnlyOutput, locked
-from pixels_xr.io.stac_out import grid_record, recorded_item, write_output_catalog, zarr_grid_item, zarr_item
+from pixels_xr.io.stac_out import (grid_record, labelled_grid_item, recorded_item, write_output_catalog,
+                                   zarr_item)
 from pixels_xr.io.zarr_store import (
     aligned,
     open_feature,
@@ -1129,8 +1130,7 @@ def _units_in_flight(in_flight: dict) -> int:
 def _member_item(job: _MemberWrite, grid: Grid, sources: dict[str, str], axis: list[str]) -> Any:
     """The STAC item of a group's member, from its grid, write description and the store's time axis (its
     labels: ``unit_labels`` of the whole store, however few steps this run wrote)."""
-    return zarr_grid_item(job.group, grid.crs, grid.transform, grid.shape, axis[0].split("/")[0],
-                          axis[-1].split("/")[-1], list(job.names), len(axis), sources)
+    return labelled_grid_item(job.group, grid.crs, grid.transform, grid.shape, axis, list(job.names), sources)
 
 
 def _recorded_item(manifest: RunManifest, feature_id: str) -> dict[str, Any] | None:

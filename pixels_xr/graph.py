@@ -1,8 +1,8 @@
 """Dask graphs written by hand: the one seam over dask's private task spec, and one task per output block.
 
 Modules that write graphs directly (``cube`` reads, ``compose`` reductions, ``io.zarr_store`` writes) take
-``Task``, ``TaskRef``, ``List``, ``DataNode`` and ``HighLevelGraph`` from here, so a change of dask's
-``_task_spec`` touches this file only.
+``Task``, ``TaskRef``, ``List``, ``DataNode`` and ``HighLevelGraph`` from here, and submit plain graphs
+through ``submittable``, so a change of dask's ``_task_spec`` or ``_expr`` touches this file only.
 
 One task per output block: a lazy Dataset from ``compose`` costs about 25 small tasks per output block once written (read, mask,
 reduce, one ``getitem`` and one store per variable, their concatenations). On a cluster every task is

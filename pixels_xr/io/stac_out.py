@@ -197,16 +197,16 @@ def recorded_item(fid: str, grid: dict[str, Any], axis: list[str], sources: dict
     """The STAC JSON of a feature's Zarr group from its ``grid_record`` and its time axis (``axis``: one
     label per step, ``start/end`` or the day), as ``zarr_item`` makes it from the group."""
     height, width = grid["shape"]
-    return labelled_grid_item(fid, CRS.from_user_input(grid["crs"]), Affine(*grid["transform"]), (height, width),
-                              axis, list(grid["variables"]), sources)
+    return labelled_grid_item(fid, CRS.from_user_input(grid["crs"]), Affine(*grid["transform"]),
+                              (height, width), axis, list(grid["variables"]), sources)
 
 
 def labelled_grid_item(fid: str, crs: Any, transform: Any, shape: tuple[int, int], axis: list[str],
                        variables: list[str], sources: dict[str, str]) -> dict[str, Any]:
     """``zarr_grid_item`` with its time range and steps from the time axis' labels (``start/end`` or the
     day, one per step)."""
-    return zarr_grid_item(fid, crs, transform, shape, axis[0].split("/")[0], axis[-1].split("/")[-1], variables,
-                          len(axis), sources)
+    start, end = axis[0].split("/")[0], axis[-1].split("/")[-1]
+    return zarr_grid_item(fid, crs, transform, shape, start, end, variables, len(axis), sources)
 
 
 def _cog_item(unit: CogUnit, sources: dict[str, str]) -> pystac.Item:

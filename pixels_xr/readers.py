@@ -38,6 +38,7 @@ from pixels_xr.catalog import as_items, signer_for
 from pixels_xr.config import PixelsConfig
 from pixels_xr.errors import AssetReadError
 from pixels_xr.items import AssetProblem, ParsedItem, RasterSource
+from pixels_xr.local_raster import LocalRaster, libgdal_path
 from pixels_xr.run_cache import memo
 from pixels_xr.signing import HrefRefused, Signer, redact, redact_logs, sign
 
@@ -278,16 +279,16 @@ class PixelsReader:
         self.__init__(**state)  # type: ignore[misc]
 
 
-def grid_offset(transform: Any, crs: Any, spec: Any) -> tuple[int, int] | None:
+def grid_offset(transform: Any, epsg: int | None, spec: Any) -> tuple[int, int] | None:
     """(column, row) of a raster's pixel (0, 0) in the output grid ``spec`` when its pixels are output
-    pixels (same CRS, same north-up pixel size, whole-pixel offset), else ``None``."""
+    pixels (same CRS, given by its EPSG code, same north-up pixel size, whole-pixel offset), else ``None``."""
     xres, yres = spec.resolutions_xy
     t = transform
-    if crs is None or t.b or t.d or not (math.isclose(t.a, xres, rel_tol=1e-9)
-                                         and math.isclose(-t.e, yres, rel_tol=1e-9)):
+    if epsg is None or t.b or t.d or not (math.isclose(t.a, xres, rel_tol=1e-9)
+                                          and math.isclose(-t.e, yres, rel_tol=1e-9)):
         return None
     col, row = (t.c - spec.bounds[0]) / xres, (spec.bounds[3] - t.f) / yres
-    if abs(col - round(col)) > 1e-6 or abs(row - round(row)) > 1e-6 or crs.to_epsg() != spec.epsg:
+    if abs(col - round(col)) > 1e-6 or abs(row - round(row)) > 1e-6 or epsg != spec.epsg:
         return None
     return round(col), round(row)
 
@@ -305,12 +306,16 @@ def _open_aligned(href: str, state: dict, header: CogHeader | None = None) -> _A
         return None
     env = state["gdal_env"] or DEFAULT_GDAL_ENV
     remote = _RemoteSource(href, header, env) if header is not None and _Vsi.get() is not None else None
+    if remote is None and _local_file(href):
+        direct = _open_local(href, state, env)
+        if direct is not None:
+            return direct
     with env.open:
         try:
             ds = remote.open() if remote is not None else SelfCleaningDatasetReader(href, sharing=False)
         except Exception as exc:  # the same message stackstac gives, so errors_as_nodata rules match
             raise RuntimeError(f"Error opening {href!r}: {exc!r}") from exc
-    offset = grid_offset(ds.transform, ds.crs, state["spec"])
+    offset = grid_offset(ds.transform, ds.crs.to_epsg() if ds.crs is not None else None, state["spec"])
     if offset is None or ds.count != 1:
         ds.close()
         return None
@@ -326,6 +331,23 @@ def _open_aligned(href: str, state: dict, header: CogHeader | None = None) -> _A
     else:
         dataset = _LockedDataset(env, ds)
     return _AlignedReader(dataset, offset, shape, state["dtype"], state["fill_value"], nodata, plain, remote)
+
+
+def _open_local(href: str, state: dict, env: Any) -> _AlignedReader | None:
+    """A direct reader of a local file through GDAL's C API (``local_raster``) when that describes it
+    exactly and its pixels are output pixels read without a mask; None when rasterio must open it."""
+    try:
+        raster = LocalRaster.open(href, env.open.options)  # the options rasterio would open it with
+    except LookupError:
+        return None
+    except OSError as exc:  # the message stackstac gives, so errors_as_nodata rules match
+        raise RuntimeError(f"Error opening {href!r}: {exc!r}") from exc
+    offset = grid_offset(raster.transform, raster.epsg, state["spec"]) if raster.exact else None
+    if offset is None or not np.can_cast(raster.dtype, state["dtype"], "safe"):
+        raster.close()
+        return None
+    return _AlignedReader(_LockedDataset(env, raster), offset, (raster.height, raster.width), state["dtype"],
+                          state["fill_value"], raster.nodata, True)
 
 
 class _LockedDataset:
@@ -564,7 +586,7 @@ class _Vsi:
     def get(cls) -> _Vsi | None:
         """The binding, or None where no libgdal can be found (then headers are not shared)."""
         if cls._instance is None:
-            path = _libgdal_path()
+            path = libgdal_path()
             if path is None:
                 return None
             cls._instance = cls(path)
@@ -729,21 +751,6 @@ def _http_ranges(pool: Any, url: str, spans: list[tuple[int, int]], vsi: str, re
     except RuntimeError:  # the interpreter is shutting down (a read still running): no new threads
         return [get(s) for s in spans]
     return [get(spans[0]), *(f.result() for f in rest)]
-
-
-def _libgdal_path() -> str | None:
-    """Path of the libgdal this process loaded with rasterio (Linux: from the process's memory map)."""
-    import ctypes.util
-    import re
-
-    import rasterio  # noqa: F401  (loads libgdal)
-
-    try:
-        with open("/proc/self/maps") as f:
-            found = sorted(set(re.findall(r"(/\S*libgdal[^/\s]*\.so[^/\s]*)", f.read())))
-    except OSError:
-        found = []
-    return found[0] if found else ctypes.util.find_library("gdal")
 
 
 @dataclass(frozen=True)
@@ -985,7 +992,9 @@ def check_assets(items: Sequence[ParsedItem | dict],
                 signed = sign(signer, href).href  # a token API failure is this asset's problem too
                 if is_remote(signed) and _Vsi.get() is not None:
                     return None, _checked_header(signed)
-                # a local file outside rasterio's Env, as its reader reads it (``_LockedDataset``)
+                if _local_file(signed) and _checked_local(signed):
+                    return None, None
+                # outside rasterio's Env for a local file, as its reader reads it (``_LockedDataset``)
                 with (nullcontext() if _local_file(signed) else cloud_env()), \
                         rasterio.open(signed) as ds:
                     ds.read(1, window=((0, 1), (0, 1)))
@@ -1010,6 +1019,20 @@ def check_assets(items: Sequence[ParsedItem | dict],
     kept = CheckedItems(i for i in parsed if i.id not in bad)
     kept.headers = {s.href: h for (_, s), (_, h) in zip(jobs, results) if h is not None}
     return kept, problems
+
+
+def _checked_local(path: str) -> bool:
+    """Check a local file as rasterio would (it opens, and its pixel (0, 0) reads) through GDAL's C API
+    (``local_raster``: half the cost). False when that binding cannot read it (rasterio then checks it)."""
+    try:
+        raster = LocalRaster.open(path, {"GDAL_DISABLE_READDIR_ON_OPEN": "EMPTY_DIR"})  # as readers open it
+    except LookupError:
+        return False
+    with raster:
+        if raster.dtype is None or not raster.count:
+            return False
+        raster.read(windows.Window(0, 0, 1, 1))
+    return True
 
 
 def _checked_header(href: str) -> CogHeader:

@@ -17,6 +17,7 @@ from pixels_xr.catalog import search
 from pixels_xr.config import load_config
 from pixels_xr.cube import build_cube
 from pixels_xr.features import Feature
+from pixels_xr.local_raster import LocalRaster
 
 
 class Gauge:
@@ -171,3 +172,5 @@ def test_direct_reads_match_stackstac_vrt_reads(tmp_path: Path, dtype: str, noda
         assert got.dtype == want.dtype and got.shape == want.shape
         np.testing.assert_array_equal(got, want)
     assert isinstance(ours._inner, readers._AlignedReader)  # the direct path was taken
+    # through GDAL's C API, except where the mask band is more than nodata (rasterio's masked read)
+    assert isinstance(ours._inner._dataset._ds, LocalRaster) is not mask

@@ -1,0 +1,235 @@
+"""Local GeoTIFFs opened and read through GDAL's C API directly (ctypes, on the libgdal rasterio loaded).
+
+Why not rasterio here: on a local COG, ``rasterio.open`` costs ~0.9 ms, ``GDALOpenEx`` + ``GDALClose``
+~0.04 ms (``/tmp`` COG of 1024² px, measured at stop 22); rasterio's dataset object reads and converts the
+CRS, transform, tags and band descriptions on every open, holding the GIL, and closes in ``__del__`` holding
+it too. The cube opens every asset once per process and the asset check once more, so on local files those
+opens were a fifth of the run (py-spy, ``bench_end_to_end.py``). Here only what a direct read needs is
+asked of GDAL, and every call releases the GIL (ctypes does).
+
+``LocalRaster.open`` returns None when the file is one it does not describe exactly (CRS without an EPSG
+code at its root, 64-bit integer nodata): callers then use rasterio as before, so nothing changes in what
+is read. Pixels come from ``GDALRasterIOEx`` with the buffer's own type and strides, the call rasterio makes
+for ``read(out=…)``: the same bits.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import threading
+from collections.abc import Mapping
+from typing import Any
+
+import numpy as np
+from affine import Affine
+from rasterio import windows
+from rasterio.errors import RasterioIOError
+
+#: GDAL data type codes (``GDALDataType``) of the numpy types a direct read handles.
+_GDAL_TYPES = {1: np.uint8, 2: np.uint16, 3: np.int16, 4: np.uint32, 5: np.int32, 6: np.float32,
+               7: np.float64, 14: np.int8}
+_NUMPY_TYPES = {np.dtype(v): k for k, v in _GDAL_TYPES.items()}
+GMF_ALL_VALID, GMF_NODATA = 0x01, 0x08
+_OF_RASTER_READONLY_VERBOSE = 0x02 | 0x40  # GDAL_OF_RASTER | GDAL_OF_READONLY (0) | GDAL_OF_VERBOSE_ERROR
+
+
+def libgdal_path() -> str | None:
+    """Path of the libgdal this process loaded with rasterio (Linux: from the process's memory map)."""
+    import ctypes.util
+    import re
+
+    import rasterio  # noqa: F401  (loads libgdal)
+
+    try:
+        with open("/proc/self/maps") as f:
+            found = sorted(set(re.findall(r"(/\S*libgdal[^/\s]*\.so[^/\s]*)", f.read())))
+    except OSError:
+        found = []
+    return found[0] if found else ctypes.util.find_library("gdal")
+
+
+class _Gdal:
+    """The raster calls of GDAL's C API used here, bound once per process."""
+
+    _instance: _Gdal | None = None
+    _lock = threading.Lock()
+
+    def __init__(self, path: str) -> None:
+        c = ctypes
+        lib = self.lib = c.CDLL(path)
+        vp, ip, cp = c.c_void_p, c.c_int, c.c_char_p
+        signatures = {
+            "GDALAllRegister": (None, []),
+            "GDALOpenEx": (vp, [cp, c.c_uint, vp, vp, vp]),
+            "GDALClose": (None, [vp]),
+            "GDALGetRasterXSize": (ip, [vp]), "GDALGetRasterYSize": (ip, [vp]),
+            "GDALGetRasterCount": (ip, [vp]),
+            "GDALGetGeoTransform": (ip, [vp, c.POINTER(c.c_double)]),
+            "GDALGetSpatialRef": (vp, [vp]),
+            "OSRGetAuthorityName": (cp, [vp, cp]), "OSRGetAuthorityCode": (cp, [vp, cp]),
+            "GDALGetRasterBand": (vp, [vp, ip]),
+            "GDALGetRasterDataType": (ip, [vp]),
+            "GDALGetRasterNoDataValue": (c.c_double, [vp, c.POINTER(ip)]),
+            "GDALGetMaskFlags": (ip, [vp]),
+            "GDALGetMetadataItem": (cp, [vp, cp, cp]),
+            "GDALRasterIOEx": (ip, [vp, ip, ip, ip, ip, ip, vp, ip, ip, ip, c.c_int64, c.c_int64, vp]),
+            "CPLGetLastErrorMsg": (cp, []), "CPLErrorReset": (None, []),
+            "CPLPushErrorHandler": (None, [vp]), "CPLPopErrorHandler": (None, []),
+            "CPLGetThreadLocalConfigOption": (cp, [cp, cp]),
+            "CPLSetThreadLocalConfigOption": (None, [cp, cp]),
+        }
+        for name, (restype, argtypes) in signatures.items():
+            fn = getattr(lib, name)
+            fn.restype, fn.argtypes = restype, argtypes
+        self.quiet = c.cast(lib.CPLQuietErrorHandler, c.c_void_p)
+        lib.GDALAllRegister()  # idempotent; rasterio registers drivers only when its first Env starts
+
+    @classmethod
+    def get(cls) -> _Gdal | None:
+        """The binding, or None where no libgdal can be found (then rasterio does every open)."""
+        with cls._lock:
+            if cls._instance is None:
+                path = libgdal_path()
+                if path is None:
+                    return None
+                cls._instance = cls(path)
+            return cls._instance
+
+    def last_error(self) -> str:
+        return (self.lib.CPLGetLastErrorMsg() or b"").decode("utf-8", "replace").strip()
+
+
+class _ThreadConfig:
+    """GDAL config options set for the calling thread inside the block and restored after it (what a
+    rasterio ``Env`` does, without its start-up: entering an outermost Env checks data paths on disk)."""
+
+    def __init__(self, gdal: _Gdal, options: Mapping[str, Any]) -> None:
+        self._gdal = gdal
+        self._options = {k.encode(): _option_text(v) for k, v in options.items()}
+        self._saved: dict[bytes, bytes | None] = {}
+
+    def __enter__(self) -> None:
+        lib = self._gdal.lib
+        for key, value in self._options.items():
+            self._saved[key] = lib.CPLGetThreadLocalConfigOption(key, None)
+            lib.CPLSetThreadLocalConfigOption(key, value)
+
+    def __exit__(self, *exc: Any) -> None:
+        for key, value in self._saved.items():
+            self._gdal.lib.CPLSetThreadLocalConfigOption(key, value)
+
+
+def _option_text(value: Any) -> bytes:
+    if isinstance(value, bool):
+        return b"YES" if value else b"NO"
+    return str(value).encode()
+
+
+class LocalRaster:
+    """Band 1 of a local raster open in GDAL: its size, grid, type, nodata and mask flags, and windowed reads
+    into numpy buffers. One read at a time per dataset (GDAL datasets are not thread-safe): callers lock."""
+
+    def __init__(self, gdal: _Gdal, handle: int, name: str) -> None:
+        self._gdal, self._handle, self.name = gdal, handle, name
+        lib = gdal.lib
+        self.width, self.height = lib.GDALGetRasterXSize(handle), lib.GDALGetRasterYSize(handle)
+        self.count = lib.GDALGetRasterCount(handle)
+        gt = (ctypes.c_double * 6)()
+        has_transform = lib.GDALGetGeoTransform(handle, gt) == 0
+        self.transform = Affine.from_gdal(*gt) if has_transform else None
+        self.epsg = _epsg(lib, lib.GDALGetSpatialRef(handle))
+        self._band = lib.GDALGetRasterBand(handle, 1) if self.count else None
+        self.type_code = lib.GDALGetRasterDataType(self._band) if self._band else 0
+        self.dtype = np.dtype(_GDAL_TYPES[self.type_code]) if self.type_code in _GDAL_TYPES else None
+        has = ctypes.c_int(0)
+        value = lib.GDALGetRasterNoDataValue(self._band, ctypes.byref(has)) if self._band else 0.0
+        self.nodata = _nodata(value, self.dtype) if has.value else None
+        self.mask_flags = lib.GDALGetMaskFlags(self._band) if self._band else 0
+
+    @classmethod
+    def open(cls, path: str, options: Mapping[str, Any] | None = None) -> LocalRaster:
+        """Open ``path`` (config ``options`` set for the open, e.g. ``GDAL_DISABLE_READDIR_ON_OPEN``);
+        ``RasterioIOError`` (an ``OSError``) with GDAL's message when it cannot be opened, as rasterio
+        raises, and ``LookupError`` when no libgdal is found."""
+        gdal = _Gdal.get()
+        if gdal is None:
+            raise LookupError("libgdal not found")
+        lib = gdal.lib
+        lib.CPLPushErrorHandler(gdal.quiet)
+        try:
+            lib.CPLErrorReset()
+            with _ThreadConfig(gdal, options or {}):
+                handle = lib.GDALOpenEx(path.encode(), _OF_RASTER_READONLY_VERBOSE, None, None, None)
+            if not handle:
+                raise RasterioIOError(gdal.last_error() or f"{path}: cannot open")
+        finally:
+            lib.CPLPopErrorHandler()
+        return cls(gdal, handle, path)
+
+    @property
+    def exact(self) -> bool:
+        """Whether this description is complete for a direct read: one band of a known type, a grid with
+        an EPSG code (else rasterio's reading of the CRS decides), and a mask that is just the nodata
+        value or none (else GDAL's mask band is read, through rasterio)."""
+        return self.count == 1 and self.dtype is not None and self.transform is not None and \
+            self.epsg is not None and self.mask_flags in (GMF_NODATA, GMF_ALL_VALID)
+
+    def tag(self, name: str, domain: str) -> str | None:
+        """Metadata item ``name`` of band 1 in ``domain`` (e.g. ``BLOCK_OFFSET_0_0`` in ``TIFF``)."""
+        value = self._gdal.lib.GDALGetMetadataItem(self._band, name.encode(), domain.encode())
+        return value.decode() if value is not None else None
+
+    def read(self, window: windows.Window, indexes: int = 1, out: np.ndarray | None = None,
+             out_dtype: Any = None) -> np.ndarray:
+        """Band 1's pixels in ``window`` (inside the raster) into ``out`` (any positive strides) or a new
+        array of ``out_dtype`` (default the band's), converted by GDAL as rasterio's ``read`` does."""
+        if indexes != 1:
+            raise ValueError("LocalRaster reads band 1 only")
+        col, row, width, height = (int(window.col_off), int(window.row_off), int(window.width),
+                                   int(window.height))
+        if out is None:
+            out = np.empty((height, width), np.dtype(out_dtype) if out_dtype is not None else self.dtype)
+        if out.shape != (height, width) or min(out.strides) <= 0 or not out.flags.writeable:
+            raise ValueError(f"buffer of shape {out.shape} for a window of {height} × {width}")
+        code = _NUMPY_TYPES.get(out.dtype)
+        if code is None:
+            raise TypeError(f"no GDAL type for {out.dtype}")
+        lib = self._gdal.lib
+        lib.CPLPushErrorHandler(self._gdal.quiet)
+        try:
+            lib.CPLErrorReset()
+            failed = lib.GDALRasterIOEx(self._band, 0, col, row, width, height, out.ctypes.data, width, height,
+                                        code, out.strides[1], out.strides[0], None)
+            if failed:  # rasterio's error and message, so rules on rasterio's errors (errors_as_nodata) apply
+                raise RasterioIOError(f"Read or write failed. {self._gdal.last_error()}".strip())
+        finally:
+            lib.CPLPopErrorHandler()
+        return out
+
+    def close(self) -> None:
+        handle, self._handle = self._handle, None
+        if handle:
+            self._gdal.lib.GDALClose(handle)
+
+    def __enter__(self) -> LocalRaster:
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
+    def __del__(self) -> None:
+        self.close()
+
+
+def _epsg(lib: Any, srs: int | None) -> int | None:
+    if not srs:
+        return None
+    name, code = lib.OSRGetAuthorityName(srs, None), lib.OSRGetAuthorityCode(srs, None)
+    if name != b"EPSG" or not code or not code.isdigit():
+        return None
+    return int(code)
+
+
+def _nodata(value: float, dtype: np.dtype | None) -> Any:
+    """GDAL's nodata double as rasterio gives it (a float)."""
+    return float(value) if dtype is not None else None

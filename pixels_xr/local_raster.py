@@ -16,7 +16,7 @@ for ``read(out=…)``: the same bits.
 from __future__ import annotations
 
 import ctypes
-import threading
+import functools
 from collections.abc import Mapping
 from typing import Any
 
@@ -48,15 +48,19 @@ def libgdal_path() -> str | None:
     return found[0] if found else ctypes.util.find_library("gdal")
 
 
+@functools.cache
+def libgdal() -> ctypes.CDLL | None:
+    """rasterio's libgdal opened with ctypes (once per process), or None where it cannot be found."""
+    path = libgdal_path()
+    return ctypes.CDLL(path) if path else None
+
+
 class _Gdal:
-    """The raster calls of GDAL's C API used here, bound once per process."""
+    """The raster calls of GDAL's C API used here, bound once per process (``get``)."""
 
-    _instance: _Gdal | None = None
-    _lock = threading.Lock()
-
-    def __init__(self, path: str) -> None:
+    def __init__(self, lib: ctypes.CDLL) -> None:
         c = ctypes
-        lib = self.lib = c.CDLL(path)
+        self.lib = lib
         vp, ip, cp = c.c_void_p, c.c_int, c.c_char_p
         signatures = {
             "GDALAllRegister": (None, []),
@@ -84,16 +88,12 @@ class _Gdal:
         self.quiet = c.cast(lib.CPLQuietErrorHandler, c.c_void_p)
         lib.GDALAllRegister()  # idempotent; rasterio registers drivers only when its first Env starts
 
-    @classmethod
-    def get(cls) -> _Gdal | None:
+    @staticmethod
+    @functools.cache
+    def get() -> _Gdal | None:
         """The binding, or None where no libgdal can be found (then rasterio does every open)."""
-        with cls._lock:
-            if cls._instance is None:
-                path = libgdal_path()
-                if path is None:
-                    return None
-                cls._instance = cls(path)
-            return cls._instance
+        lib = libgdal()
+        return _Gdal(lib) if lib is not None else None
 
     def last_error(self) -> str:
         return (self.lib.CPLGetLastErrorMsg() or b"").decode("utf-8", "replace").strip()

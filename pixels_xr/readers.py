@@ -14,6 +14,7 @@ every later open of that asset parses it from memory, so a read costs only its t
 
 from __future__ import annotations
 
+import functools
 import io
 import math
 import os
@@ -38,7 +39,7 @@ from pixels_xr.catalog import as_items, signer_for
 from pixels_xr.config import PixelsConfig
 from pixels_xr.errors import AssetReadError
 from pixels_xr.items import AssetProblem, ParsedItem, RasterSource
-from pixels_xr.local_raster import LocalRaster, libgdal_path
+from pixels_xr.local_raster import LocalRaster, libgdal
 from pixels_xr.run_cache import memo
 from pixels_xr.signing import HrefRefused, Signer, redact, redact_logs, sign
 
@@ -559,12 +560,10 @@ class _Vsi:
     rasterio loaded, through ctypes (rasterio exposes no raw byte reads): byte ranges fetched with GDAL's
     settings and connection pool, the GIL released while they are in flight."""
 
-    _instance: _Vsi | None = None
-
-    def __init__(self, path: str) -> None:
+    def __init__(self, lib: Any) -> None:
         import ctypes
 
-        lib = self.lib = ctypes.CDLL(path)
+        self.lib = lib
         c = ctypes
         lib.VSIFOpenL.restype, lib.VSIFOpenL.argtypes = c.c_void_p, [c.c_char_p, c.c_char_p]
         lib.VSIFReadL.restype, lib.VSIFReadL.argtypes = c.c_size_t, [c.c_void_p, c.c_size_t, c.c_size_t,
@@ -582,15 +581,13 @@ class _Vsi:
         lib.VSIGetSignedURL.restype, lib.VSIGetSignedURL.argtypes = c.c_void_p, [c.c_char_p, c.c_void_p]
         lib.VSIFree.restype, lib.VSIFree.argtypes = None, [c.c_void_p]
 
-    @classmethod
-    def get(cls) -> _Vsi | None:
-        """The binding, or None where no libgdal can be found (then headers are not shared)."""
-        if cls._instance is None:
-            path = libgdal_path()
-            if path is None:
-                return None
-            cls._instance = cls(path)
-        return cls._instance
+    @staticmethod
+    @functools.cache
+    def get() -> _Vsi | None:
+        """The binding (one per process), or None where no libgdal can be found (then headers are not
+        shared)."""
+        lib = libgdal()
+        return _Vsi(lib) if lib is not None else None
 
     def _error(self, vsi: str, what: str) -> OSError:
         message = (self.lib.CPLGetLastErrorMsg() or b"").decode("utf-8", "replace").strip()

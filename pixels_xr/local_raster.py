@@ -137,7 +137,6 @@ class LocalRaster:
         gt = (ctypes.c_double * 6)()
         has_transform = lib.GDALGetGeoTransform(handle, gt) == 0
         self.transform = Affine.from_gdal(*gt) if has_transform else None
-        self.epsg = _epsg(lib, lib.GDALGetSpatialRef(handle))
         self._band = lib.GDALGetRasterBand(handle, 1) if self.count else None
         self.type_code = lib.GDALGetRasterDataType(self._band) if self._band else 0
         self.dtype = np.dtype(_GDAL_TYPES[self.type_code]) if self.type_code in _GDAL_TYPES else None
@@ -165,6 +164,12 @@ class LocalRaster:
         finally:
             lib.CPLPopErrorHandler()
         return cls(gdal, handle, path)
+
+    @functools.cached_property
+    def epsg(self) -> int | None:
+        """The EPSG code at the root of the raster's CRS, None without one. Asked on first use: GDAL builds
+        the CRS from the GeoTIFF keys through PROJ's database then, most of an open's cost."""
+        return _epsg(self._gdal.lib, self._gdal.lib.GDALGetSpatialRef(self._handle))
 
     @property
     def exact(self) -> bool:

@@ -1,16 +1,16 @@
 """Local GeoTIFFs opened and read through GDAL's C API directly (ctypes, on the libgdal rasterio loaded).
 
-Why not rasterio here: on a local COG, ``rasterio.open`` costs ~0.9 ms, ``GDALOpenEx`` + ``GDALClose``
-~0.04 ms (``/tmp`` COG of 1024² px, measured at stop 22); rasterio's dataset object reads and converts the
-CRS, transform, tags and band descriptions on every open, holding the GIL, and closes in ``__del__`` holding
-it too. The cube opens every asset once per process and the asset check once more, so on local files those
-opens were a fifth of the run (py-spy, ``bench_end_to_end.py``). Here only what a direct read needs is
-asked of GDAL, and every call releases the GIL (ctypes does).
+Why not rasterio here: ``rasterio.open`` of a local COG builds its whole dataset object on every open,
+holding the GIL, and most of that is the CRS, built from the GeoTIFF keys through PROJ's database. The
+cube opens every asset once per process and the asset check once more, and the check needs no CRS at all.
+Here only what a direct read needs is asked of GDAL, when it is needed (the CRS on first use), and every
+call releases the GIL (ctypes does). Measured on ``bench_end_to_end.py``'s sample: RESULTS.md
+(``end-to-end``).
 
-``LocalRaster.open`` returns None when the file is one it does not describe exactly (CRS without an EPSG
-code at its root, 64-bit integer nodata): callers then use rasterio as before, so nothing changes in what
-is read. Pixels come from ``GDALRasterIOEx`` with the buffer's own type and strides, the call rasterio makes
-for ``read(out=…)``: the same bits.
+``LocalRaster.exact`` is False where this description is not the whole story (a mask band that is more
+than nodata, a CRS without an EPSG code at its root, a type outside the table): callers then open the file
+with rasterio as before, so nothing changes in what is read. Pixels come from ``GDALRasterIOEx`` with the
+buffer's own type and strides, the call rasterio makes for ``read(out=…)``: the same bits.
 """
 
 from __future__ import annotations

@@ -18,6 +18,7 @@ def measure(fn: Callable[[], Any], repeat: int = 1) -> tuple[float, float, Any]:
     the last result. CPU time suffers less than wall time from other users of a shared machine."""
     best, cpu, result = float("inf"), float("nan"), None
     for _ in range(repeat):
+        result = None  # the previous run's result is not the next run's memory to work around
         t0, c0 = time.perf_counter(), time.process_time()
         result = fn()
         wall, used = time.perf_counter() - t0, time.process_time() - c0

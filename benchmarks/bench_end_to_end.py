@@ -45,17 +45,19 @@ from pixels_xr.features import Feature  # noqa: E402
 from pixels_xr.testing.sample import make_sample  # noqa: E402
 
 BANDS = ["blue", "green", "red", "nir"]
-NOTE = ("Where ours spends its time (py-spy of the threaded run): each asset window is decoded once, "
-        "straight into its slot of the block (a direct windowed read when the tile shares the output "
-        "grid's pixels; stackstac's WarpedVRT path took ~10× longer per window), from one open dataset per "
-        "asset; a task then holds one monthly bin × all bands × one 1024² block, makes the clear mask in "
-        "one pass (lookup table on SCL, nodata per band) and runs the numba median, which converts DN to "
-        "reflectance tile by tile. GDAL's reads take about as long as the raw decode's; what is left is "
-        "opening each file (rasterio's Env and header parsing, about a third of the read threads' "
-        "samples), the median kernel, and the asset check, which opens every file once more before the "
-        "run (ours minus check=False). The naive pipeline warps every read, computes float64 and "
-        "rechunks per month; the pixels-style loop is single-threaded and its float64 `np.nanmedian` "
-        "dominates.")
+NOTE = ("Where ours spends its time (py-spy of the threaded run, perf for native code): each asset window is "
+        "decoded once, straight into its slot of the block (a direct windowed read when the tile shares the "
+        "output grid's pixels; stackstac's WarpedVRT path took ~10× longer per window), from one dataset "
+        "per asset and process opened through GDAL's C API (`local_raster`; `rasterio.open` cost ~20× as "
+        "much, holding the GIL); a task then holds one monthly bin × all bands × one 1024² block, makes the "
+        "clear mask in one pass (lookup table on SCL, nodata per band) and runs the numba median, which "
+        "converts DN to reflectance tile by tile. GDAL's decode (libdeflate, libtiff's predictor, the copy "
+        "out of GDAL's block cache) costs what the raw decode's does; what is left is the asset check "
+        "(every file opened and its first tile decoded once more before the run: ours minus check=False), "
+        "the kernel zeroing fresh pages of the blocks and of the returned arrays (`clear_page_erms`, about "
+        "a tenth of the process's CPU), the concatenation of blocks into the returned arrays, and the "
+        "median kernel. The naive pipeline warps every read, computes float64 and rechunks per month; the "
+        "pixels-style loop is single-threaded and its float64 `np.nanmedian` dominates.")
 
 
 def sample(size: int, dates: int, folder: Path | None) -> tuple[Path, str, tuple[float, ...]]:

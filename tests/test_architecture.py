@@ -22,7 +22,7 @@ STAGES: list[set[str]] = [
     {"config"},
     {"grid", "groups", "plan", "units"},
     {"catalog"},
-    {"read_problems", "readers"},
+    {"read_problems", "local_raster", "readers"},
     {"cube"},
     {"masks"},
     {"reducers"},

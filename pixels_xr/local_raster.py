@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import ctypes
 import functools
+import os
 from collections.abc import Mapping
 from typing import Any
 
@@ -158,7 +159,7 @@ class LocalRaster:
         try:
             lib.CPLErrorReset()
             with _ThreadConfig(gdal, options or {}):
-                handle = lib.GDALOpenEx(path.encode(), _OF_RASTER_READONLY_VERBOSE, None, None, None)
+                handle = lib.GDALOpenEx(os.fsencode(path), _OF_RASTER_READONLY_VERBOSE, None, None, None)
             if not handle:
                 raise RasterioIOError(gdal.last_error() or f"{path}: cannot open")
         finally:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -65,8 +66,15 @@ def test_second_collect_process_is_refused_and_output_stays_trusted(tmp_path, sa
     first = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     deadline = time.monotonic() + 120
     while not (out / MANIFEST_DIR / "lock.json").exists() and time.monotonic() < deadline:
-        time.sleep(0.05)
-    second = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=120)
+        time.sleep(0.01)
+    # the first run is paused while it holds the lock: it would otherwise finish (a second or so) before the
+    # second process has started, and the second would find a finished output instead of a running one
+    first.send_signal(signal.SIGSTOP)
+    try:
+        assert (out / MANIFEST_DIR / "lock.json").exists(), "the first run ended before it could be paused"
+        second = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=120)
+    finally:
+        first.send_signal(signal.SIGCONT)
     assert second.returncode == 1, second.stdout + second.stderr
     lines = second.stderr.strip().splitlines()
     assert len(lines) == 1 and "another run is writing this output" in lines[0], second.stderr

@@ -354,13 +354,15 @@ def test_cli_collect_interrupted_then_resumed(tmp_path, sample, clean_run, featu
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                             start_new_session=True)
     deadline = time.monotonic() + 240
-    while unit_count(out) < 3 and proc.poll() is None and time.monotonic() < deadline:
-        time.sleep(0.05)
+    # killed at its first recorded units: the client records a job's units as they arrive, and once it is
+    # warm the last jobs can land within a few ms of each other, so a later or slower poll saw them all
+    while unit_count(out) < 1 and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.002)
     os.killpg(proc.pid, signal.SIGKILL)  # a crash: no clean-up code runs
     proc.wait()
     done_before = unit_count(out)
     total = 2 * len(features)
-    assert 3 <= done_before < total, "the run finished before it could be interrupted"
+    assert 1 <= done_before < total, "the run finished before it could be interrupted"
     result = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stdout + result.stderr
     report = json.loads((out / MANIFEST_DIR / "report.json").read_text())

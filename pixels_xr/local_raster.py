@@ -139,11 +139,11 @@ class LocalRaster:
         has_transform = lib.GDALGetGeoTransform(handle, gt) == 0
         self.transform = Affine.from_gdal(*gt) if has_transform else None
         self._band = lib.GDALGetRasterBand(handle, 1) if self.count else None
-        self.type_code = lib.GDALGetRasterDataType(self._band) if self._band else 0
-        self.dtype = np.dtype(_GDAL_TYPES[self.type_code]) if self.type_code in _GDAL_TYPES else None
+        code = lib.GDALGetRasterDataType(self._band) if self._band else 0
+        self.dtype = np.dtype(_GDAL_TYPES[code]) if code in _GDAL_TYPES else None
         has = ctypes.c_int(0)
         value = lib.GDALGetRasterNoDataValue(self._band, ctypes.byref(has)) if self._band else 0.0
-        self.nodata = _nodata(value, self.dtype) if has.value else None
+        self.nodata = float(value) if has.value else None  # a float, as rasterio gives it
         self.mask_flags = lib.GDALGetMaskFlags(self._band) if self._band else 0
 
     @classmethod
@@ -235,7 +235,3 @@ def _epsg(lib: Any, srs: int | None) -> int | None:
         return None
     return int(code)
 
-
-def _nodata(value: float, dtype: np.dtype | None) -> Any:
-    """GDAL's nodata double as rasterio gives it (a float)."""
-    return float(value) if dtype is not None else None

@@ -18,6 +18,7 @@ from __future__ import annotations
 import ctypes
 import functools
 import os
+import threading
 from collections.abc import Mapping
 from typing import Any
 
@@ -90,14 +91,23 @@ class _Gdal:
         lib.GDALAllRegister()  # idempotent; rasterio registers drivers only when its first Env starts
 
     @staticmethod
-    @functools.cache
     def get() -> _Gdal | None:
-        """The binding, or None where no libgdal can be found (then rasterio does every open)."""
-        lib = libgdal()
-        return _Gdal(lib) if lib is not None else None
+        """The binding, or None where no libgdal can be found (then rasterio does every open). Made once
+        under a lock: a worker's read threads ask for it together, and GDALAllRegister must run once."""
+        with _BINDING_LOCK:
+            return _binding()
 
     def last_error(self) -> str:
         return (self.lib.CPLGetLastErrorMsg() or b"").decode("utf-8", "replace").strip()
+
+
+_BINDING_LOCK = threading.Lock()
+
+
+@functools.cache
+def _binding() -> _Gdal | None:
+    lib = libgdal()
+    return _Gdal(lib) if lib is not None else None
 
 
 class _ThreadConfig:
@@ -170,7 +180,7 @@ class LocalRaster:
     def epsg(self) -> int | None:
         """The EPSG code at the root of the raster's CRS, None without one. Asked on first use: GDAL builds
         the CRS from the GeoTIFF keys through PROJ's database then, most of an open's cost."""
-        return _epsg(self._gdal.lib, self._gdal.lib.GDALGetSpatialRef(self._handle))
+        return _epsg(self._gdal.lib, self._gdal.lib.GDALGetSpatialRef(self._open_handle()))
 
     @property
     def exact(self) -> bool:
@@ -182,6 +192,7 @@ class LocalRaster:
 
     def tag(self, name: str, domain: str) -> str | None:
         """Metadata item ``name`` of band 1 in ``domain`` (e.g. ``BLOCK_OFFSET_0_0`` in ``TIFF``)."""
+        self._open_handle()
         value = self._gdal.lib.GDALGetMetadataItem(self._band, name.encode(), domain.encode())
         return value.decode() if value is not None else None
 
@@ -200,6 +211,7 @@ class LocalRaster:
         code = _NUMPY_TYPES.get(out.dtype)
         if code is None:
             raise TypeError(f"no GDAL type for {out.dtype}")
+        self._open_handle()
         lib = self._gdal.lib
         lib.CPLPushErrorHandler(self._gdal.quiet)
         try:
@@ -212,8 +224,15 @@ class LocalRaster:
             lib.CPLPopErrorHandler()
         return out
 
+    def _open_handle(self) -> int:
+        """The dataset's handle; after ``close`` an error, as rasterio gives (GDAL would be handed freed
+        pointers, and a crash takes the whole worker with it)."""
+        if not self._handle:
+            raise RasterioIOError(f"Dataset is closed: {self.name}")
+        return self._handle
+
     def close(self) -> None:
-        handle, self._handle = self._handle, None
+        handle, self._handle, self._band = self._handle, None, None
         if handle:
             self._gdal.lib.GDALClose(handle)
 

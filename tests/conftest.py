@@ -100,6 +100,40 @@ def dask_scheduler(s3_server):
         cluster.stop()
 
 
+@pytest.fixture(autouse=True)
+def _dask_workers_outlive_each_test(request: pytest.FixtureRequest):
+    """After a test on ``dask_scheduler``, bring back any worker that is gone, so that later tests meet
+    the two workers they expect (the cluster is shared by the session, and a lost worker used to fail
+    unrelated tests later with only "1 == 2", its log deleted with the cluster).
+
+    A worker killed by a signal the test did not send (a crash: SIGSEGV, SIGABRT) fails the test it
+    died in, with its log. One the scheduler dropped while its process lived on or exited by itself
+    (a missed heartbeat on a loaded machine) is restarted with a warning that carries its log.
+    """
+    yield
+    if "dask_scheduler" not in request.fixturenames:
+        return
+    import signal
+    import warnings
+
+    cluster = request.getfixturevalue("dask_scheduler")
+    lost = cluster.lost_workers()
+    if not lost:
+        return
+    codes = {i: cluster.workers[i].proc.returncode if cluster.workers[i] and cluster.workers[i].proc else None
+             for i in lost}
+    report = "\n".join(f"--- w{i} (exit code {codes[i]}) ---\n{cluster.workers[i].log()[-6000:]}"
+                       for i in lost if cluster.workers[i])
+    report += f"\n--- scheduler ---\n{cluster.scheduler.log()[-3000:]}"
+    for i in lost:
+        cluster.restart_worker(i)
+    crashed = [f"w{i}" for i, code in codes.items() if code is not None and code < 0 and -code != signal.SIGKILL]
+    if crashed:
+        pytest.fail(f"dask workers {crashed} crashed during this test\n{report}", pytrace=False)
+    warnings.warn(f"dask workers {[f'w{i}' for i in lost]} were dropped during this test and restarted\n"
+                  f"{report}", pytest.PytestWarning, stacklevel=1)
+
+
 @pytest.fixture(scope="session")
 def gateway_server(s3_server):
     """A real ``dask-gateway-server`` (UnsafeLocalBackend, SimpleAuthenticator) on 127.0.0.1 free ports.

@@ -628,6 +628,12 @@ class DaskCluster:
         self._launch_worker(i)
         self.wait_for_workers({f"w{i}"})
 
+    def lost_workers(self) -> list[int]:
+        """Indices of the workers whose process has exited or that the scheduler no longer lists."""
+        registered = scheduler_worker_names(self.address)
+        return [i for i, w in enumerate(self.workers)
+                if w is None or not w.alive() or f"w{i}" not in registered]
+
     def logs(self) -> str:
         return "\n".join(f"--- {s.name} ---\n{s.log()}" for s in (self.scheduler, *self.workers) if s)
 

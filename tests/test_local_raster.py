@@ -86,3 +86,43 @@ def test_files_it_does_not_describe_exactly_are_left_to_rasterio(tmp_path: Path)
         assert not b.exact and b.epsg is None
         assert c.exact and c.nodata is None
         np.testing.assert_array_equal(c.read(Window(0, 0, 30, 20)), values)
+
+
+def test_a_closed_raster_raises_instead_of_handing_gdal_freed_pointers() -> None:
+    raster = LocalRaster.open(str(REAL[0]))
+    raster.close()
+    for call in (lambda: raster.read(Window(0, 0, 4, 4)), lambda: raster.tag("BLOCK_SIZE_0_0", "TIFF"),
+                 lambda: raster.epsg):
+        with pytest.raises(RasterioIOError, match="Dataset is closed"):
+            call()
+    raster.close()  # twice is harmless
+
+
+def test_threads_opening_and_reading_together_from_a_fresh_process_get_rasterios_pixels() -> None:
+    """A worker's read threads open and read assets all at once from the first read of the process on (the
+    binding is made once, under a lock): in a new process, 8 threads at once, each on its own dataset."""
+    import subprocess
+    import sys
+
+    paths = [str(p) for p in REAL if p is not None and p.exists()]
+    script = f"""
+import sys
+from concurrent.futures import ThreadPoolExecutor
+import numpy as np, rasterio
+from rasterio.windows import Window
+from pixels_xr.local_raster import LocalRaster
+paths = {paths!r}
+def read(path):
+    with LocalRaster.open(path) as raster:
+        return raster.read(Window(0, 0, 64, 64))
+with ThreadPoolExecutor(8) as pool:
+    jobs = [(p, pool.submit(read, p)) for p in paths * 16]
+    got = [(p, job.result()) for p, job in jobs]
+for path, pixels in got:
+    with rasterio.open(path) as ds:
+        assert (pixels == ds.read(1, window=Window(0, 0, 64, 64))).all(), path
+print(len(got))
+"""
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120,
+                            cwd=Path(__file__).resolve().parents[1])
+    assert result.returncode == 0 and result.stdout.strip() == str(16 * len(paths)), result.stderr

@@ -177,8 +177,9 @@ class PixelsConfig(_Strict):
                 data.pop("end")
         bands = data.get("bands")
         if isinstance(bands, list) and any(isinstance(b, str) and "," in b for b in bands):
-            data["bands"] = [part.strip() for b in bands for part in (b.split(",") if isinstance(b, str)
-                                                                       else [b]) if part != ""]
+            data["bands"] = [part.strip() if isinstance(part, str) else part  # a non-string: the field's error
+                             for b in bands for part in (b.split(",") if isinstance(b, str) else [b])
+                             if part != ""]
         return data
 
     @field_validator("start", "end", mode="before")

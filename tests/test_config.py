@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 from shapely.geometry import box
 
@@ -205,6 +205,7 @@ _json = st.recursive(st.none() | st.booleans() | st.integers(-5, 5) | st.floats(
 
 @settings(max_examples=250, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(st.dictionaries(st.sampled_from(list(PixelsConfig.model_fields) + ["junk"]), _json, max_size=8))
+@example({"start": None, "bands": [None, ","]})  # a comma among non-strings was an AttributeError (CI)
 def test_fuzz_random_configs_raise_only_config_error(data: dict[str, Any]) -> None:
     try:
         load_config(data)

@@ -493,7 +493,8 @@ def _build_group(group: FeatureGroup, members: list[tuple[_Planned, SearchResult
     gconfig = config.model_copy(update={"clip": False, "force": True,
                                         "chunksize": min(config.chunksize, GROUP_CHUNK)})
     try:
-        obs = observations(gconfig, gfeature, items=sorted(union.values(), key=lambda i: (i.datetime, i.id)))
+        obs = observations(gconfig, gfeature, items=sorted(union.values(), key=lambda i: (i.datetime, i.id)),
+                           reads_here=False)  # workers read
         gds = composite(obs, config, gfeature)  # the config as given: the attrs record it
         ggrid = output_grid(obs.items, gfeature, gconfig)
     except Exception:  # noqa: BLE001 - each member alone meets (and reports) the error or succeeds
@@ -638,7 +639,7 @@ def _build_alone(plan: _Planned, items: SearchResult, state: _State, config: Pix
         plan.result.units_skipped = 0
         plan.rebuild = True
         state = ({u.label for u in plan.units}, [u.label for u in plan.units], [])
-    obs = observations(config, feature, items=items)
+    obs = observations(config, feature, items=items, reads_here=False)  # workers read
     ds = aligned(composite(obs, config, feature), config.chunksize)
     plan.result.empty_reason = ds.attrs.get("empty_reason")
     plan.result.asset_problems = list(obs.problems)

@@ -53,15 +53,16 @@ class Observations:
 
 def observations(config: PixelsConfig, feature: Feature, *,
                  items: Sequence[ParsedItem | dict] | None = None, loader: Loader = "stackstac",
-                 check: bool = True) -> Observations:
+                 check: bool = True, reads_here: bool | None = None) -> Observations:
     """Search (unless ``items``) → asset check (``check``) → cube → clear mask with the configured cleanup:
-    the one path from a configuration to observations, shared by ``collect``, ``run_batch`` and ``plot``."""
+    the one path from a configuration to observations, shared by ``collect``, ``run_batch`` and ``plot``.
+    ``reads_here``: whether the cube's reads run in this process (``check_assets``' ``keep_open``)."""
     found = search(config, feature) if items is None else items
     filtered = dict(getattr(found, "filtered", {}))
     parsed = as_items(found, config)
     problems: list[AssetProblem] = []
     if check and parsed:
-        parsed, problems = check_assets(parsed, config)
+        parsed, problems = check_assets(parsed, config, keep_open=reads_here)
     cube = build_cube(parsed, feature, config, loader=loader)
     clear = clear_mask(cube, config.mask_spec, config.mask_cleanup.opening, config.mask_cleanup.dilation)
     return Observations(cube, clear, parsed, problems, filtered)

@@ -339,7 +339,8 @@ def _open_local(href: str, state: dict, env: Any) -> _AlignedReader | None:
     exactly and its pixels are output pixels read without a mask; None when rasterio must open it (then
     the file is opened twice; an open without the CRS costs a fraction of rasterio's)."""
     try:
-        raster = LocalRaster.open(href, env.open.options)  # the options rasterio would open it with
+        options = env.open.options  # the options rasterio would open it with
+        raster = checked_rasters.take(href, options) or LocalRaster.open(href, options)
     except LookupError:
         return None
     except OSError as exc:  # the message stackstac gives, so errors_as_nodata rules match
@@ -966,8 +967,8 @@ def known_headers(items: Any) -> dict[str, CogHeader]:
     return dict(getattr(items, "headers", None) or {})
 
 
-def check_assets(items: Sequence[ParsedItem | dict],
-                 config: PixelsConfig) -> tuple[CheckedItems, list[AssetProblem]]:
+def check_assets(items: Sequence[ParsedItem | dict], config: PixelsConfig,
+                 keep_open: bool | None = None) -> tuple[CheckedItems, list[AssetProblem]]:
     """Open every asset's header (``pool_size`` at a time); returns (readable items, problems). ``items``:
     parsed items, or STAC dicts parsed here (``catalog.as_items``).
 
@@ -979,8 +980,13 @@ def check_assets(items: Sequence[ParsedItem | dict],
     cube's readers then reuse (``CheckedItems.headers``; once per batch run for every feature): its header
     is fetched, parsed from memory, and its first tile must lie inside the file (a file cut short); the
     tile is decoded only when the header read brought it, since fetching it would be a second request.
+    ``keep_open``: leave each local file open for this process's first reader of it (``checked_rasters``);
+    by default when dask's active scheduler runs tasks here (threads, an in-process cluster), not when
+    they run in worker processes, where those open files would only be held.
     """
     import rasterio
+
+    keep = reads_in_this_process() if keep_open is None else keep_open
 
     signer = signer_for(config.catalog)
 
@@ -990,7 +996,7 @@ def check_assets(items: Sequence[ParsedItem | dict],
                 signed = sign(signer, href).href  # a token API failure is this asset's problem too
                 if is_remote(signed) and _Vsi.get() is not None:
                     return None, _checked_header(signed)
-                if _local_file(signed) and _checked_local(signed):
+                if _local_file(signed) and _checked_local(signed, keep):
                     return None, None
                 # outside rasterio's Env for a local file, as its reader reads it (``_LockedDataset``)
                 with (nullcontext() if _local_file(signed) else cloud_env()), \
@@ -1019,18 +1025,105 @@ def check_assets(items: Sequence[ParsedItem | dict],
     return kept, problems
 
 
-def _checked_local(path: str) -> bool:
+def reads_in_this_process() -> bool:
+    """Whether dask's active scheduler runs tasks in this process: the threaded or synchronous one, or a
+    default distributed client of an in-process cluster; not a client of worker processes."""
+    import dask.base
+
+    client = getattr(dask.base.get_scheduler(), "__self__", None)
+    address = getattr(getattr(client, "scheduler", None), "address", None)
+    return client is None or not isinstance(address, str) or address.startswith("inproc://")
+
+
+def _checked_local(path: str, keep: bool = True) -> bool:
     """Check a local file as rasterio would (it opens, and its pixel (0, 0) reads) through GDAL's C API
-    (``local_raster``: half the cost). False when that binding cannot read it (rasterio then checks it)."""
+    (``local_raster``: half the cost), opened as the cube's readers open it and, with ``keep``, left open
+    for the first of them (``checked_rasters``). False when that binding cannot read it (rasterio then
+    checks it)."""
+    options = _reader_open_options()
     try:
-        raster = LocalRaster.open(path, {"GDAL_DISABLE_READDIR_ON_OPEN": "EMPTY_DIR"})  # as readers open it
+        raster = LocalRaster.open(path, options)
     except LookupError:
         return False
-    with raster:
+    try:
         if raster.dtype is None or not raster.count:
+            raster.close()
             return False
         raster.read(windows.Window(0, 0, 1, 1))
+    except BaseException:
+        raster.close()
+        raise
+    if keep:
+        checked_rasters.put(path, options, raster)
+    else:
+        raster.close()
     return True
+
+
+@functools.cache
+def _reader_open_options() -> dict[str, Any]:
+    return dict(gdal_env(GDAL_CLOUD_ENV).open.options)
+
+
+class CheckedRasters:
+    """Local rasters the asset check opened, each handed to the first reader of that file in this process
+    that opens it with the same options while the file is unchanged (same inode, size and modification
+    time): the check's open, and its decode of the first tile (kept in GDAL's block cache), are then the
+    read's, not a second open of every asset (the check was a tenth of a local run, most of it that).
+
+    Bounded (``limit``, oldest closed first; by default an eighth of the process's file descriptors, at
+    most 1,024): where the check runs on a client whose workers read in other processes, nothing takes them.
+    """
+
+    def __init__(self, limit: int | None = None) -> None:
+        if limit is None:
+            try:
+                import resource
+            except ImportError:  # not a Unix
+                limit = 128
+            else:
+                soft = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+                limit = 1024 if soft == resource.RLIM_INFINITY else max(16, min(1024, soft // 8))
+        self._limit = limit
+        self._open: dict[tuple[str, frozenset], tuple[tuple[int, int, int], LocalRaster]] = {}
+        self._lock = threading.Lock()
+
+    def put(self, path: str, options: dict[str, Any], raster: LocalRaster) -> None:
+        key, stamp = (path, _options_key(options)), _file_stamp(path)
+        with self._lock:
+            old = self._open.pop(key, None)
+            self._open[key] = (stamp, raster)
+            oldest = [self._open.pop(k)[1] for k in list(self._open)[:max(0, len(self._open) - self._limit)]]
+        for r in [*([old[1]] if old else []), *oldest]:
+            r.close()
+
+    def take(self, path: str, options: dict[str, Any]) -> LocalRaster | None:
+        with self._lock:
+            entry = self._open.pop((path, _options_key(options)), None)
+        if entry is None:
+            return None
+        if entry[0] != _file_stamp(path):  # replaced or rewritten since the check: open it as it is now
+            entry[1].close()
+            return None
+        return entry[1]
+
+    def __len__(self) -> int:
+        return len(self._open)
+
+
+def _options_key(options: dict[str, Any]) -> frozenset:
+    return frozenset((k, str(v)) for k, v in options.items())
+
+
+def _file_stamp(path: str) -> tuple[int, int, int]:
+    try:
+        st = os.stat(path)
+    except OSError:
+        return (-1, -1, -1)
+    return st.st_ino, st.st_size, st.st_mtime_ns
+
+
+checked_rasters = CheckedRasters()
 
 
 def _checked_header(href: str) -> CogHeader:

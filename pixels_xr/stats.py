@@ -357,8 +357,9 @@ def _to_delayed(arr: Any) -> np.ndarray:
 
 
 def group_job(config: PixelsConfig, group: Any, results: list, *, percentiles: Sequence[float] = (),
-              coverage: Coverage = "exact") -> Any:
-    """One group's table as a ``dask.delayed`` (nothing computed here): see the module docstring."""
+              coverage: Coverage = "exact", reads_here: bool | None = None) -> Any:
+    """One group's table as a ``dask.delayed`` (nothing computed here): see the module docstring.
+    ``reads_here``: whether it is computed in this process (``observations``)."""
     from dask import delayed
 
     from pixels_xr.compose import composite, observations
@@ -379,7 +380,7 @@ def group_job(config: PixelsConfig, group: Any, results: list, *, percentiles: S
         weights = delayed(coverage_weights)(_wkb(members, grid), grid, coverage)
         labels, counts, keep = _member_steps(cfg, results, area, None)
         return delayed(_group_table)(weights, ids, [None] * len(labels), labels, counts, columns, keep)
-    obs = observations(cfg, area, items=items)
+    obs = observations(cfg, area, items=items, reads_here=reads_here)
     ds = composite(obs, cfg, area)
     grid = _grid_of(ds, cfg)
     weights = delayed(coverage_weights)(_wkb(members, grid), grid, coverage)
@@ -551,7 +552,7 @@ def _compute(config: PixelsConfig, groups: list, keys: list[int], client: Client
 
     def job(group: Any) -> Any:
         return group_job(config, group, search_many(config, list(group.features)), percentiles=percentiles,
-                         coverage=coverage)
+                         coverage=coverage, reads_here=client is None)
 
     if client is None:
         import dask

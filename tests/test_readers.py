@@ -174,3 +174,109 @@ def test_direct_reads_match_stackstac_vrt_reads(tmp_path: Path, dtype: str, noda
     assert isinstance(ours._inner, readers._AlignedReader)  # the direct path was taken
     # through GDAL's C API, except where the mask band is more than nodata (rasterio's masked read)
     assert isinstance(ours._inner._dataset._ds, LocalRaster) is not mask
+
+
+def _geotiff(path: Path, values: np.ndarray) -> None:
+    import rasterio
+    from rasterio.transform import from_origin
+
+    tmp = path.with_suffix(".part.tif")
+    with rasterio.open(tmp, "w", driver="GTiff", width=values.shape[1], height=values.shape[0], count=1,
+                       dtype=values.dtype, nodata=0, crs="EPSG:32629",
+                       transform=from_origin(500000, 3400000, 10, 10)) as dst:
+        dst.write(values, 1)
+    tmp.replace(path)  # a new inode, as a re-download would leave
+
+
+def test_the_asset_checks_open_is_its_first_readers_until_the_file_changes(tmp_path: Path, monkeypatch) -> None:
+    from rasterio.enums import Resampling
+    from rasterio.windows import Window
+    from stackstac.raster_spec import RasterSpec
+
+    path = tmp_path / "a.tif"
+    first, second = (np.arange(1, 401, dtype="uint16").reshape(20, 20) + k for k in (0, 1000))
+    _geotiff(path, first)
+    spec = RasterSpec(epsg=32629, bounds=(500000, 3399800, 500200, 3400000), resolutions_xy=(10, 10))
+    kw = {"url": str(path), "spec": spec, "resampling": Resampling.nearest, "dtype": np.dtype("uint16"),
+          "fill_value": np.uint16(0), "scale_offset": (1.0, 0.0),
+          "gdal_env": readers.gdal_env(readers.GDAL_CLOUD_ENV)}
+    opens: list[str] = []
+    real_open = LocalRaster.open.__func__
+    monkeypatch.setattr(LocalRaster, "open", classmethod(lambda cls, p, o=None: (opens.append(p),
+                                                                                   real_open(cls, p, o))[1]))
+    assert readers._checked_local(str(path)) and opens == [str(path)]
+    checked = readers.checked_rasters._open[(str(path), readers._options_key(readers._reader_open_options()))][1]
+    reader = readers.PixelsReader(**kw)
+    np.testing.assert_array_equal(reader.read(Window(0, 0, 20, 20)), first)
+    assert opens == [str(path)] and reader._inner._dataset._ds is checked  # no second open
+    assert (str(path), readers._options_key(readers._reader_open_options())) not in readers.checked_rasters._open
+
+    assert readers._checked_local(str(path))
+    stale = readers.checked_rasters._open[(str(path), readers._options_key(readers._reader_open_options()))][1]
+    _geotiff(path, second)  # replaced between the check and the read
+    np.testing.assert_array_equal(readers.PixelsReader(**kw).read(Window(0, 0, 20, 20)), second)
+    assert len(opens) == 3 and stale._handle is None  # opened as it is now; the stale one closed
+
+
+def test_checked_rasters_keep_at_most_their_limit(tmp_path: Path) -> None:
+    paths = []
+    for k in range(3):
+        paths.append(tmp_path / f"{k}.tif")
+        _geotiff(paths[-1], np.full((4, 4), k + 1, "uint16"))
+    held = readers.CheckedRasters(limit=2)
+    rasters = [LocalRaster.open(str(p)) for p in paths]
+    for p, r in zip(paths, rasters):
+        held.put(str(p), {}, r)
+    assert len(held) == 2 and rasters[0]._handle is None  # the oldest closed
+    assert held.take(str(paths[0]), {}) is None and held.take(str(paths[2]), {"VSI_CACHE": True}) is None
+    assert held.take(str(paths[2]), {}) is rasters[2] and len(held) == 1
+
+
+def test_a_cube_read_after_its_asset_check_opens_no_file_again(sample: tuple[Path, Feature], monkeypatch) -> None:
+    catalog, feature = sample
+    cfg = load_config({"start": "2021-11-01", "end": "2021-12-31", "mode": "all", "platforms": "SENTINEL_2",
+                       "bands": ["red", "nir"], "mask": "none", "catalog": str(catalog), "chunksize": 64})
+    items, problems = readers.check_assets(search(cfg, feature), cfg)
+    hrefs = {s.href for i in items for s in i.sources.values()}
+
+    def held() -> set[str]:
+        return {path for path, _ in readers.checked_rasters._open} & hrefs
+
+    assert not problems and len(hrefs) == 2 * len(items) and held() == hrefs
+    opens: list[str] = []
+    real_open = LocalRaster.open.__func__
+    monkeypatch.setattr(LocalRaster, "open", classmethod(lambda cls, p, o=None: (opens.append(p),
+                                                                                   real_open(cls, p, o))[1]))
+    with dask.config.set(scheduler="threads"):
+        got = build_cube(items, feature, cfg, time_chunks=1).values
+    assert opens == [] and held() == set()
+    with dask.config.set(scheduler="threads"):  # nothing held now: every asset opened, same pixels
+        np.testing.assert_array_equal(build_cube(items, feature, cfg, time_chunks=1).values, got)
+    assert len(set(opens)) == 2 * len(items)
+
+
+def test_the_check_leaves_files_open_only_where_this_process_reads_them(sample: tuple[Path, Feature],
+                                                                        dask_scheduler) -> None:
+    from distributed import Client
+
+    catalog, feature = sample
+    cfg = load_config({"start": "2021-11-01", "end": "2021-12-31", "mode": "all", "platforms": "SENTINEL_2",
+                       "bands": ["green"], "mask": "none", "catalog": str(catalog)})
+    found = search(cfg, feature)
+    hrefs = {s.href for i in found for s in i.sources.values()}
+
+    def held() -> set[str]:
+        return {path for path, _ in readers.checked_rasters._open} & hrefs
+
+    for path in hrefs:  # whatever an earlier test left
+        readers.checked_rasters.take(path, readers._reader_open_options())
+    readers.check_assets(found, cfg, keep_open=False)
+    assert held() == set()
+    with Client(dask_scheduler.address):  # the default scheduler now: its workers are other processes
+        assert not readers.reads_in_this_process()
+        readers.check_assets(found, cfg)
+        assert held() == set()
+    with dask.config.set(scheduler="threads"):
+        assert readers.reads_in_this_process()
+        readers.check_assets(found, cfg)
+    assert held() == hrefs

@@ -115,7 +115,7 @@ def test_mask_wins_over_ndv(s3) -> None:
 
 
 def test_nodata_metadata_all_bands(s3, rgb_dir) -> None:
-    with open_source(s3["rasterio_RGB.byte.tif"]) as src, local(rgb_dir, "rasterio_RGB.byte.tif") as ds:
+    with open_source(s3["rasterio_RGB.byte.tif"]) as src, local(rgb_dir, "rasterio_RGB.byte.tif"):
         assert src.mask_kind == "nodata" and src.ndv == (0, 0, 0)
         rgb, valid = src.read()
         np.testing.assert_array_equal(valid, ~np.all(rgb == 0, axis=0))

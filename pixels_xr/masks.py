@@ -9,6 +9,7 @@ equal to the total radius, so chunk edges never show.
 from __future__ import annotations
 
 import functools
+from typing import Any
 
 import numpy as np
 import xarray as xr
@@ -73,13 +74,14 @@ def clear_mask(cube: xr.DataArray, spec: MaskSpec | None, opening: int = 0, dila
     mask_band = -1 if spec is None else list(cube.band.values).index(spec.asset)
     data = cube.transpose("time", "band", "y", "x").data
     lazy = isinstance(data, da.Array)
-    if lazy and len(data.chunks[1]) > 1:
-        data = data.rechunk({1: -1})
 
     def part(valid_bands: tuple[int, ...], mask: int) -> xr.DataArray:
         kwargs = {"valid_bands": valid_bands, "mask_band": mask, "spec": spec, "nodata": nodata}
-        out = (da.map_blocks(clear_block, data, drop_axis=1, dtype=bool, meta=np.empty((0, 0, 0), bool),
-                             **kwargs) if lazy else clear_block(np.asarray(data), **kwargs))
+        # the band blocks as a list (concatenate=False): dask's own joining (map_blocks with drop_axis)
+        # copied the whole cube block even when it is one block, as ``build_cube``'s are
+        out = (da.blockwise(_clear_of_band_blocks, "tyx", data, "tbyx", concatenate=False, dtype=bool,
+                            meta=np.empty((0, 0, 0), bool), **kwargs)
+               if lazy else clear_block(np.asarray(data), **kwargs))
         return xr.DataArray(out, dims=("time", "y", "x"), coords={k: v for k, v in cube.coords.items()
                                                                    if "band" not in v.dims})
 
@@ -87,6 +89,10 @@ def clear_mask(cube: xr.DataArray, spec: MaskSpec | None, opening: int = 0, dila
         return part(valid, mask_band).rename("clear")
     clear = ~_cleanup(~part((), mask_band), opening, dilation)
     return (clear & part(valid, -1)).rename("clear")
+
+
+def _clear_of_band_blocks(blocks: list[np.ndarray], **kwargs: Any) -> np.ndarray:
+    return clear_block(blocks[0] if len(blocks) == 1 else np.concatenate(blocks, axis=1), **kwargs)
 
 
 def clear_block(block: np.ndarray, *, valid_bands: tuple[int, ...], mask_band: int, spec: MaskSpec | None,

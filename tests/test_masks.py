@@ -84,13 +84,15 @@ def _reference_parts(block: np.ndarray, spec: MaskSpec, nodata: float | None) ->
 @pytest.mark.parametrize("spec", [MaskSpec("scl", not_clear_values=(0, 1, 3, 8, 9, 10)),
                                   MaskSpec("scl", clear_values=(4, 5, 6)),
                                   MaskSpec("scl", not_clear_bits=(1, 3), nodata=1), None])
-def test_clear_mask_equals_numpy_reference(dtype: Any, nodata: float | None, spec: MaskSpec | None) -> None:
+@pytest.mark.parametrize("band_chunk", [4, 3])  # all bands in a block (build_cube's), or bands split
+def test_clear_mask_equals_numpy_reference(dtype: Any, nodata: float | None, spec: MaskSpec | None,
+                                           band_chunk: int) -> None:
     """The one-pass block mask (lookup table or numpy rule, nodata per band) against plain numpy, chunked."""
     rng = np.random.default_rng(5)
     block = rng.integers(0, 12, (7, 4, 50, 60)).astype(dtype)
     if block.dtype.kind == "f":
         block[block == 2] = np.nan
-    cube = xr.DataArray(da.from_array(block, chunks=(3, 4, 25, 30)), dims=("time", "band", "y", "x"),
+    cube = xr.DataArray(da.from_array(block, chunks=(3, band_chunk, 25, 30)), dims=("time", "band", "y", "x"),
                         coords={"band": ["a", "b", "c", "scl"], "reflectance": ("band", [True, True, True, False])},
                         attrs={"nodata": nodata})
     with warnings.catch_warnings():
@@ -113,3 +115,26 @@ def test_clear_mask_on_real_scl(shared_data: Path) -> None:
                         coords={"band": ["a", "b", "c", spec.asset], "reflectance": ("band", [True] * 3 + [False])},
                         attrs={"nodata": 0})
     np.testing.assert_array_equal(clear_mask(cube, spec).values[0], ~np.isin(scl[0, 0], [0, 1, 3, 8, 9, 10]))
+
+
+def test_a_cube_block_reaches_the_mask_kernel_without_a_copy(monkeypatch) -> None:
+    """The mask task is handed the cube's block itself: dask's joining of the band blocks (map_blocks with
+    drop_axis) copied every block, a second pass over all decoded pixels, even when it is one block."""
+    from pixels_xr import masks
+
+    blocks = {("cube", t, 0, y, x): np.random.default_rng(t * 4 + y * 2 + x).integers(0, 12, (3, 4, 20, 20))
+              .astype(np.uint16) for t in range(2) for y in range(2) for x in range(2)}
+    data = da.Array(blocks, "cube", ((3, 3), (4,), (20, 20), (20, 20)), meta=np.empty((0,) * 4, np.uint16))
+    cube = xr.DataArray(data, dims=("time", "band", "y", "x"),
+                        coords={"band": ["a", "b", "c", "scl"], "reflectance": ("band", [True] * 3 + [False])},
+                        attrs={"nodata": 0})
+    seen: list[bool] = []
+    real = masks.clear_block
+
+    def watched(b: np.ndarray, **kwargs: Any) -> np.ndarray:
+        seen.append(any(b is a for a in blocks.values()))
+        return real(b, **kwargs)
+
+    monkeypatch.setattr(masks, "clear_block", watched)
+    clear_mask(cube, MaskSpec("scl", not_clear_values=(0, 1))).compute(scheduler="sync")
+    assert len(seen) == 8 and all(seen)

@@ -62,7 +62,9 @@ def observations(config: PixelsConfig, feature: Feature, *,
     parsed = as_items(found, config)
     problems: list[AssetProblem] = []
     if check and parsed:
-        parsed, problems = check_assets(parsed, config, keep_open=reads_here)
+        # only the stackstac loader's direct reads (nearest, pixels on the output grid) take what it opened
+        direct = loader == "stackstac" and config.resampling == "nearest"
+        parsed, problems = check_assets(parsed, config, keep_open=reads_here if direct else False)
     cube = build_cube(parsed, feature, config, loader=loader)
     clear = clear_mask(cube, config.mask_spec, config.mask_cleanup.opening, config.mask_cleanup.dilation)
     return Observations(cube, clear, parsed, problems, filtered)

@@ -88,6 +88,7 @@ def _reset_after_fork() -> None:  # a forked child must not inherit the parent's
     _POOLS.clear()
     _SLOTS.clear()
     _HTTP.clear()
+    checked_rasters.forget()
 
 
 os.register_at_fork(after_in_child=_reset_after_fork)
@@ -1027,12 +1028,17 @@ def check_assets(items: Sequence[ParsedItem | dict], config: PixelsConfig,
 
 def reads_in_this_process() -> bool:
     """Whether dask's active scheduler runs tasks in this process: the threaded or synchronous one, or a
-    default distributed client of an in-process cluster; not a client of worker processes."""
+    default distributed client of an in-process cluster; not processes, nor a client of worker
+    processes, nor a scheduler it does not know."""
     import dask.base
+    import dask.local
+    import dask.threaded
 
-    client = getattr(dask.base.get_scheduler(), "__self__", None)
-    address = getattr(getattr(client, "scheduler", None), "address", None)
-    return client is None or not isinstance(address, str) or address.startswith("inproc://")
+    scheduler = dask.base.get_scheduler()
+    if scheduler is None or scheduler in (dask.threaded.get, dask.local.get_sync):
+        return True  # None: dask's default for arrays, the threaded scheduler
+    address = getattr(getattr(getattr(scheduler, "__self__", None), "scheduler", None), "address", None)
+    return isinstance(address, str) and address.startswith("inproc://")
 
 
 def _checked_local(path: str, keep: bool = True) -> bool:
@@ -1041,6 +1047,7 @@ def _checked_local(path: str, keep: bool = True) -> bool:
     for the first of them (``checked_rasters``). False when that binding cannot read it (rasterio then
     checks it)."""
     options = _reader_open_options()
+    stamp = file_stamp(path) if keep else None
     try:
         raster = LocalRaster.open(path, options)
     except LookupError:
@@ -1053,10 +1060,7 @@ def _checked_local(path: str, keep: bool = True) -> bool:
     except BaseException:
         raster.close()
         raise
-    if keep:
-        checked_rasters.put(path, options, raster)
-    else:
-        raster.close()
+    checked_rasters.put(path, options, raster, stamp)  # closed there without a stamp
     return True
 
 
@@ -1085,16 +1089,22 @@ class CheckedRasters:
                 soft = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
                 limit = 1024 if soft == resource.RLIM_INFINITY else max(16, min(1024, soft // 8))
         self._limit = limit
-        self._open: dict[tuple[str, frozenset], tuple[tuple[int, int, int], LocalRaster]] = {}
+        self._open: dict[tuple[str, frozenset], tuple[tuple[int, int, int], int, LocalRaster]] = {}
         self._lock = threading.Lock()
 
-    def put(self, path: str, options: dict[str, Any], raster: LocalRaster) -> None:
-        key, stamp = (path, _options_key(options)), _file_stamp(path)
+    def put(self, path: str, options: dict[str, Any], raster: LocalRaster,
+            stamp: tuple[int, int, int] | None) -> None:
+        """Keep ``raster`` for ``take``; ``stamp`` is ``file_stamp(path)`` taken *before* it was opened (a
+        file replaced during the open then fails the comparison); without one it is closed, not kept."""
+        if stamp is None:
+            raster.close()
+            return
+        key = (path, _options_key(options))
         with self._lock:
             old = self._open.pop(key, None)
-            self._open[key] = (stamp, raster)
-            oldest = [self._open.pop(k)[1] for k in list(self._open)[:max(0, len(self._open) - self._limit)]]
-        for r in [*([old[1]] if old else []), *oldest]:
+            self._open[key] = (stamp, os.getpid(), raster)
+            oldest = [self._open.pop(k)[2] for k in list(self._open)[:max(0, len(self._open) - self._limit)]]
+        for r in [*([old[2]] if old else []), *oldest]:
             r.close()
 
     def take(self, path: str, options: dict[str, Any]) -> LocalRaster | None:
@@ -1102,10 +1112,18 @@ class CheckedRasters:
             entry = self._open.pop((path, _options_key(options)), None)
         if entry is None:
             return None
-        if entry[0] != _file_stamp(path):  # replaced or rewritten since the check: open it as it is now
-            entry[1].close()
+        stamp, pid, raster = entry
+        if pid != os.getpid():  # inherited through a fork: the parent's dataset and file offset, not ours
             return None
-        return entry[1]
+        if stamp != file_stamp(path):  # replaced or rewritten since the check: open it as it is now
+            raster.close()
+            return None
+        return raster
+
+    def forget(self) -> None:
+        """Drop every entry without closing it (a forked child: the datasets are its parent's)."""
+        with self._lock:
+            self._open.clear()
 
     def __len__(self) -> int:
         return len(self._open)
@@ -1115,11 +1133,13 @@ def _options_key(options: dict[str, Any]) -> frozenset:
     return frozenset((k, str(v)) for k, v in options.items())
 
 
-def _file_stamp(path: str) -> tuple[int, int, int]:
+def file_stamp(path: str) -> tuple[int, int, int] | None:
+    """(inode, size, modification time in ns) of a local file, None when it cannot be stat'ed (a GDAL-only
+    syntax such as ``GTIFF_DIR:1:…``, or gone)."""
     try:
         st = os.stat(path)
     except OSError:
-        return (-1, -1, -1)
+        return None
     return st.st_ino, st.st_size, st.st_mtime_ns
 
 

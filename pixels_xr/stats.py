@@ -552,7 +552,7 @@ def _compute(config: PixelsConfig, groups: list, keys: list[int], client: Client
 
     def job(group: Any) -> Any:
         return group_job(config, group, search_many(config, list(group.features)), percentiles=percentiles,
-                         coverage=coverage, reads_here=client is None)
+                         coverage=coverage, reads_here=None if client is None else False)
 
     if client is None:
         import dask

@@ -116,8 +116,15 @@ def _dask_workers_outlive_each_test(request: pytest.FixtureRequest):
     import signal
     import warnings
 
-    cluster = request.getfixturevalue("dask_scheduler")
-    lost = cluster.lost_workers()
+    try:
+        cluster = request.getfixturevalue("dask_scheduler")
+    except Exception:  # its set-up failed: reported once, by the test
+        return
+    try:
+        lost = cluster.lost_workers()
+    except Exception as exc:  # the scheduler itself does not answer
+        pytest.fail(f"the dask scheduler does not answer after this test: {exc}\n{cluster.logs()[-8000:]}",
+                    pytrace=False)
     if not lost:
         return
     codes = {i: cluster.workers[i].proc.returncode if cluster.workers[i] and cluster.workers[i].proc else None
@@ -125,8 +132,12 @@ def _dask_workers_outlive_each_test(request: pytest.FixtureRequest):
     report = "\n".join(f"--- w{i} (exit code {codes[i]}) ---\n{cluster.workers[i].log()[-6000:]}"
                        for i in lost if cluster.workers[i])
     report += f"\n--- scheduler ---\n{cluster.scheduler.log()[-3000:]}"
-    for i in lost:
-        cluster.restart_worker(i)
+    try:
+        for i in lost:
+            cluster.restart_worker(i)
+    except Exception as exc:
+        pytest.fail(f"dask workers {lost} were lost during this test and could not be restarted: {exc}\n"
+                    f"{report}", pytrace=False)
     crashed = [f"w{i}" for i, code in codes.items() if code is not None and code < 0 and -code != signal.SIGKILL]
     if crashed:
         pytest.fail(f"dask workers {crashed} crashed during this test\n{report}", pytrace=False)

@@ -630,7 +630,7 @@ class DaskCluster:
 
     def lost_workers(self) -> list[int]:
         """Indices of the workers whose process has exited or that the scheduler no longer lists."""
-        registered = scheduler_worker_names(self.address)
+        registered = scheduler_worker_names(self.address, timeout=30.0)  # a loaded machine answers slowly
         return [i for i, w in enumerate(self.workers)
                 if w is None or not w.alive() or f"w{i}" not in registered]
 

@@ -205,14 +205,14 @@ def test_the_asset_checks_open_is_its_first_readers_until_the_file_changes(tmp_p
     monkeypatch.setattr(LocalRaster, "open", classmethod(lambda cls, p, o=None: (opens.append(p),
                                                                                    real_open(cls, p, o))[1]))
     assert readers._checked_local(str(path)) and opens == [str(path)]
-    checked = readers.checked_rasters._open[(str(path), readers._options_key(readers._reader_open_options()))][1]
+    checked = readers.checked_rasters._open[(str(path), readers._options_key(readers._reader_open_options()))][2]
     reader = readers.PixelsReader(**kw)
     np.testing.assert_array_equal(reader.read(Window(0, 0, 20, 20)), first)
     assert opens == [str(path)] and reader._inner._dataset._ds is checked  # no second open
     assert (str(path), readers._options_key(readers._reader_open_options())) not in readers.checked_rasters._open
 
     assert readers._checked_local(str(path))
-    stale = readers.checked_rasters._open[(str(path), readers._options_key(readers._reader_open_options()))][1]
+    stale = readers.checked_rasters._open[(str(path), readers._options_key(readers._reader_open_options()))][2]
     _geotiff(path, second)  # replaced between the check and the read
     np.testing.assert_array_equal(readers.PixelsReader(**kw).read(Window(0, 0, 20, 20)), second)
     assert len(opens) == 3 and stale._handle is None  # opened as it is now; the stale one closed
@@ -226,10 +226,30 @@ def test_checked_rasters_keep_at_most_their_limit(tmp_path: Path) -> None:
     held = readers.CheckedRasters(limit=2)
     rasters = [LocalRaster.open(str(p)) for p in paths]
     for p, r in zip(paths, rasters):
-        held.put(str(p), {}, r)
+        held.put(str(p), {}, r, readers.file_stamp(str(p)))
     assert len(held) == 2 and rasters[0]._handle is None  # the oldest closed
     assert held.take(str(paths[0]), {}) is None and held.take(str(paths[2]), {"VSI_CACHE": True}) is None
     assert held.take(str(paths[2]), {}) is rasters[2] and len(held) == 1
+    spare = LocalRaster.open(str(paths[2]))
+    held.put("GTIFF_DIR:1:" + str(paths[2]), {}, spare, readers.file_stamp("GTIFF_DIR:1:" + str(paths[2])))
+    assert spare._handle is None and len(held) == 1  # nothing to compare later: closed, not kept
+
+
+def _taken_here(path: str) -> bool:
+    return readers.checked_rasters.take(path, readers._reader_open_options()) is not None
+
+
+def test_a_forked_child_never_takes_its_parents_open_files(tmp_path: Path) -> None:
+    """A fork copies the parent's open dataset and shares its file offset: a child reading it would race
+    the parent."""
+    import multiprocessing
+
+    path = tmp_path / "a.tif"
+    _geotiff(path, np.full((4, 4), 3, "uint16"))
+    assert readers._checked_local(str(path))
+    with multiprocessing.get_context("fork").Pool(1) as pool:
+        assert pool.apply(_taken_here, (str(path),)) is False
+    assert _taken_here(str(path))  # still the parent's
 
 
 def test_a_cube_read_after_its_asset_check_opens_no_file_again(sample: tuple[Path, Feature], monkeypatch) -> None:
@@ -259,6 +279,8 @@ def test_the_check_leaves_files_open_only_where_this_process_reads_them(sample: 
                                                                         dask_scheduler) -> None:
     from distributed import Client
 
+    from pixels_xr.compose import observations
+
     catalog, feature = sample
     cfg = load_config({"start": "2021-11-01", "end": "2021-12-31", "mode": "all", "platforms": "SENTINEL_2",
                        "bands": ["green"], "mask": "none", "catalog": str(catalog)})
@@ -276,7 +298,13 @@ def test_the_check_leaves_files_open_only_where_this_process_reads_them(sample: 
         assert not readers.reads_in_this_process()
         readers.check_assets(found, cfg)
         assert held() == set()
+    with dask.config.set(scheduler="processes"):
+        assert not readers.reads_in_this_process()
     with dask.config.set(scheduler="threads"):
         assert readers.reads_in_this_process()
         readers.check_assets(found, cfg)
     assert held() == hrefs
+    for path in hrefs:  # with the odc loader no reader would take them
+        readers.checked_rasters.take(path, readers._reader_open_options())
+    observations(cfg, feature, items=found, loader="odc")
+    assert held() == set()

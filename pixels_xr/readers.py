@@ -1073,7 +1073,7 @@ class CheckedRasters:
     """Local rasters the asset check opened, each handed to the first reader of that file in this process
     that opens it with the same options while the file is unchanged (same inode, size and modification
     time): the check's open, and its decode of the first tile (kept in GDAL's block cache), are then the
-    read's, not a second open of every asset (the check was a tenth of a local run, most of it that).
+    read's, not a second open of every asset (measured: RESULTS.md, ``end-to-end``).
 
     Bounded (``limit``, oldest closed first; by default an eighth of the process's file descriptors, at
     most 1,024): where the check runs on a client whose workers read in other processes, nothing takes them.

@@ -188,7 +188,32 @@ def _geotiff(path: Path, values: np.ndarray) -> None:
     tmp.replace(path)  # a new inode, as a re-download would leave
 
 
-def test_the_asset_checks_open_is_its_first_readers_until_the_file_changes(tmp_path: Path, monkeypatch) -> None:
+@pytest.fixture
+def local_opens(monkeypatch) -> list[str]:
+    """The paths ``LocalRaster.open`` is called with from now on, in order."""
+    opens: list[str] = []
+    real_open = LocalRaster.open.__func__
+    monkeypatch.setattr(LocalRaster, "open", classmethod(lambda cls, p, o=None: (opens.append(p),
+                                                                                   real_open(cls, p, o))[1]))
+    return opens
+
+
+def _checked_key(path: str) -> tuple[str, frozenset]:
+    return path, readers._options_key(readers._reader_open_options())
+
+
+def _held(hrefs: set[str]) -> set[str]:
+    """Which of ``hrefs`` the asset check left open in this process."""
+    return {path for path, _ in readers.checked_rasters._open} & hrefs
+
+
+def _release(hrefs: set[str]) -> None:
+    for path in hrefs:
+        readers.checked_rasters.take(path, readers._reader_open_options())
+
+
+def test_the_asset_checks_open_is_its_first_readers_until_the_file_changes(tmp_path: Path,
+                                                                          local_opens: list[str]) -> None:
     from rasterio.enums import Resampling
     from rasterio.windows import Window
     from stackstac.raster_spec import RasterSpec
@@ -200,22 +225,18 @@ def test_the_asset_checks_open_is_its_first_readers_until_the_file_changes(tmp_p
     kw = {"url": str(path), "spec": spec, "resampling": Resampling.nearest, "dtype": np.dtype("uint16"),
           "fill_value": np.uint16(0), "scale_offset": (1.0, 0.0),
           "gdal_env": readers.gdal_env(readers.GDAL_CLOUD_ENV)}
-    opens: list[str] = []
-    real_open = LocalRaster.open.__func__
-    monkeypatch.setattr(LocalRaster, "open", classmethod(lambda cls, p, o=None: (opens.append(p),
-                                                                                   real_open(cls, p, o))[1]))
-    assert readers._checked_local(str(path)) and opens == [str(path)]
-    checked = readers.checked_rasters._open[(str(path), readers._options_key(readers._reader_open_options()))][2]
+    assert readers._checked_local(str(path)) and local_opens == [str(path)]
+    checked = readers.checked_rasters._open[_checked_key(str(path))][2]
     reader = readers.PixelsReader(**kw)
     np.testing.assert_array_equal(reader.read(Window(0, 0, 20, 20)), first)
-    assert opens == [str(path)] and reader._inner._dataset._ds is checked  # no second open
-    assert (str(path), readers._options_key(readers._reader_open_options())) not in readers.checked_rasters._open
+    assert local_opens == [str(path)] and reader._inner._dataset._ds is checked  # no second open
+    assert _checked_key(str(path)) not in readers.checked_rasters._open
 
     assert readers._checked_local(str(path))
-    stale = readers.checked_rasters._open[(str(path), readers._options_key(readers._reader_open_options()))][2]
+    stale = readers.checked_rasters._open[_checked_key(str(path))][2]
     _geotiff(path, second)  # replaced between the check and the read
     np.testing.assert_array_equal(readers.PixelsReader(**kw).read(Window(0, 0, 20, 20)), second)
-    assert len(opens) == 3 and stale._handle is None  # opened as it is now; the stale one closed
+    assert len(local_opens) == 3 and stale._handle is None  # opened as it is now; the stale one closed
 
 
 def test_checked_rasters_keep_at_most_their_limit(tmp_path: Path) -> None:
@@ -252,27 +273,22 @@ def test_a_forked_child_never_takes_its_parents_open_files(tmp_path: Path) -> No
     assert _taken_here(str(path))  # still the parent's
 
 
-def test_a_cube_read_after_its_asset_check_opens_no_file_again(sample: tuple[Path, Feature], monkeypatch) -> None:
+def test_a_cube_read_after_its_asset_check_opens_no_file_again(sample: tuple[Path, Feature],
+                                                              local_opens: list[str]) -> None:
     catalog, feature = sample
     cfg = load_config({"start": "2021-11-01", "end": "2021-12-31", "mode": "all", "platforms": "SENTINEL_2",
                        "bands": ["red", "nir"], "mask": "none", "catalog": str(catalog), "chunksize": 64})
     items, problems = readers.check_assets(search(cfg, feature), cfg)
     hrefs = {s.href for i in items for s in i.sources.values()}
 
-    def held() -> set[str]:
-        return {path for path, _ in readers.checked_rasters._open} & hrefs
-
-    assert not problems and len(hrefs) == 2 * len(items) and held() == hrefs
-    opens: list[str] = []
-    real_open = LocalRaster.open.__func__
-    monkeypatch.setattr(LocalRaster, "open", classmethod(lambda cls, p, o=None: (opens.append(p),
-                                                                                   real_open(cls, p, o))[1]))
+    assert not problems and len(hrefs) == 2 * len(items) and _held(hrefs) == hrefs
+    local_opens.clear()  # the check's own opens: counted from here
     with dask.config.set(scheduler="threads"):
         got = build_cube(items, feature, cfg, time_chunks=1).values
-    assert opens == [] and held() == set()
+    assert local_opens == [] and _held(hrefs) == set()
     with dask.config.set(scheduler="threads"):  # nothing held now: every asset opened, same pixels
         np.testing.assert_array_equal(build_cube(items, feature, cfg, time_chunks=1).values, got)
-    assert len(set(opens)) == 2 * len(items)
+    assert len(set(local_opens)) == 2 * len(items)
 
 
 def test_the_check_leaves_files_open_only_where_this_process_reads_them(sample: tuple[Path, Feature],
@@ -287,24 +303,19 @@ def test_the_check_leaves_files_open_only_where_this_process_reads_them(sample: 
     found = search(cfg, feature)
     hrefs = {s.href for i in found for s in i.sources.values()}
 
-    def held() -> set[str]:
-        return {path for path, _ in readers.checked_rasters._open} & hrefs
-
-    for path in hrefs:  # whatever an earlier test left
-        readers.checked_rasters.take(path, readers._reader_open_options())
+    _release(hrefs)  # whatever an earlier test left
     readers.check_assets(found, cfg, keep_open=False)
-    assert held() == set()
+    assert _held(hrefs) == set()
     with Client(dask_scheduler.address):  # the default scheduler now: its workers are other processes
         assert not readers.reads_in_this_process()
         readers.check_assets(found, cfg)
-        assert held() == set()
+        assert _held(hrefs) == set()
     with dask.config.set(scheduler="processes"):
         assert not readers.reads_in_this_process()
     with dask.config.set(scheduler="threads"):
         assert readers.reads_in_this_process()
         readers.check_assets(found, cfg)
-    assert held() == hrefs
-    for path in hrefs:  # with the odc loader no reader would take them
-        readers.checked_rasters.take(path, readers._reader_open_options())
+    assert _held(hrefs) == hrefs
+    _release(hrefs)  # with the odc loader no reader would take them:
     observations(cfg, feature, items=found, loader="odc")
-    assert held() == set()
+    assert _held(hrefs) == set()
